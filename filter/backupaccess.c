@@ -1,0 +1,523 @@
+/* nbdkit-backupaccess-filter: a safe view of a QEMU snapshot-access export.
+ *
+ * - Reads only inside the readable set (dirty regions minus discarded
+ *   clusters); everything else is refused with EPERM before it reaches
+ *   the plugin.
+ * - Once every readable byte of a cluster has been read (or trimmed by
+ *   the client), one aligned trim discards it upstream, so that QEMU's
+ *   fleecing image shrinks.  The rule lives in lib/coverage.c.
+ * - Extents: unreadable regions are holes, answered here; readable ones
+ *   come from the plugin.
+ *
+ * All state is process-wide, shared by every connection, and guarded by
+ * one lock that is never held across a call to the plugin.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <nbdkit-filter.h>
+
+#include "backupaccess.h"
+
+/* -D backupaccess.verbose=1: one debug line per request. */
+NBDKIT_DLL_PUBLIC int backupaccess_debug_verbose = 0;
+
+/* Parameters. */
+static char *map_path;
+static int64_t cluster_size = 65536;
+static bool discard = true;
+static bool clean_is_zero;
+static unsigned params_seen;    /* bit per parameter, to refuse repeats */
+
+/* State, set up in .after_fork, then guarded by lock. */
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static struct ba_regions dirty;
+static bool have_map;
+static uint64_t disk_size;
+static struct ba_coverage *coverage;
+static struct {
+  uint64_t bytes_read, reads, refused, trims_sent, bytes_discarded,
+    trim_errors, client_trims;
+} stats;
+
+#define backupaccess_config_help \
+  "backupaccess-map=FILE       Dirty regions (nbdinfo --map output or\n" \
+  "                            \"OFFSET LENGTH\" lines); default: all.\n" \
+  "backupaccess-cluster=SIZE   Copy-before-write cluster size (default 64K).\n" \
+  "backupaccess-discard=BOOL   Discard clusters once read (default true).\n" \
+  "backupaccess-clean=hole|zero  How unreadable regions are reported\n" \
+  "                            in extents (default hole)."
+
+static void
+backupaccess_unload (void)
+{
+  if (coverage) {
+    struct ba_coverage_stats cs;
+    ba_coverage_get_stats (coverage, &cs);
+    /* The summary goes to nbdkit's stderr, which is its log when it
+     * runs in the foreground.
+     */
+    fprintf (stderr,
+             "nbdkit: backupaccess: summary: %" PRIu64 " bytes read in "
+             "%" PRIu64 " reads, %" PRIu64 " bytes discarded in %" PRIu64
+             " trims, %" PRIu64 " trim errors, %" PRIu64 " requests refused, "
+             "%" PRIu64 " of %" PRIu64 " readable bytes left\n",
+             stats.bytes_read, stats.reads, stats.bytes_discarded,
+             stats.trims_sent, stats.trim_errors, stats.refused,
+             cs.readable_left, cs.readable_total);
+  }
+  ba_coverage_free (coverage);
+  ba_regions_free (&dirty);
+  free (map_path);
+}
+
+/* Refuses a parameter given twice: a conflicting command line. */
+static int
+seen_once (unsigned bit, const char *key)
+{
+  if (params_seen & bit) {
+    nbdkit_error ("%s given more than once", key);
+    return -1;
+  }
+  params_seen |= bit;
+  return 0;
+}
+
+static int
+backupaccess_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
+                     const char *key, const char *value)
+{
+  if (strcmp (key, "backupaccess-map") == 0) {
+    if (seen_once (1, key) == -1)
+      return -1;
+    map_path = nbdkit_absolute_path (value);
+    return map_path ? 0 : -1;
+  }
+  if (strcmp (key, "backupaccess-cluster") == 0) {
+    if (seen_once (2, key) == -1)
+      return -1;
+    cluster_size = nbdkit_parse_size (value);
+    if (cluster_size == -1)
+      return -1;
+    if (cluster_size < 512 || cluster_size > 1024 * 1024 * 1024 ||
+        (cluster_size & (cluster_size - 1)) != 0) {
+      nbdkit_error ("backupaccess-cluster=%s: the cluster size must be a "
+                    "power of two between 512 and 1G", value);
+      return -1;
+    }
+    return 0;
+  }
+  if (strcmp (key, "backupaccess-discard") == 0) {
+    int r;
+    if (seen_once (4, key) == -1)
+      return -1;
+    r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    discard = r;
+    return 0;
+  }
+  if (strcmp (key, "backupaccess-clean") == 0) {
+    if (seen_once (8, key) == -1)
+      return -1;
+    if (strcmp (value, "hole") == 0)
+      clean_is_zero = false;
+    else if (strcmp (value, "zero") == 0)
+      clean_is_zero = true;
+    else {
+      nbdkit_error ("backupaccess-clean=%s: expected \"hole\" or \"zero\"",
+                    value);
+      return -1;
+    }
+    return 0;
+  }
+  if (strncmp (key, "backupaccess-", 13) == 0) {
+    nbdkit_error ("unknown parameter %s (see nbdkit --filter=backupaccess "
+                  "null --help)", key);
+    return -1;
+  }
+  return next (nxdata, key, value);
+}
+
+static int
+backupaccess_config_complete (nbdkit_next_config_complete *next,
+                              nbdkit_backend *nxdata)
+{
+  if (map_path) {
+    char err[512];
+    if (ba_map_parse_file (map_path, &dirty, err, sizeof err) == -1) {
+      nbdkit_error ("backupaccess-map: %s", err);
+      return -1;
+    }
+    have_map = true;
+  }
+  return next (nxdata);
+}
+
+static int
+backupaccess_thread_model (void)
+{
+  return NBDKIT_THREAD_MODEL_PARALLEL;
+}
+
+/* Learns the disk size from the plugin once, before any client is
+ * served, and checks the map against it: bad input stops nbdkit here.
+ */
+static int
+backupaccess_after_fork (nbdkit_backend *backend)
+{
+  nbdkit_next *next = nbdkit_next_context_open (backend, 1, "", 1);
+  int64_t size;
+  char err[512];
+
+  if (next == NULL)
+    return -1;
+  if (next->prepare (next) == -1) {
+    nbdkit_next_context_close (next);
+    return -1;
+  }
+  size = next->get_size (next);
+  next->finalize (next);
+  nbdkit_next_context_close (next);
+  if (size == -1)
+    return -1;
+  disk_size = size;
+
+  if (have_map &&
+      ba_regions_check_size (&dirty, disk_size, err, sizeof err) == -1) {
+    nbdkit_error ("backupaccess-map: %s: %s", map_path, err);
+    return -1;
+  }
+  coverage = ba_coverage_new (disk_size, cluster_size,
+                              have_map ? &dirty : NULL);
+  if (coverage == NULL) {
+    nbdkit_error ("backupaccess: cannot set up coverage tracking: %m");
+    return -1;
+  }
+  nbdkit_debug ("backupaccess: disk size %" PRIu64 ", %zu dirty regions, "
+                "cluster %" PRIi64 ", discard %s",
+                disk_size, have_map ? dirty.n : (size_t) 1,
+                cluster_size, discard ? "on" : "off");
+  return 0;
+}
+
+static int
+backupaccess_prepare (nbdkit_next *next, void *handle, int readonly)
+{
+  int64_t size = next->get_size (next);
+
+  if (size == -1)
+    return -1;
+  if ((uint64_t) size != disk_size) {
+    nbdkit_error ("backupaccess: the export's size changed from %" PRIu64
+                  " to %" PRIi64 " since start-up", disk_size, size);
+    return -1;
+  }
+  if (discard && readonly) {
+    nbdkit_error ("backupaccess: discard after read needs a writable "
+                  "connection: do not use nbdkit -r, or set "
+                  "backupaccess-discard=false");
+    return -1;
+  }
+  if (discard && next->can_trim (next) != 1) {
+    nbdkit_error ("backupaccess: the plugin cannot trim, so nothing read "
+                  "could be discarded: export it writable, or set "
+                  "backupaccess-discard=false");
+    return -1;
+  }
+  return 0;
+}
+
+/* Writes are never allowed; trims are, so the connection is writable. */
+static int
+backupaccess_can_trim (nbdkit_next *next, void *handle)
+{
+  return 1;
+}
+
+static int
+backupaccess_can_zero (nbdkit_next *next, void *handle)
+{
+  return NBDKIT_ZERO_NATIVE;    /* so that zero requests reach us: EPERM */
+}
+
+static int
+backupaccess_can_fast_zero (nbdkit_next *next, void *handle)
+{
+  return 0;
+}
+
+static int
+backupaccess_can_fua (nbdkit_next *next, void *handle)
+{
+  return NBDKIT_FUA_NONE;
+}
+
+static int
+backupaccess_can_cache (nbdkit_next *next, void *handle)
+{
+  return NBDKIT_CACHE_NONE;     /* a cache request could read clean areas */
+}
+
+static int
+backupaccess_can_extents (nbdkit_next *next, void *handle)
+{
+  /* Asked so that nbdkit knows the plugin's answer before .extents. */
+  if (next->can_extents (next) == -1)
+    return -1;
+  return 1;                     /* holes are answered here in any case */
+}
+
+/* Sends the trims for completed clusters.  Returns 0, or -1 with *err
+ * set after trying every range.
+ */
+static int
+send_trims (nbdkit_next *next, const struct ba_regions *trims, int *err)
+{
+  int r = 0;
+
+  for (size_t i = 0; i < trims->n; i++) {
+    uint64_t start = trims->r[i].start, end = trims->r[i].end;
+    while (start < end) {
+      uint64_t len = ba_trim_piece (start, end, cluster_size, UINT32_MAX);
+      int e = 0;
+      if (next->trim (next, len, start, 0, &e) == -1) {
+        nbdkit_error ("backupaccess: discarding [%" PRIu64 ", +%" PRIu64
+                      ") upstream failed: %s", start, len, strerror (e));
+        pthread_mutex_lock (&lock);
+        stats.trim_errors++;
+        pthread_mutex_unlock (&lock);
+        *err = e ? e : EIO;
+        r = -1;
+      }
+      else {
+        if (backupaccess_debug_verbose)
+          nbdkit_debug ("backupaccess: trim [%" PRIu64 ", +%" PRIu64 ")",
+                        start, len);
+        pthread_mutex_lock (&lock);
+        stats.trims_sent++;
+        stats.bytes_discarded += len;
+        pthread_mutex_unlock (&lock);
+      }
+      start += len;
+    }
+  }
+  return r;
+}
+
+/* Marks [offset, +count) consumed and discards what that completes. */
+static int
+consume (nbdkit_next *next, uint64_t offset, uint64_t count, int *err)
+{
+  struct ba_regions trims;
+  int r, r2;
+
+  ba_regions_init (&trims);
+  pthread_mutex_lock (&lock);
+  r = ba_coverage_consume (coverage, offset, offset + count, &trims);
+  pthread_mutex_unlock (&lock);
+  if (r == -1) {
+    nbdkit_error ("backupaccess: out of memory tracking consumed bytes: "
+                  "[%" PRIu64 ", +%" PRIu64 ") will not be discarded",
+                  offset, count);
+    *err = ENOMEM;
+  }
+  r2 = send_trims (next, &trims, err);
+  ba_regions_free (&trims);
+  return r == -1 || r2 == -1 ? -1 : 0;
+}
+
+static int
+refuse (const char *what, uint64_t offset, uint32_t count,
+        const struct ba_range *bad, bool discarded, int *err)
+{
+  nbdkit_error ("backupaccess: %s [%" PRIu64 ", +%" PRIu32 ") refused: "
+                "[%" PRIu64 ", %" PRIu64 ") %s", what, offset, count,
+                bad->start, bad->end,
+                discarded ? "was already read and discarded"
+                : "is outside the dirty regions (clean, not in this backup)");
+  pthread_mutex_lock (&lock);
+  stats.refused++;
+  pthread_mutex_unlock (&lock);
+  *err = EPERM;
+  return -1;
+}
+
+/* The read path. */
+static int
+backupaccess_pread (nbdkit_next *next, void *handle, void *buf,
+                    uint32_t count, uint64_t offset, uint32_t flags,
+                    int *err)
+{
+  struct ba_range bad;
+  bool discarded, ok;
+
+  pthread_mutex_lock (&lock);
+  ok = ba_coverage_readable (coverage, offset, offset + count,
+                             &bad, &discarded);
+  pthread_mutex_unlock (&lock);
+  if (!ok)
+    return refuse ("read", offset, count, &bad, discarded, err);
+
+  if (next->pread (next, buf, count, offset, flags, err) == -1)
+    return -1;                  /* a failed read consumes nothing */
+
+  if (backupaccess_debug_verbose)
+    nbdkit_debug ("backupaccess: read [%" PRIu64 ", +%" PRIu32 ")",
+                  offset, count);
+  pthread_mutex_lock (&lock);
+  stats.reads++;
+  stats.bytes_read += count;
+  pthread_mutex_unlock (&lock);
+
+  if (discard) {
+    int ignored;
+    /* The data reached the client; a failed discard only costs space
+     * in the fleecing image and is logged and counted.
+     */
+    consume (next, offset, count, &ignored);
+  }
+  return 0;
+}
+
+/* Client trims count as consumed, like reads; only whole clusters are
+ * ever trimmed upstream.
+ */
+static int
+backupaccess_trim (nbdkit_next *next, void *handle, uint32_t count,
+                   uint64_t offset, uint32_t flags, int *err)
+{
+  if (backupaccess_debug_verbose)
+    nbdkit_debug ("backupaccess: client trim [%" PRIu64 ", +%" PRIu32 ")",
+                  offset, count);
+  pthread_mutex_lock (&lock);
+  stats.client_trims++;
+  pthread_mutex_unlock (&lock);
+  return consume (next, offset, count, err);
+}
+
+static int
+backupaccess_pwrite (nbdkit_next *next, void *handle, const void *buf,
+                     uint32_t count, uint64_t offset, uint32_t flags,
+                     int *err)
+{
+  nbdkit_error ("backupaccess: write [%" PRIu64 ", +%" PRIu32 ") refused: "
+                "a backup view is read-only", offset, count);
+  *err = EPERM;
+  return -1;
+}
+
+static int
+backupaccess_zero (nbdkit_next *next, void *handle, uint32_t count,
+                   uint64_t offset, uint32_t flags, int *err)
+{
+  nbdkit_error ("backupaccess: write zeroes [%" PRIu64 ", +%" PRIu32
+                ") refused: a backup view is read-only", offset, count);
+  *err = EPERM;
+  return -1;
+}
+
+/* At most this many plugin calls per extents request: clients ask again
+ * from where the answer stopped.
+ */
+#define MAX_UPSTREAM_EXTENTS_CALLS 16
+
+static int
+backupaccess_extents (nbdkit_next *next, void *handle, uint32_t count,
+                      uint64_t offset, uint32_t flags,
+                      struct nbdkit_extents *extents, int *err)
+{
+  uint64_t end = offset + count;
+  unsigned calls = 0;
+  const uint32_t unreadable = NBDKIT_EXTENT_HOLE |
+    (clean_is_zero ? NBDKIT_EXTENT_ZERO : 0);
+
+  while (offset < end && calls < MAX_UPSTREAM_EXTENTS_CALLS) {
+    bool readable;
+    uint64_t len;
+
+    pthread_mutex_lock (&lock);
+    len = ba_coverage_run (coverage, offset, end, &readable);
+    pthread_mutex_unlock (&lock);
+    if (len == 0)
+      break;
+    if (!readable) {
+      if (nbdkit_add_extent (extents, offset, len, unreadable) == -1) {
+        *err = errno;
+        return -1;
+      }
+    }
+    else {
+      /* Ask the plugin about the readable run only: QEMU fails a query
+       * that crosses into an unreadable area.
+       */
+      struct nbdkit_extents *up;
+      uint64_t reached = offset;
+
+      if (next->can_extents (next) != 1) {    /* plugin: all data */
+        if (nbdkit_add_extent (extents, offset, len, 0) == -1) {
+          *err = errno;
+          return -1;
+        }
+        offset += len;
+        continue;
+      }
+      up = nbdkit_extents_new (offset, offset + len);
+      if (up == NULL) {
+        *err = errno;
+        return -1;
+      }
+      calls++;
+      if (next->extents (next, len, offset, flags, up, err) == -1) {
+        nbdkit_extents_free (up);
+        return -1;
+      }
+      for (size_t i = 0; i < nbdkit_extents_count (up); i++) {
+        struct nbdkit_extent e = nbdkit_get_extent (up, i);
+        if (nbdkit_add_extent (extents, e.offset, e.length, e.type) == -1) {
+          *err = errno;
+          nbdkit_extents_free (up);
+          return -1;
+        }
+        reached = e.offset + e.length;
+      }
+      nbdkit_extents_free (up);
+      if (reached < offset + len)
+        break;                  /* the plugin answered part of the run */
+    }
+    offset += len;
+    if (flags & NBDKIT_FLAG_REQ_ONE)
+      break;
+  }
+  return 0;
+}
+
+static struct nbdkit_filter filter = {
+  .name               = "backupaccess",
+  .longname           = "nbdkit backupaccess filter",
+  .unload             = backupaccess_unload,
+  .config             = backupaccess_config,
+  .config_complete    = backupaccess_config_complete,
+  .config_help        = backupaccess_config_help,
+  .thread_model       = backupaccess_thread_model,
+  .after_fork         = backupaccess_after_fork,
+  .prepare            = backupaccess_prepare,
+  .can_trim           = backupaccess_can_trim,
+  .can_zero           = backupaccess_can_zero,
+  .can_fast_zero      = backupaccess_can_fast_zero,
+  .can_fua            = backupaccess_can_fua,
+  .can_cache          = backupaccess_can_cache,
+  .can_extents        = backupaccess_can_extents,
+  .pread              = backupaccess_pread,
+  .pwrite             = backupaccess_pwrite,
+  .trim               = backupaccess_trim,
+  .zero               = backupaccess_zero,
+  .extents            = backupaccess_extents,
+};
+
+NBDKIT_REGISTER_FILTER (filter)

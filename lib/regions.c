@@ -1,0 +1,125 @@
+/* ba_regions: a sorted set of disjoint byte ranges. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backupaccess.h"
+
+void
+ba_regions_init (struct ba_regions *set)
+{
+  set->r = NULL;
+  set->n = set->cap = 0;
+}
+
+void
+ba_regions_free (struct ba_regions *set)
+{
+  free (set->r);
+  ba_regions_init (set);
+}
+
+void
+ba_regions_clear (struct ba_regions *set)
+{
+  set->n = 0;
+}
+
+int
+ba_regions_append (struct ba_regions *set, uint64_t start, uint64_t end)
+{
+  if (start > end) {
+    errno = EINVAL;
+    return -1;
+  }
+  if (start == end)
+    return 0;
+  if (set->n > 0) {
+    struct ba_range *last = &set->r[set->n - 1];
+    if (start < last->start) {
+      errno = EINVAL;
+      return -1;
+    }
+    if (start <= last->end) {
+      if (end > last->end)
+        last->end = end;
+      return 0;
+    }
+  }
+  if (set->n == set->cap) {
+    size_t cap = set->cap ? set->cap * 2 : 16;
+    struct ba_range *r = realloc (set->r, cap * sizeof *r);
+    if (r == NULL)
+      return -1;
+    set->r = r;
+    set->cap = cap;
+  }
+  set->r[set->n].start = start;
+  set->r[set->n].end = end;
+  set->n++;
+  return 0;
+}
+
+uint64_t
+ba_regions_total (const struct ba_regions *set)
+{
+  uint64_t total = 0;
+
+  for (size_t i = 0; i < set->n; i++)
+    total += set->r[i].end - set->r[i].start;
+  return total;
+}
+
+size_t
+ba_regions_find (const struct ba_regions *set, uint64_t offset)
+{
+  size_t lo = 0, hi = set->n;
+
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    if (set->r[mid].end > offset)
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  return lo;
+}
+
+bool
+ba_regions_contains (const struct ba_regions *set,
+                     uint64_t start, uint64_t end)
+{
+  size_t i;
+
+  if (start >= end)
+    return true;
+  i = ba_regions_find (set, start);
+  return i < set->n && set->r[i].start <= start && end <= set->r[i].end;
+}
+
+uint64_t
+ba_regions_overlap (const struct ba_regions *set,
+                    uint64_t start, uint64_t end)
+{
+  uint64_t total = 0;
+
+  for (size_t i = ba_regions_find (set, start);
+       i < set->n && set->r[i].start < end; i++) {
+    uint64_t s = set->r[i].start > start ? set->r[i].start : start;
+    uint64_t e = set->r[i].end < end ? set->r[i].end : end;
+    total += e - s;
+  }
+  return total;
+}
+
+uint64_t
+ba_trim_piece (uint64_t start, uint64_t end, uint64_t cluster_size,
+               uint64_t max_len)
+{
+  uint64_t len = end - start;
+
+  if (len <= max_len)
+    return len;
+  /* Largest multiple of the cluster size that fits. */
+  return max_len - max_len % cluster_size;
+}
