@@ -72,9 +72,12 @@ demo: deps
 	$(MAKE) all
 	demo/demo.sh
 
+bench/coverage-memory: bench/coverage-memory.c $(LIB) lib/backupaccess.h
+	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB)
+
 bench: deps
-	$(MAKE) all
+	$(MAKE) all bench/coverage-memory
 	bench/bench.sh
 
 clean:
-	rm -f lib/*.o $(LIB) $(FILTER) $(MANPAGE) $(UNIT_TESTS)
+	rm -f lib/*.o $(LIB) $(FILTER) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory

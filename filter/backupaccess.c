@@ -42,7 +42,7 @@ static uint64_t disk_size;
 static struct ba_coverage *coverage;
 static struct {
   uint64_t bytes_read, reads, refused, trims_sent, bytes_discarded,
-    trim_errors, client_trims;
+    trim_errors, client_trims, peak_memory;
 } stats;
 
 #define backupaccess_config_help \
@@ -66,10 +66,13 @@ backupaccess_unload (void)
              "nbdkit: backupaccess: summary: %" PRIu64 " bytes read in "
              "%" PRIu64 " reads, %" PRIu64 " bytes discarded in %" PRIu64
              " trims, %" PRIu64 " trim errors, %" PRIu64 " requests refused, "
-             "%" PRIu64 " of %" PRIu64 " readable bytes left\n",
+             "%" PRIu64 " of %" PRIu64 " readable bytes left, "
+             "%" PRIu64 " bytes of tracking memory at peak, "
+             "%" PRIu64 " consumed bytes not tracked (memory budget)\n",
              stats.bytes_read, stats.reads, stats.bytes_discarded,
              stats.trims_sent, stats.trim_errors, stats.refused,
-             cs.readable_left, cs.readable_total);
+             cs.readable_left, cs.readable_total,
+             stats.peak_memory, cs.untracked_bytes);
   }
   ba_coverage_free (coverage);
   ba_regions_free (&dirty);
@@ -199,6 +202,11 @@ backupaccess_after_fork (nbdkit_backend *backend)
     nbdkit_error ("backupaccess: cannot set up coverage tracking: %m");
     return -1;
   }
+  {
+    struct ba_coverage_stats cs;
+    ba_coverage_get_stats (coverage, &cs);
+    stats.peak_memory = cs.memory_bytes;
+  }
   nbdkit_debug ("backupaccess: disk size %" PRIu64 ", %zu dirty regions, "
                 "cluster %" PRIi64 ", discard %s",
                 disk_size, have_map ? dirty.n : (size_t) 1,
@@ -317,13 +325,18 @@ consume (nbdkit_next *next, uint64_t offset, uint64_t count, int *err)
   struct ba_regions trims;
   int r, r2;
 
+  struct ba_coverage_stats cs;
+
   ba_regions_init (&trims);
   pthread_mutex_lock (&lock);
   r = ba_coverage_consume (coverage, offset, offset + count, &trims);
+  ba_coverage_get_stats (coverage, &cs);
+  if (cs.memory_bytes > stats.peak_memory)
+    stats.peak_memory = cs.memory_bytes;
   pthread_mutex_unlock (&lock);
   if (r == -1) {
-    nbdkit_error ("backupaccess: out of memory tracking consumed bytes: "
-                  "[%" PRIu64 ", +%" PRIu64 ") will not be discarded",
+    nbdkit_error ("backupaccess: out of memory recording discarded "
+                  "clusters near [%" PRIu64 ", +%" PRIu64 ")",
                   offset, count);
     *err = ENOMEM;
   }

@@ -91,6 +91,12 @@ int ba_regions_check_size (const struct ba_regions *dirty, uint64_t disk_size,
  * and returned to the caller as a range to trim upstream.  A cluster with
  * no readable bytes is never discarded.  Discarded clusters are no
  * longer readable.
+ *
+ * Memory is bounded: clusters that are only partly consumed are
+ * recorded within a budget (default 1/16 byte per cluster, at least
+ * 1 MiB).  Past it, partial consumption of further clusters is dropped
+ * (counted in untracked_bytes): they are then not discarded by reads,
+ * which costs fleecing space but never data.
  */
 struct ba_coverage;
 
@@ -114,7 +120,8 @@ bool ba_coverage_readable (const struct ba_coverage *cov,
  * already discarded clusters are ignored.  The clusters this completes
  * are appended to *trims as cluster-aligned ranges (the last cluster of
  * the disk ends at disk_size), adjacent ones merged.  Returns 0, or -1
- * with errno = ENOMEM (nothing is lost: the bytes stay unconsumed).
+ * with errno = ENOMEM when a completed cluster could not be recorded
+ * (the ranges already in *trims must still be trimmed).
  */
 int ba_coverage_consume (struct ba_coverage *cov, uint64_t start, uint64_t end,
                          struct ba_regions *trims);
@@ -125,12 +132,16 @@ int ba_coverage_consume (struct ba_coverage *cov, uint64_t start, uint64_t end,
 uint64_t ba_coverage_run (const struct ba_coverage *cov,
                           uint64_t offset, uint64_t end, bool *readable);
 
+/* Changes the memory budget for partly consumed clusters (bytes). */
+void ba_coverage_set_partial_budget (struct ba_coverage *cov, uint64_t bytes);
+
 /* Figures for the summary and the benchmarks. */
 struct ba_coverage_stats {
   uint64_t readable_total;    /* dirty bytes at the start */
   uint64_t readable_left;     /* dirty bytes in clusters not yet discarded */
   uint64_t clusters_discarded;
   uint64_t partial_clusters;  /* clusters with some bytes consumed */
+  uint64_t untracked_bytes;   /* consumed bytes dropped by the budget */
   uint64_t memory_bytes;      /* heap used by the tracker */
 };
 void ba_coverage_get_stats (const struct ba_coverage *cov,

@@ -5,7 +5,12 @@
  * first use (2 MiB per TiB at 64 KiB clusters when everything has been
  * discarded), plus an entry for each cluster that is only partly
  * consumed, which holds the consumed byte ranges of that cluster.
- * Whole-cluster reads never create such entries.
+ * Whole-cluster reads never create such entries.  The entries are
+ * limited to a budget (1/16 byte per cluster, at least 1 MiB: 1 MiB per
+ * TiB at 64 KiB clusters): past it, partial consumption of further
+ * clusters is not recorded, so those clusters are not discarded by
+ * reads.  That costs fleecing space, never data, and keeps the memory
+ * bounded whatever the clients do.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -36,6 +41,8 @@ struct ba_coverage {
   struct partial *table;                /* open addressing, linear probing */
   uint64_t table_size, table_used;      /* size is a power of two */
   uint64_t partial_heap;
+  uint64_t partial_budget;              /* bytes for table + heap */
+  uint64_t untracked_bytes;             /* consumed but over budget */
 
   uint64_t readable_total, readable_left, clusters_discarded;
 };
@@ -69,6 +76,9 @@ ba_coverage_new (uint64_t disk_size, uint64_t cluster_size,
   cov->readable_total =
     dirty ? ba_regions_overlap (dirty, 0, disk_size) : disk_size;
   cov->readable_left = cov->readable_total;
+  cov->partial_budget = cov->nclusters / 16;
+  if (cov->partial_budget < 1024 * 1024)
+    cov->partial_budget = 1024 * 1024;
   return cov;
 }
 
@@ -177,8 +187,11 @@ static int
 grow_table (struct ba_coverage *cov)
 {
   uint64_t size = cov->table_size ? cov->table_size * 2 : 64;
-  struct partial *table = calloc (size, sizeof *table);
+  struct partial *table;
 
+  if (size * sizeof *table + cov->partial_heap > cov->partial_budget)
+    return -1;
+  table = calloc (size, sizeof *table);
   if (table == NULL)
     return -1;
   for (uint64_t i = 0; i < cov->table_size; i++) {
@@ -236,7 +249,8 @@ remove_entry (struct ba_coverage *cov, struct partial *p)
 }
 
 /* Adds [s, e) to a partial cluster's ranges.  Returns the number of
- * consumed bytes now in the cluster, or -1 on ENOMEM.
+ * consumed bytes now in the cluster, or -1 when over budget or out of
+ * memory.
  */
 static int64_t
 partial_add (struct ba_coverage *cov, struct partial *p,
@@ -255,7 +269,12 @@ partial_add (struct ba_coverage *cov, struct partial *p,
   if (i == j) {                 /* insert a new range at i */
     if (n == p->cap) {
       uint32_t cap = p->cap ? p->cap * 2 : 2;
-      void *iv = realloc (p->iv, cap * sizeof *p->iv);
+      uint64_t more = (uint64_t) (cap - p->cap) * sizeof *p->iv;
+      void *iv;
+      if (cov->table_size * sizeof *cov->table + cov->partial_heap + more
+          > cov->partial_budget)
+        return -1;
+      iv = realloc (p->iv, cap * sizeof *p->iv);
       if (iv == NULL)
         return -1;
       cov->partial_heap += (uint64_t) (cap - p->cap) * sizeof *p->iv;
@@ -339,12 +358,19 @@ consume_dirty (struct ba_coverage *cov, uint64_t a, uint64_t b,
         continue;
       }
       p = insert (cov, c);
-      if (p == NULL)
-        return -1;
+      if (p == NULL) {          /* over budget: not recorded */
+        cov->untracked_bytes += e - s;
+        continue;
+      }
     }
     sum = partial_add (cov, p, s - c0, e - c0);
-    if (sum == -1)
-      return -1;
+    if (sum == -1) {            /* over budget: forget this cluster */
+      for (uint32_t i = 0; i < p->n; i++)
+        cov->untracked_bytes += p->iv[i].end - p->iv[i].start;
+      cov->untracked_bytes += e - s;
+      remove_entry (cov, p);
+      continue;
+    }
     if ((uint64_t) sum == readable) {
       remove_entry (cov, p);
       if (complete (cov, c, readable, trims) == -1)
@@ -449,6 +475,12 @@ ba_coverage_run (const struct ba_coverage *cov,
 }
 
 void
+ba_coverage_set_partial_budget (struct ba_coverage *cov, uint64_t bytes)
+{
+  cov->partial_budget = bytes;
+}
+
+void
 ba_coverage_get_stats (const struct ba_coverage *cov,
                        struct ba_coverage_stats *stats)
 {
@@ -456,6 +488,7 @@ ba_coverage_get_stats (const struct ba_coverage *cov,
   stats->readable_left = cov->readable_left;
   stats->clusters_discarded = cov->clusters_discarded;
   stats->partial_clusters = cov->table_used;
+  stats->untracked_bytes = cov->untracked_bytes;
   stats->memory_bytes = sizeof *cov
     + cov->npages * sizeof *cov->pages
     + cov->pages_allocated * PAGE_WORDS * sizeof (uint64_t)
