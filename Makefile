@@ -18,7 +18,7 @@ DEB_PACKAGES = build-essential pkg-config perl \
   libjson-c-dev libfuse3-dev fuse3 libcmocka-dev \
   qemu-utils qemu-system-x86 qemu-block-extra
 
-LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c
+LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/bitmap.c
 LIB_OBJS   = $(LIB_SRCS:.c=.o)
 LIB        = lib/libbackupaccess.a
 FILTER     = nbdkit-backupaccess-filter.so
@@ -53,14 +53,14 @@ $(LIB): $(LIB_OBJS)
 
 $(FILTER): filter/backupaccess.c $(LIB) lib/backupaccess.h
 	$(CC) $(ALL_CFLAGS) -shared -o $@ filter/backupaccess.c \
-	  $(LIB) -lpthread
+	  $(LIB) $(shell pkg-config --libs libnbd) -lpthread
 
 $(MANPAGE): nbdkit-backupaccess.pod
 	pod2man --section=1 --center="nbdkit-backupaccess" \
 	  --release="nbdkit-backupaccess" --name=nbdkit-backupaccess $< > $@
 
 tests/unit/%: tests/unit/%.c $(LIB) lib/backupaccess.h
-	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB) $(shell pkg-config --libs cmocka)
+	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB) $(shell pkg-config --libs cmocka libnbd)
 
 unit-tests: $(UNIT_TESTS)
 

@@ -29,6 +29,12 @@ NBDKIT_DLL_PUBLIC int backupaccess_debug_verbose = 0;
 
 /* Parameters. */
 static char *map_path;
+static char *bitmap_name;
+static char *bitmap_uri;
+/* The plugin's own connection parameters (nbd plugin, backupaccess
+ * plugin), seen on the way through: the default place of the bitmap.
+ */
+static char *plugin_socket, *plugin_export, *plugin_uri;
 static int64_t cluster_size = 65536;
 static bool discard = true;
 static bool clean_is_zero;
@@ -37,7 +43,8 @@ static unsigned params_seen;    /* bit per parameter, to refuse repeats */
 /* State, set up in .after_fork, then guarded by lock. */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct ba_regions dirty;
-static bool have_map;
+static bool have_dirty;         /* else the whole disk is readable */
+static bool broken;             /* the snapshot failed: refuse all reads */
 static uint64_t disk_size;
 static struct ba_coverage *coverage;
 static struct {
@@ -48,6 +55,10 @@ static struct {
 #define backupaccess_config_help \
   "backupaccess-map=FILE       Dirty regions (nbdinfo --map output or\n" \
   "                            \"OFFSET LENGTH\" lines); default: all.\n" \
+  "backupaccess-bitmap=NAME    Read the dirty regions from QEMU's\n" \
+  "                            qemu:dirty-bitmap:NAME at start-up.\n" \
+  "backupaccess-uri=URI        Where to read the bitmap (default: the\n" \
+  "                            plugin's socket=/export= or uri=).\n" \
   "backupaccess-cluster=SIZE   Copy-before-write cluster size (default 64K).\n" \
   "backupaccess-discard=BOOL   Discard clusters once read (default true).\n" \
   "backupaccess-clean=hole|zero  How unreadable regions are reported\n" \
@@ -77,6 +88,11 @@ backupaccess_unload (void)
   ba_coverage_free (coverage);
   ba_regions_free (&dirty);
   free (map_path);
+  free (bitmap_name);
+  free (bitmap_uri);
+  free (plugin_socket);
+  free (plugin_export);
+  free (plugin_uri);
 }
 
 /* Refuses a parameter given twice: a conflicting command line. */
@@ -139,10 +155,40 @@ backupaccess_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     }
     return 0;
   }
+  if (strcmp (key, "backupaccess-bitmap") == 0) {
+    if (seen_once (16, key) == -1)
+      return -1;
+    if (*value == '\0') {
+      nbdkit_error ("backupaccess-bitmap: the bitmap name is empty");
+      return -1;
+    }
+    bitmap_name = strdup (value);
+    return bitmap_name ? 0 : -1;
+  }
+  if (strcmp (key, "backupaccess-uri") == 0) {
+    if (seen_once (32, key) == -1)
+      return -1;
+    bitmap_uri = strdup (value);
+    return bitmap_uri ? 0 : -1;
+  }
   if (strncmp (key, "backupaccess-", 13) == 0) {
     nbdkit_error ("unknown parameter %s (see nbdkit --filter=backupaccess "
                   "null --help)", key);
     return -1;
+  }
+  /* Keep a copy of where the plugin connects, and pass it on. */
+  if (strcmp (key, "socket") == 0) {
+    free (plugin_socket);
+    plugin_socket = nbdkit_absolute_path (value);
+    if (plugin_socket == NULL)
+      return -1;
+  }
+  else if (strcmp (key, "export") == 0 || strcmp (key, "uri") == 0) {
+    char **copy = key[0] == 'e' ? &plugin_export : &plugin_uri;
+    free (*copy);
+    *copy = strdup (value);
+    if (*copy == NULL)
+      return -1;
   }
   return next (nxdata, key, value);
 }
@@ -151,15 +197,54 @@ static int
 backupaccess_config_complete (nbdkit_next_config_complete *next,
                               nbdkit_backend *nxdata)
 {
+  if (map_path && bitmap_name) {
+    nbdkit_error ("backupaccess-map and backupaccess-bitmap both name the "
+                  "dirty regions: give one of them");
+    return -1;
+  }
+  if (bitmap_uri && !bitmap_name) {
+    nbdkit_error ("backupaccess-uri is where backupaccess-bitmap is read "
+                  "from, but no backupaccess-bitmap was given");
+    return -1;
+  }
+  if (bitmap_name && !bitmap_uri && !plugin_uri && !plugin_socket) {
+    nbdkit_error ("backupaccess-bitmap: no place to read it from: give "
+                  "backupaccess-uri=URI, or the plugin's socket= or uri=");
+    return -1;
+  }
   if (map_path) {
     char err[512];
     if (ba_map_parse_file (map_path, &dirty, err, sizeof err) == -1) {
       nbdkit_error ("backupaccess-map: %s", err);
       return -1;
     }
-    have_map = true;
+    have_dirty = true;
   }
   return next (nxdata);
+}
+
+/* Reads the dirty bitmap once, before nbdkit serves anyone: a bitmap
+ * read later might have changed, and errors here stop nbdkit at once.
+ */
+static int
+backupaccess_get_ready (int thread_model)
+{
+  char err[1024];
+  uint64_t size;
+  const char *uri = bitmap_uri ? bitmap_uri : plugin_uri;
+
+  if (bitmap_name == NULL)
+    return 0;
+  if (ba_bitmap_fetch (uri, uri ? NULL : plugin_socket, plugin_export,
+                       bitmap_name, &dirty, &size, err, sizeof err) == -1) {
+    nbdkit_error ("backupaccess-bitmap=%s: %s", bitmap_name, err);
+    return -1;
+  }
+  have_dirty = true;
+  nbdkit_debug ("backupaccess: bitmap %s: %zu dirty regions, %" PRIu64
+                " dirty bytes of %" PRIu64, bitmap_name, dirty.n,
+                ba_regions_total (&dirty), size);
+  return 0;
 }
 
 static int
@@ -191,13 +276,16 @@ backupaccess_after_fork (nbdkit_backend *backend)
     return -1;
   disk_size = size;
 
-  if (have_map &&
+  if (have_dirty &&
       ba_regions_check_size (&dirty, disk_size, err, sizeof err) == -1) {
-    nbdkit_error ("backupaccess-map: %s: %s", map_path, err);
+    if (map_path)
+      nbdkit_error ("backupaccess-map: %s: %s", map_path, err);
+    else
+      nbdkit_error ("backupaccess-bitmap=%s: %s", bitmap_name, err);
     return -1;
   }
   coverage = ba_coverage_new (disk_size, cluster_size,
-                              have_map ? &dirty : NULL);
+                              have_dirty ? &dirty : NULL);
   if (coverage == NULL) {
     nbdkit_error ("backupaccess: cannot set up coverage tracking: %m");
     return -1;
@@ -209,7 +297,7 @@ backupaccess_after_fork (nbdkit_backend *backend)
   }
   nbdkit_debug ("backupaccess: disk size %" PRIu64 ", %zu dirty regions, "
                 "cluster %" PRIi64 ", discard %s",
-                disk_size, have_map ? dirty.n : (size_t) 1,
+                disk_size, have_dirty ? dirty.n : (size_t) 1,
                 cluster_size, discard ? "on" : "off");
   return 0;
 }
@@ -361,11 +449,13 @@ refuse (const char *what, uint64_t offset, uint32_t count,
   return -1;
 }
 
-/* The read path. */
+/* QEMU refused a read that is dirty and, as far as we know, was never
+ * discarded.  Unless another request discarded it meanwhile, the
+ * snapshot is broken: copy-before-write failed (fleecing image full, or
+ * cbw-timeout) and QEMU now refuses everything.
+ */
 static int
-backupaccess_pread (nbdkit_next *next, void *handle, void *buf,
-                    uint32_t count, uint64_t offset, uint32_t flags,
-                    int *err)
+upstream_refused (uint64_t offset, uint32_t count, int *err)
 {
   struct ba_range bad;
   bool discarded, ok;
@@ -373,12 +463,98 @@ backupaccess_pread (nbdkit_next *next, void *handle, void *buf,
   pthread_mutex_lock (&lock);
   ok = ba_coverage_readable (coverage, offset, offset + count,
                              &bad, &discarded);
+  if (ok)
+    broken = true;
   pthread_mutex_unlock (&lock);
-  if (!ok)
-    return refuse ("read", offset, count, &bad, discarded, err);
+  if (!ok) {
+    nbdkit_error ("backupaccess: read [%" PRIu64 ", +%" PRIu32 ") failed: "
+                  "[%" PRIu64 ", %" PRIu64 ") was discarded by another "
+                  "request while this one was in flight",
+                  offset, count, bad.start, bad.end);
+    *err = EPERM;
+    return -1;
+  }
+  nbdkit_error ("backupaccess: read [%" PRIu64 ", +%" PRIu32 ") refused "
+                "by the plugin although it is dirty and was never "
+                "discarded: the snapshot is broken (copy-before-write "
+                "failed: fleecing image full or cbw-timeout?); this backup "
+                "must fail, and every further read fails", offset, count);
+  *err = EIO;
+  return -1;
+}
 
-  if (next->pread (next, buf, count, offset, flags, err) == -1)
-    return -1;                  /* a failed read consumes nothing */
+/* With backupaccess-clean=zero, clean regions are advertised as
+ * zeroes, so a read that touches them gets zeroes there and only its
+ * dirty pieces go upstream.  (nbdcopy reads whole requests across
+ * extent boundaries.)  Discarded pieces are still refused.
+ */
+static int
+read_with_clean_zeroes (nbdkit_next *next, char *buf, uint32_t count,
+                        uint64_t offset, uint32_t flags, int *err)
+{
+  uint64_t pos = offset, end = offset + count;
+
+  while (pos < end) {
+    bool readable, clean;
+    uint64_t len;
+
+    pthread_mutex_lock (&lock);
+    len = ba_coverage_run (coverage, pos, end, &readable);
+    clean = !readable && !ba_regions_contains (&dirty, pos, pos + 1);
+    pthread_mutex_unlock (&lock);
+    if (readable) {
+      if (next->pread (next, buf + (pos - offset), len, pos, flags,
+                       err) == -1) {
+        if (*err == EINVAL)
+          return upstream_refused (pos, len, err);
+        return -1;
+      }
+    }
+    else if (clean)
+      memset (buf + (pos - offset), 0, len);
+    else {
+      struct ba_range bad = { pos, pos + len };
+      return refuse ("read", offset, count, &bad, true, err);
+    }
+    pos += len;
+  }
+  return 0;
+}
+
+/* The read path. */
+static int
+backupaccess_pread (nbdkit_next *next, void *handle, void *buf,
+                    uint32_t count, uint64_t offset, uint32_t flags,
+                    int *err)
+{
+  struct ba_range bad;
+  bool discarded, ok, is_broken;
+
+  pthread_mutex_lock (&lock);
+  ok = ba_coverage_readable (coverage, offset, offset + count,
+                             &bad, &discarded);
+  is_broken = broken;
+  pthread_mutex_unlock (&lock);
+  if (!ok && (discarded || !clean_is_zero))
+    return refuse ("read", offset, count, &bad, discarded, err);
+  if (is_broken) {
+    nbdkit_error ("backupaccess: read [%" PRIu64 ", +%" PRIu32 ") refused: "
+                  "the snapshot is broken (see the first error)",
+                  offset, count);
+    *err = EIO;
+    return -1;
+  }
+
+  /* A failed read consumes nothing. */
+  if (!ok) {
+    if (read_with_clean_zeroes (next, buf, count, offset, flags, err) == -1)
+      return -1;
+  }
+  else if (next->pread (next, buf, count, offset, flags, err) == -1) {
+    if (*err == EINVAL)
+      return upstream_refused (offset, count, err);
+    return -1;
+  }
 
   if (backupaccess_debug_verbose)
     nbdkit_debug ("backupaccess: read [%" PRIu64 ", +%" PRIu32 ")",
@@ -518,6 +694,7 @@ static struct nbdkit_filter filter = {
   .config_complete    = backupaccess_config_complete,
   .config_help        = backupaccess_config_help,
   .thread_model       = backupaccess_thread_model,
+  .get_ready          = backupaccess_get_ready,
   .after_fork         = backupaccess_after_fork,
   .prepare            = backupaccess_prepare,
   .can_trim           = backupaccess_can_trim,

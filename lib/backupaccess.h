@@ -77,6 +77,16 @@ int ba_map_parse (const char *text, size_t len, struct ba_regions *dirty,
 int ba_map_parse_file (const char *path, struct ba_regions *dirty,
                        char *errbuf, size_t errlen);
 
+/* Reads the dirty regions of the meta context qemu:dirty-bitmap:BITMAP
+ * of an NBD export (QEMU's block-export-add ... bitmaps) into *dirty,
+ * and the export's size into *size.  The export is named by uri, or by
+ * a unix socket path and an export name.  Pages through the disk; asks
+ * for no other context.  Returns 0, or -1 with a message in errbuf.
+ */
+int ba_bitmap_fetch (const char *uri, const char *socket, const char *export,
+                     const char *bitmap, struct ba_regions *dirty,
+                     uint64_t *size, char *errbuf, size_t errlen);
+
 /* Checks that every region ends at or before disk_size. */
 int ba_regions_check_size (const struct ba_regions *dirty, uint64_t disk_size,
                            char *errbuf, size_t errlen);

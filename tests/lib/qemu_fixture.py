@@ -1,0 +1,261 @@
+"""Test fixture: the fleecing graph of a backup, on a real qemu-storage-daemon.
+
+It builds what Proxmox VE's backup access API (and vzdump) build inside a
+running VM's QEMU, with upstream QEMU 7.2 and no guest:
+
+    [guest export "guest"] -> [copy-before-write "cbw"] -> [disk "disk"]
+                                        | target
+    [export "snap"] -> [snapshot-access] ...> [fleecing image "fleece"]
+
+"guest" plays the VM: writes through it trigger copy-before-write.
+"snap" is the point-in-time view a backup reads, optionally with the
+frozen dirty bitmap "frozen" (qemu:dirty-bitmap:frozen).
+
+Use as a context manager: everything it started is stopped and removed on
+exit, also when the test fails.  Call with /usr/bin/python3.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import nbd
+
+
+class QMPError(Exception):
+    pass
+
+
+class QMP:
+    def __init__(self, path, timeout=30):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rwb")
+        self.events = []
+        self._read()                          # greeting
+        self.cmd("qmp_capabilities")
+
+    def _read(self):
+        line = self.file.readline()
+        if not line:
+            raise QMPError("QMP connection closed")
+        return json.loads(line)
+
+    def cmd(self, command, /, **args):
+        msg = {"execute": command}
+        if args:
+            msg["arguments"] = args
+        self.file.write(json.dumps(msg).encode() + b"\n")
+        self.file.flush()
+        while True:
+            r = self._read()
+            if "event" in r:
+                self.events.append(r)
+                continue
+            if "error" in r:
+                raise QMPError("%s: %s" % (command, r["error"]["desc"]))
+            return r["return"]
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+
+def wait_for(pred, what, timeout=20):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise TimeoutError("timed out waiting for " + what)
+
+
+class Fleecing:
+    """A disk of `size` bytes in qemu-storage-daemon, with a live dirty
+    bitmap "live".  Write to it with guest_write(); then snapshot()
+    builds the fleecing graph and exports "snap".
+    """
+
+    def __init__(self, size, fleece_cluster=65536, tmpdir=None):
+        self.size = size
+        self.fleece_cluster = fleece_cluster
+        self.own_tmp = tmpdir is None
+        self.tmp = tmpdir or tempfile.mkdtemp(prefix="backupaccess-qemu.")
+        self.disk = os.path.join(self.tmp, "disk.qcow2")
+        self.fleece = os.path.join(self.tmp, "fleece.qcow2")
+        self.qmp_path = os.path.join(self.tmp, "qmp.sock")
+        self.nbd_path = os.path.join(self.tmp, "nbd.sock")
+        self.proc = None
+        self.qmp = None
+        self._guest = None
+
+    # --- life cycle -----------------------------------------------------
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
+                        self.disk, str(self.size)], check=True)
+        self.log = open(os.path.join(self.tmp, "qsd.log"), "w")
+        self.proc = subprocess.Popen(
+            ["qemu-storage-daemon",
+             "--chardev", "socket,id=qmp,path=%s,server=on,wait=off"
+             % self.qmp_path,
+             "--monitor", "chardev=qmp"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(lambda: os.path.exists(self.qmp_path) or
+                 self.proc.poll() is not None, "the QMP socket")
+        if self.proc.poll() is not None:
+            raise RuntimeError("qemu-storage-daemon exited: " + self.qsd_log())
+        self.qmp = QMP(self.qmp_path)
+        self.qmp.cmd("blockdev-add", **{
+            "driver": "qcow2", "node-name": "disk", "discard": "unmap",
+            "file": {"driver": "file", "filename": self.disk}})
+        self.qmp.cmd("block-dirty-bitmap-add", node="disk", name="live",
+                     persistent=True)
+        self.qmp.cmd("nbd-server-start",
+                     addr={"type": "unix", "data": {"path": self.nbd_path}})
+        # Before the snapshot the guest writes to the disk node itself.
+        self.qmp.cmd("block-export-add", type="nbd", id="guest",
+                     **{"node-name": "disk"}, name="guest", writable=True)
+
+    def stop(self):
+        if self._guest is not None:
+            try:
+                self._guest.shutdown()
+            except Exception:
+                pass
+            self._guest = None
+        if self.qmp is not None:
+            try:
+                self.qmp.close()
+            except Exception:
+                pass
+            self.qmp = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.proc = None
+            self.log.close()
+        if self.own_tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def qsd_log(self):
+        with open(os.path.join(self.tmp, "qsd.log")) as f:
+            return f.read()
+
+    # --- the guest ------------------------------------------------------
+
+    def guest(self):
+        if self._guest is None:
+            h = nbd.NBD()
+            h.set_export_name("guest")
+            h.connect_unix(self.nbd_path)
+            self._guest = h
+        return self._guest
+
+    def guest_write(self, offset, data):
+        h = self.guest()
+        for i in range(0, len(data), 32 << 20):
+            h.pwrite(data[i:i + (32 << 20)], offset + i)
+        h.flush()
+
+    def disk_read(self, offset, count):
+        """What the guest sees now."""
+        return self.guest().pread(count, offset)
+
+    def _del_export(self, export_id):
+        if self._guest is not None and export_id == "guest":
+            self._guest.shutdown()
+            self._guest = None
+        self.qmp.cmd("block-export-del", id=export_id)
+        wait_for(lambda: all(e["id"] != export_id for e in
+                             self.qmp.cmd("query-block-exports")),
+                 "export %s to go" % export_id)
+
+    # --- the snapshot ---------------------------------------------------
+
+    def snapshot(self, bitmap=True, on_cbw_error="break-snapshot",
+                 fleece_file=None):
+        """Freeze the bitmap and build copy-before-write + snapshot-access.
+        fleece_file: a blockdev dict to put under the fleecing qcow2
+        instead of the plain file (e.g. blkdebug, for fault injection).
+        """
+        self._del_export("guest")
+        if bitmap:
+            self.qmp.cmd("transaction", actions=[
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": "disk", "name": "frozen"}},
+                {"type": "block-dirty-bitmap-merge",
+                 "data": {"node": "disk", "target": "frozen",
+                          "bitmaps": ["live"]}},
+                {"type": "block-dirty-bitmap-clear",
+                 "data": {"node": "disk", "name": "live"}},
+                {"type": "block-dirty-bitmap-disable",
+                 "data": {"node": "disk", "name": "frozen"}}])
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
+                        "-o", "cluster_size=%d" % self.fleece_cluster,
+                        self.fleece, str(self.size)], check=True)
+        file_node = {"driver": "file", "filename": self.fleece}
+        if fleece_file is not None:
+            file_node = dict(fleece_file, image=file_node)
+        self.qmp.cmd("blockdev-add", **{
+            "driver": "qcow2", "node-name": "fleece", "discard": "unmap",
+            "file": file_node})
+        cbw = {"driver": "copy-before-write", "node-name": "cbw",
+               "file": "disk", "target": "fleece",
+               "on-cbw-error": on_cbw_error, "cbw-timeout": 4}
+        if bitmap:
+            cbw["bitmap"] = {"node": "disk", "name": "frozen"}
+        self.qmp.cmd("blockdev-add", **cbw)
+        self.qmp.cmd("blockdev-add", **{
+            "driver": "snapshot-access", "node-name": "snap",
+            "file": "cbw", "discard": "unmap"})
+        export = {"type": "nbd", "id": "snap", "node-name": "snap",
+                  "name": "snap", "writable": True}
+        if bitmap:
+            export["bitmaps"] = [{"node": "disk", "name": "frozen"}]
+        self.qmp.cmd("block-export-add", **export)
+        # From now on the guest writes through copy-before-write.
+        self.qmp.cmd("block-export-add", type="nbd", id="guest",
+                     **{"node-name": "cbw"}, name="guest", writable=True)
+
+    def snap_uri(self):
+        return "nbd+unix:///snap?socket=" + self.nbd_path
+
+    def fleece_size(self):
+        """Bytes allocated in the fleecing image now."""
+        out = subprocess.run(["qemu-img", "info", "-U", "--output=json",
+                              self.fleece], check=True,
+                             capture_output=True, text=True).stdout
+        return json.loads(out)["actual-size"]
+
+    def release(self):
+        """Tear the snapshot down again: exports first, then the nodes."""
+        self._del_export("snap")
+        self._del_export("guest")
+        for node in ("snap", "cbw", "fleece"):
+            self.qmp.cmd("blockdev-del", **{"node-name": node})
+        self.qmp.cmd("block-export-add", type="nbd", id="guest",
+                     **{"node-name": "disk"}, name="guest", writable=True)
