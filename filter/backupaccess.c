@@ -46,6 +46,7 @@ static struct ba_regions dirty;
 static bool have_dirty;         /* else the whole disk is readable */
 static bool broken;             /* the snapshot failed: refuse all reads */
 static uint64_t disk_size;
+static bool disk_size_known;
 static struct ba_coverage *coverage;
 static struct {
   uint64_t bytes_read, reads, refused, trims_sent, bytes_discarded,
@@ -225,25 +226,33 @@ backupaccess_config_complete (nbdkit_next_config_complete *next,
 
 /* Reads the dirty bitmap once, before nbdkit serves anyone: a bitmap
  * read later might have changed, and errors here stop nbdkit at once.
+ * When the plugin is an NBD client (socket= or uri=), the disk size is
+ * asked of the same export here too.
  */
 static int
 backupaccess_get_ready (int thread_model)
 {
   char err[1024];
-  uint64_t size;
   const char *uri = bitmap_uri ? bitmap_uri : plugin_uri;
 
-  if (bitmap_name == NULL)
-    return 0;
+  if (bitmap_name == NULL && uri == NULL && plugin_socket == NULL)
+    return 0;                   /* the size comes in .after_fork */
   if (ba_bitmap_fetch (uri, uri ? NULL : plugin_socket, plugin_export,
-                       bitmap_name, &dirty, &size, err, sizeof err) == -1) {
-    nbdkit_error ("backupaccess-bitmap=%s: %s", bitmap_name, err);
+                       bitmap_name, &dirty, &disk_size,
+                       err, sizeof err) == -1) {
+    if (bitmap_name)
+      nbdkit_error ("backupaccess-bitmap=%s: %s", bitmap_name, err);
+    else
+      nbdkit_error ("backupaccess: %s", err);
     return -1;
   }
-  have_dirty = true;
-  nbdkit_debug ("backupaccess: bitmap %s: %zu dirty regions, %" PRIu64
-                " dirty bytes of %" PRIu64, bitmap_name, dirty.n,
-                ba_regions_total (&dirty), size);
+  disk_size_known = true;
+  if (bitmap_name) {
+    have_dirty = true;
+    nbdkit_debug ("backupaccess: bitmap %s: %zu dirty regions, %" PRIu64
+                  " dirty bytes of %" PRIu64, bitmap_name, dirty.n,
+                  ba_regions_total (&dirty), disk_size);
+  }
   return 0;
 }
 
@@ -253,15 +262,12 @@ backupaccess_thread_model (void)
   return NBDKIT_THREAD_MODEL_PARALLEL;
 }
 
-/* Learns the disk size from the plugin once, before any client is
- * served, and checks the map against it: bad input stops nbdkit here.
- */
+/* Asks the plugin for the disk size, in a context of our own. */
 static int
-backupaccess_after_fork (nbdkit_backend *backend)
+learn_disk_size (nbdkit_backend *backend)
 {
   nbdkit_next *next = nbdkit_next_context_open (backend, 1, "", 1);
   int64_t size;
-  char err[512];
 
   if (next == NULL)
     return -1;
@@ -275,6 +281,20 @@ backupaccess_after_fork (nbdkit_backend *backend)
   if (size == -1)
     return -1;
   disk_size = size;
+  disk_size_known = true;
+  return 0;
+}
+
+/* Sets up the state once, before any client is served, and checks the
+ * dirty regions against the disk: bad input stops nbdkit here.
+ */
+static int
+backupaccess_after_fork (nbdkit_backend *backend)
+{
+  char err[512];
+
+  if (!disk_size_known && learn_disk_size (backend) == -1)
+    return -1;
 
   if (have_dirty &&
       ba_regions_check_size (&dirty, disk_size, err, sizeof err) == -1) {

@@ -81,7 +81,8 @@ int ba_map_parse_file (const char *path, struct ba_regions *dirty,
  * of an NBD export (QEMU's block-export-add ... bitmaps) into *dirty,
  * and the export's size into *size.  The export is named by uri, or by
  * a unix socket path and an export name.  Pages through the disk; asks
- * for no other context.  Returns 0, or -1 with a message in errbuf.
+ * for no other context.  With bitmap == NULL only the size is read.
+ * Returns 0, or -1 with a message in errbuf.
  */
 int ba_bitmap_fetch (const char *uri, const char *socket, const char *export,
                      const char *bitmap, struct ba_regions *dirty,
@@ -110,7 +111,8 @@ int ba_regions_check_size (const struct ba_regions *dirty, uint64_t disk_size,
  */
 struct ba_coverage;
 
-/* dirty == NULL means the whole disk is dirty (full backup).  The set
+/* cluster_size: a power of two up to 1 GiB, else NULL with EINVAL.
+ * dirty == NULL means the whole disk is dirty (full backup).  The set
  * is not copied; it must outlive the tracker and not change.
  */
 struct ba_coverage *ba_coverage_new (uint64_t disk_size, uint64_t cluster_size,

@@ -67,7 +67,7 @@ ba_bitmap_fetch (const char *uri, const char *socket, const char *export,
   int r = -1;
 
   ba_regions_clear (dirty);
-  if (asprintf (&context, "qemu:dirty-bitmap:%s", bitmap) == -1) {
+  if (bitmap && asprintf (&context, "qemu:dirty-bitmap:%s", bitmap) == -1) {
     context = NULL;
     snprintf (errbuf, errlen, "out of memory");
     goto out;
@@ -81,7 +81,7 @@ ba_bitmap_fetch (const char *uri, const char *socket, const char *export,
   /* Only the bitmap: QEMU fails base:allocation queries that touch
    * unreadable areas of a snapshot-access export.
    */
-  if (nbd_add_meta_context (h, context) == -1 ||
+  if ((context && nbd_add_meta_context (h, context) == -1) ||
       (uri == NULL && nbd_set_export_name (h, export ? export : "") == -1)) {
     snprintf (errbuf, errlen, "%s", nbd_get_error ());
     goto out;
@@ -91,7 +91,7 @@ ba_bitmap_fetch (const char *uri, const char *socket, const char *export,
               where, nbd_get_error ());
     goto out;
   }
-  switch (nbd_can_meta_context (h, context)) {
+  switch (context ? nbd_can_meta_context (h, context) : 1) {
   case 1:
     break;
   case 0:
@@ -110,6 +110,8 @@ ba_bitmap_fetch (const char *uri, const char *socket, const char *export,
     goto out;
   }
   *size = s;
+  if (context == NULL)          /* only the size was asked for */
+    f.end = *size;
 
   while (f.end < *size) {
     uint64_t start = f.end;

@@ -53,7 +53,9 @@ ba_coverage_new (uint64_t disk_size, uint64_t cluster_size,
 {
   struct ba_coverage *cov;
 
-  if (cluster_size == 0 || (cluster_size & (cluster_size - 1)) != 0) {
+  /* Partial ranges are stored relative to the cluster in 32 bits. */
+  if (cluster_size == 0 || (cluster_size & (cluster_size - 1)) != 0 ||
+      cluster_size > (UINT64_C (1) << 30)) {
     errno = EINVAL;
     return NULL;
   }
@@ -426,6 +428,15 @@ ba_coverage_readable (const struct ba_coverage *cov,
       bad->start = start;
     bad->end = i < d->n && d->r[i].start < end ? d->r[i].start : end;
     *discarded = false;
+    /* A discarded cluster in the dirty bytes before it comes first. */
+    if (bad->start > start) {
+      struct ba_range first;
+      bool d2;
+      if (!ba_coverage_readable (cov, start, bad->start, &first, &d2)) {
+        *bad = first;
+        *discarded = d2;
+      }
+    }
     return false;
   }
   limit = ((end - 1) >> cov->cluster_bits) + 1;

@@ -134,9 +134,14 @@ ba_map_parse (const char *text, size_t len, struct ba_regions *dirty,
   uint64_t prev_start = 0, clean_end = 0;
   size_t lineno = 0;
   const char *p = text, *end = text + len;
+  const char *nul = memchr (text, '\0', len);
 
-  if (memchr (text, '\0', len) != NULL)
-    return fail (errbuf, errlen, 0, "the map contains a NUL byte");
+  if (nul != NULL) {
+    /* Name the line that holds it, like every other error. */
+    for (lineno = 1; p < nul; p++)
+      lineno += *p == '\n';
+    return fail (errbuf, errlen, lineno, "the map contains a NUL byte");
+  }
   ba_regions_clear (dirty);
   while (p < end) {
     const char *nl = memchr (p, '\n', end - p);

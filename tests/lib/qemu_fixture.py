@@ -183,7 +183,9 @@ class Fleecing:
 
     def disk_read(self, offset, count):
         """What the guest sees now."""
-        return self.guest().pread(count, offset)
+        h = self.guest()
+        return b"".join(bytes(h.pread(min(count - i, 32 << 20), offset + i))
+                        for i in range(0, count, 32 << 20))
 
     def _del_export(self, export_id):
         if self._guest is not None and export_id == "guest":
@@ -199,21 +201,23 @@ class Fleecing:
     def snapshot(self, bitmap=True, on_cbw_error="break-snapshot",
                  fleece_file=None):
         """Freeze the bitmap and build copy-before-write + snapshot-access.
+        bitmap=True: an incremental backup: only the frozen bitmap's dirty
+        regions are readable, and it is exported as qemu:dirty-bitmap:frozen.
+        bitmap=False: a full backup (the live bitmap still restarts).
         fleece_file: a blockdev dict to put under the fleecing qcow2
         instead of the plain file (e.g. blkdebug, for fault injection).
         """
         self._del_export("guest")
-        if bitmap:
-            self.qmp.cmd("transaction", actions=[
-                {"type": "block-dirty-bitmap-add",
-                 "data": {"node": "disk", "name": "frozen"}},
-                {"type": "block-dirty-bitmap-merge",
-                 "data": {"node": "disk", "target": "frozen",
-                          "bitmaps": ["live"]}},
-                {"type": "block-dirty-bitmap-clear",
-                 "data": {"node": "disk", "name": "live"}},
-                {"type": "block-dirty-bitmap-disable",
-                 "data": {"node": "disk", "name": "frozen"}}])
+        self.qmp.cmd("transaction", actions=[
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "disk", "name": "frozen"}},
+            {"type": "block-dirty-bitmap-merge",
+             "data": {"node": "disk", "target": "frozen",
+                      "bitmaps": ["live"]}},
+            {"type": "block-dirty-bitmap-clear",
+             "data": {"node": "disk", "name": "live"}},
+            {"type": "block-dirty-bitmap-disable",
+             "data": {"node": "disk", "name": "frozen"}}])
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
                         "-o", "cluster_size=%d" % self.fleece_cluster,
                         self.fleece, str(self.size)], check=True)
@@ -251,11 +255,18 @@ class Fleecing:
                              capture_output=True, text=True).stdout
         return json.loads(out)["actual-size"]
 
-    def release(self):
-        """Tear the snapshot down again: exports first, then the nodes."""
+    def release(self, success=True):
+        """Tear the snapshot down again: exports first, then the nodes.
+        On failure the frozen bitmap is merged back into the live one, so
+        that the next incremental backup still covers every change.
+        """
         self._del_export("snap")
         self._del_export("guest")
         for node in ("snap", "cbw", "fleece"):
             self.qmp.cmd("blockdev-del", **{"node-name": node})
+        if not success:
+            self.qmp.cmd("block-dirty-bitmap-merge", node="disk",
+                         target="live", bitmaps=["frozen"])
+        self.qmp.cmd("block-dirty-bitmap-remove", node="disk", name="frozen")
         self.qmp.cmd("block-export-add", type="nbd", id="guest",
                      **{"node-name": "disk"}, name="guest", writable=True)
