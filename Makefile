@@ -3,7 +3,7 @@
 #   make            build the filter, the library and the man page
 #   make deps       install the Debian packages everything needs (as root)
 #   make check      unit and integration tests; last line "N passed, N failed"
-#   make demo       back up a generated demo disk through the filter
+#   make demo       full + incremental backup of a disk in qemu-storage-daemon
 #   make bench      throughput and memory figures (ratios within one run)
 
 CC      ?= gcc
@@ -70,7 +70,7 @@ check: deps
 
 demo: deps
 	$(MAKE) all
-	demo/demo.sh
+	demo/demo.py
 
 bench/coverage-memory: bench/coverage-memory.c $(LIB) lib/backupaccess.h
 	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB)

@@ -85,6 +85,7 @@ class Fleecing:
         self.fleece_cluster = fleece_cluster
         self.own_tmp = tmpdir is None
         self.tmp = tmpdir or tempfile.mkdtemp(prefix="backupaccess-qemu.")
+        os.makedirs(self.tmp, exist_ok=True)
         self.disk = os.path.join(self.tmp, "disk.qcow2")
         self.fleece = os.path.join(self.tmp, "fleece.qcow2")
         self.qmp_path = os.path.join(self.tmp, "qmp.sock")
