@@ -7,6 +7,8 @@
 #     empty memory disk would otherwise be skipped as zeroes); the
 #     reads are cheap, which makes the filter's share look its largest.
 #  2. The filter's state for a 1 TiB disk in several read orders.
+#  3. bench-qemu.py: the QEMU path (direct, nbd plugin, nbd + filter)
+#     and the fleecing image's peak with discard on and off.
 set -euo pipefail
 export PATH=/usr/bin:$PATH
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -74,3 +76,5 @@ grep 'backupaccess: summary' "$tmp/nbdkit.log" | tail -n 1 |
   sed 's/^nbdkit: backupaccess: summary: /last filtered run: /'
 echo
 "$top/bench/coverage-memory"
+echo
+"$top/bench/bench-qemu.py"

@@ -1,0 +1,115 @@
+#!/usr/bin/python3
+"""make bench, the QEMU part: nbdcopy of a full backup straight from
+qemu-storage-daemon's snapshot-access export, through nbdkit's nbd
+plugin, and through the nbd plugin + backupaccess filter; same run, same
+image, rounds interleaved, medians, as shares of the direct path.  Then
+the fleecing image's peak while a guest writes during a full backup, with
+discard on and off."""
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(TOP, "tests", "lib"))
+from harness import FILTER, Nbdkit
+from qemu_fixture import Fleecing
+
+SIZE = int(os.environ.get("BENCH_QEMU_SIZE_MIB", "1024")) << 20
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+MiB = 1 << 20
+
+PATHS = [
+    ("direct from qemu-storage-daemon", None),
+    ("nbdkit nbd plugin", ["nbd"]),
+    ("nbdkit nbd plugin + backupaccess filter", ["--filter=" + FILTER, "nbd"]),
+]
+
+
+def copy_seconds(uri, conns, target="null:"):
+    t0 = time.monotonic()
+    subprocess.run(["nbdcopy", "--connections=%d" % conns, uri, target],
+                   check=True)
+    return time.monotonic() - t0
+
+
+def measure(f, tmp, args, conns):
+    f.snapshot(bitmap=False)
+    try:
+        if args is None:
+            return copy_seconds(f.snap_uri(), conns)
+        with Nbdkit(tmp, args + ["socket=" + f.nbd_path, "export=snap"],
+                    "bench") as nk:
+            return copy_seconds(nk.uri(), conns)
+    finally:
+        f.release()
+
+
+def fleecing_peak(f, tmp, discard):
+    """Full backup while the guest writes 1 MiB at random offsets, paced
+    so that both runs see the same writes; returns the peak size."""
+    rng = random.Random(5)
+    f.snapshot(bitmap=False)
+    peak = f.fleece_size()
+    args = ["--filter=" + FILTER, "nbd", "socket=" + f.nbd_path,
+            "export=snap", "backupaccess-discard=%s" % discard]
+    try:
+        with Nbdkit(tmp, args, "peak") as nk:
+            # rate filter-free pacing: copy with one connection and write
+            # a fixed number of times, spread over the copy.
+            p = subprocess.Popen(["nbdcopy", "--connections=1",
+                                  "--requests=1", nk.uri(), "null:"])
+            for _ in range(64):
+                off = rng.randrange(0, SIZE - MiB)
+                f.guest_write(off, os.urandom(MiB))
+                peak = max(peak, f.fleece_size())
+                if p.poll() is not None:
+                    break
+                time.sleep(0.01)
+            p.wait()
+            peak = max(peak, f.fleece_size())
+            final = f.fleece_size()
+    finally:
+        f.release()
+    return peak, final
+
+
+def main():
+    with tempfile.TemporaryDirectory(prefix="backupaccess-bench.") as tmp, \
+         Fleecing(SIZE, tmpdir=os.path.join(tmp, "qemu")) as f:
+        f.guest_write(0, os.urandom(SIZE))
+        times = {}
+        for conns in (1, 4):
+            for _ in range(ROUNDS):
+                for name, args in PATHS:
+                    times.setdefault((name, conns), []).append(
+                        measure(f, tmp, args, conns))
+        print("nbdcopy of a %d MiB snapshot-access export (qcow2, page cache "
+              "warm) to null:, median of %d interleaved rounds"
+              % (SIZE // MiB, ROUNDS))
+        print("| path | 1 connection | share of direct | 4 connections "
+              "| share of direct |")
+        print("|---|---|---|---|---|")
+        for name, _ in PATHS:
+            row = "| %s |" % name
+            for conns in (1, 4):
+                t = statistics.median(times[(name, conns)])
+                d = statistics.median(times[(PATHS[0][0], conns)])
+                row += " %.3f s | %.0f%% |" % (t, 100 * d / t)
+            print(row)
+        print()
+        print("Fleecing image during a full backup while the guest writes "
+              "64 x 1 MiB at random offsets")
+        print("| discard | peak | at the end |")
+        print("|---|---|---|")
+        for discard in ("true", "false"):
+            peak, final = fleecing_peak(f, tmp, discard)
+            print("| %s | %.1f MiB | %.1f MiB |" % (discard, peak / MiB,
+                                                    final / MiB))
+
+
+main()
