@@ -22,13 +22,14 @@ LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/bitmap.c
 LIB_OBJS   = $(LIB_SRCS:.c=.o)
 LIB        = lib/libbackupaccess.a
 FILTER     = nbdkit-backupaccess-filter.so
+PLUGIN     = nbdkit-backupaccess-plugin.so
 MANPAGE    = nbdkit-backupaccess.1
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
 
 .PHONY: all deps check unit-tests demo bench clean
 
-all: $(LIB) $(FILTER) $(MANPAGE)
+all: $(LIB) $(FILTER) $(PLUGIN) $(MANPAGE)
 
 deps:
 	@missing=; \
@@ -53,6 +54,10 @@ $(LIB): $(LIB_OBJS)
 
 $(FILTER): filter/backupaccess.c $(LIB) lib/backupaccess.h
 	$(CC) $(ALL_CFLAGS) -shared -o $@ filter/backupaccess.c \
+	  $(LIB) $(shell pkg-config --libs libnbd) -lpthread
+
+$(PLUGIN): plugin/backupaccess-plugin.c $(LIB) lib/backupaccess.h
+	$(CC) $(ALL_CFLAGS) -shared -o $@ plugin/backupaccess-plugin.c \
 	  $(LIB) $(shell pkg-config --libs libnbd) -lpthread
 
 $(MANPAGE): nbdkit-backupaccess.pod
@@ -80,4 +85,4 @@ bench: deps
 	bench/bench.sh
 
 clean:
-	rm -f lib/*.o $(LIB) $(FILTER) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
+	rm -f lib/*.o $(LIB) $(FILTER) $(PLUGIN) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory

@@ -234,12 +234,21 @@ backupaccess_get_ready (int thread_model)
 {
   char err[1024];
   const char *uri = bitmap_uri ? bitmap_uri : plugin_uri;
+  /* Without a bitmap only the size is fetched: ba_bitmap_fetch clears
+   * the set it is given, which must not be the regions of a
+   * backupaccess-map.
+   */
+  struct ba_regions none;
+  int r;
 
   if (bitmap_name == NULL && uri == NULL && plugin_socket == NULL)
     return 0;                   /* the size comes in .after_fork */
-  if (ba_bitmap_fetch (uri, uri ? NULL : plugin_socket, plugin_export,
-                       bitmap_name, &dirty, &disk_size,
-                       err, sizeof err) == -1) {
+  ba_regions_init (&none);
+  r = ba_bitmap_fetch (uri, uri ? NULL : plugin_socket, plugin_export,
+                       bitmap_name, bitmap_name ? &dirty : &none,
+                       &disk_size, err, sizeof err);
+  ba_regions_free (&none);
+  if (r == -1) {
     if (bitmap_name)
       nbdkit_error ("backupaccess-bitmap=%s: %s", bitmap_name, err);
     else
@@ -349,11 +358,18 @@ backupaccess_prepare (nbdkit_next *next, void *handle, int readonly)
   return 0;
 }
 
-/* Writes are never allowed; trims are, so the connection is writable. */
+/* Writes are never allowed; trims are, so the connection is writable.
+ * With backupaccess-discard=false the plugin may lack trim (.prepare
+ * only checks it when discarding): then offer none, since a client trim
+ * completing a cluster would be forwarded, and nbdkit aborts when a
+ * filter trims a plugin that cannot trim.
+ */
 static int
 backupaccess_can_trim (nbdkit_next *next, void *handle)
 {
-  return 1;
+  if (discard)
+    return 1;                   /* .prepare checked the plugin */
+  return next->can_trim (next);
 }
 
 static int
@@ -470,7 +486,8 @@ refuse (const char *what, uint64_t offset, uint32_t count,
 }
 
 /* QEMU refused a read that is dirty and, as far as we know, was never
- * discarded.  Unless another request discarded it meanwhile, the
+ * discarded (EINVAL through the nbd plugin, EPERM through ours).
+ * Unless another request discarded it meanwhile, the
  * snapshot is broken: copy-before-write failed (fleecing image full, or
  * cbw-timeout) and QEMU now refuses everything.
  */
@@ -525,7 +542,7 @@ read_with_clean_zeroes (nbdkit_next *next, char *buf, uint32_t count,
     if (readable) {
       if (next->pread (next, buf + (pos - offset), len, pos, flags,
                        err) == -1) {
-        if (*err == EINVAL)
+        if (*err == EINVAL || *err == EPERM)
           return upstream_refused (pos, len, err);
         return -1;
       }
@@ -571,7 +588,7 @@ backupaccess_pread (nbdkit_next *next, void *handle, void *buf,
       return -1;
   }
   else if (next->pread (next, buf, count, offset, flags, err) == -1) {
-    if (*err == EINVAL)
+    if (*err == EINVAL || *err == EPERM)
       return upstream_refused (offset, count, err);
     return -1;
   }
@@ -631,6 +648,23 @@ backupaccess_zero (nbdkit_next *next, void *handle, uint32_t count,
   return -1;
 }
 
+/* The type of a readable extent, so that the unreadable type means
+ * unreadable and nothing else: a hole that is not zero (type 1) only
+ * for unreadable regions (QEMU reports unallocated areas over a backing
+ * file that way, and they are readable); with backupaccess-clean=zero,
+ * readable regions are always data (type 0), since a dirty region that
+ * reads as zero must still be copied over the previous backup.
+ */
+static uint32_t
+readable_type (uint32_t type)
+{
+  if (clean_is_zero)
+    return 0;
+  if (!(type & NBDKIT_EXTENT_ZERO))
+    return 0;
+  return type;
+}
+
 /* At most this many plugin calls per extents request: clients ask again
  * from where the answer stopped.
  */
@@ -688,7 +722,8 @@ backupaccess_extents (nbdkit_next *next, void *handle, uint32_t count,
       }
       for (size_t i = 0; i < nbdkit_extents_count (up); i++) {
         struct nbdkit_extent e = nbdkit_get_extent (up, i);
-        if (nbdkit_add_extent (extents, e.offset, e.length, e.type) == -1) {
+        if (nbdkit_add_extent (extents, e.offset, e.length,
+                               readable_type (e.type)) == -1) {
           *err = errno;
           nbdkit_extents_free (up);
           return -1;

@@ -77,6 +77,16 @@ int ba_map_parse (const char *text, size_t len, struct ba_regions *dirty,
 int ba_map_parse_file (const char *path, struct ba_regions *dirty,
                        char *errbuf, size_t errlen);
 
+/* Connects with libnbd to an export named by uri, or by a unix socket
+ * path and an export name, asking for meta_context (may be NULL).
+ * Returns the handle, or NULL with a message in errbuf.
+ */
+struct nbd_handle;
+struct nbd_handle *ba_nbd_connect (const char *uri, const char *socket,
+                                   const char *export,
+                                   const char *meta_context,
+                                   char *errbuf, size_t errlen);
+
 /* Reads the dirty regions of the meta context qemu:dirty-bitmap:BITMAP
  * of an NBD export (QEMU's block-export-add ... bitmaps) into *dirty,
  * and the export's size into *size.  The export is named by uri, or by

@@ -54,6 +54,31 @@ extent_cb (void *opaque, const char *metacontext, uint64_t offset,
   return 0;
 }
 
+struct nbd_handle *
+ba_nbd_connect (const char *uri, const char *socket, const char *export,
+                const char *meta_context, char *errbuf, size_t errlen)
+{
+  struct nbd_handle *h = nbd_create ();
+
+  if (h == NULL) {
+    snprintf (errbuf, errlen, "%s", nbd_get_error ());
+    return NULL;
+  }
+  if ((meta_context && nbd_add_meta_context (h, meta_context) == -1) ||
+      (uri == NULL && nbd_set_export_name (h, export ? export : "") == -1)) {
+    snprintf (errbuf, errlen, "%s", nbd_get_error ());
+    nbd_close (h);
+    return NULL;
+  }
+  if ((uri ? nbd_connect_uri (h, uri) : nbd_connect_unix (h, socket)) == -1) {
+    snprintf (errbuf, errlen, "cannot connect to %s: %s",
+              uri ? uri : socket, nbd_get_error ());
+    nbd_close (h);
+    return NULL;
+  }
+  return h;
+}
+
 int
 ba_bitmap_fetch (const char *uri, const char *socket, const char *export,
                  const char *bitmap, struct ba_regions *dirty,
@@ -73,24 +98,12 @@ ba_bitmap_fetch (const char *uri, const char *socket, const char *export,
     goto out;
   }
   f.context = context;
-  h = nbd_create ();
-  if (h == NULL) {
-    snprintf (errbuf, errlen, "%s", nbd_get_error ());
-    goto out;
-  }
   /* Only the bitmap: QEMU fails base:allocation queries that touch
    * unreadable areas of a snapshot-access export.
    */
-  if ((context && nbd_add_meta_context (h, context) == -1) ||
-      (uri == NULL && nbd_set_export_name (h, export ? export : "") == -1)) {
-    snprintf (errbuf, errlen, "%s", nbd_get_error ());
+  h = ba_nbd_connect (uri, socket, export, context, errbuf, errlen);
+  if (h == NULL)
     goto out;
-  }
-  if ((uri ? nbd_connect_uri (h, uri) : nbd_connect_unix (h, socket)) == -1) {
-    snprintf (errbuf, errlen, "cannot connect to %s: %s",
-              where, nbd_get_error ());
-    goto out;
-  }
   switch (context ? nbd_can_meta_context (h, context) : 1) {
   case 1:
     break;

@@ -8,6 +8,7 @@ import time
 TOP = os.environ.get("TOP") or os.path.dirname(os.path.dirname(
     os.path.dirname(os.path.abspath(__file__))))
 FILTER = os.path.join(TOP, "nbdkit-backupaccess-filter.so")
+PLUGIN = os.path.join(TOP, "nbdkit-backupaccess-plugin.so")
 
 
 class Nbdkit:
@@ -55,6 +56,12 @@ class Nbdkit:
 
     def uri(self):
         return "nbd+unix:///?socket=" + self.sock
+
+    def cpu_seconds(self):
+        """User + system CPU time nbdkit has used so far."""
+        with open("/proc/%d/stat" % self.proc.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def log(self):
         with open(self.logpath) as f:

@@ -1,0 +1,391 @@
+/* nbdkit-backupaccess-plugin: reads a QEMU snapshot-access export.
+ *
+ * Made for one job, unlike the general nbd plugin: a pool of upstream
+ * connections shared by every client connection, each request served
+ * synchronously on an idle one (libnbd reads straight into nbdkit's
+ * buffer, no extra thread or wake-up per request).  The export is an
+ * immutable snapshot, so multi-conn is advertised even though QEMU does
+ * not advertise it on a writable export.  Trims are forwarded only when
+ * aligned to the copy-before-write cluster (QEMU 7.x aborts on others).
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+#include <libnbd.h>
+
+#include "backupaccess.h"
+
+/* QEMU serves at most 32 MiB per request. */
+#define MAX_REQUEST (32 * 1024 * 1024)
+
+static char *socket_path, *export_name, *uri;
+static unsigned connections = 4;
+static int64_t cluster_size = 65536;
+
+/* The pool.  The lock is held only to take or give back a handle. */
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t idle_cond = PTHREAD_COND_INITIALIZER;
+static struct nbd_handle **handles;
+static bool *busy;
+static unsigned nr_handles;
+static int64_t size = -1;
+static bool can_trim_upstream, can_extents_upstream;
+
+#define backupaccess_config_help \
+  "socket=SOCKET         Unix socket of QEMU's NBD server.\n" \
+  "export=NAME           Export name (with socket=).\n" \
+  "uri=URI               Or an NBD URI instead of socket= and export=.\n" \
+  "connections=N         Upstream connections in the pool (default 4).\n" \
+  "cluster=SIZE          Copy-before-write cluster size: only trims\n" \
+  "                      aligned to it are forwarded (default 64K)."
+
+static void
+backupaccess_unload (void)
+{
+  for (unsigned i = 0; i < nr_handles; i++)
+    nbd_close (handles[i]);
+  free (handles);
+  free (busy);
+  free (socket_path);
+  free (export_name);
+  free (uri);
+}
+
+static int
+backupaccess_config (const char *key, const char *value)
+{
+  if (strcmp (key, "socket") == 0) {
+    free (socket_path);
+    socket_path = nbdkit_absolute_path (value);
+    return socket_path ? 0 : -1;
+  }
+  if (strcmp (key, "export") == 0) {
+    free (export_name);
+    export_name = strdup (value);
+    return export_name ? 0 : -1;
+  }
+  if (strcmp (key, "uri") == 0) {
+    free (uri);
+    uri = strdup (value);
+    return uri ? 0 : -1;
+  }
+  if (strcmp (key, "connections") == 0) {
+    if (nbdkit_parse_unsigned ("connections", value, &connections) == -1)
+      return -1;
+    if (connections < 1 || connections > 64) {
+      nbdkit_error ("connections=%s: must be between 1 and 64", value);
+      return -1;
+    }
+    return 0;
+  }
+  if (strcmp (key, "cluster") == 0) {
+    cluster_size = nbdkit_parse_size (value);
+    if (cluster_size == -1)
+      return -1;
+    if (cluster_size < 512 || cluster_size > 1024 * 1024 * 1024 ||
+        (cluster_size & (cluster_size - 1)) != 0) {
+      nbdkit_error ("cluster=%s: must be a power of two between 512 and 1G",
+                    value);
+      return -1;
+    }
+    return 0;
+  }
+  nbdkit_error ("unknown parameter '%s'", key);
+  return -1;
+}
+
+static int
+backupaccess_config_complete (void)
+{
+  if ((socket_path == NULL) == (uri == NULL)) {
+    nbdkit_error ("give either socket= (with export=) or uri=");
+    return -1;
+  }
+  if (uri && export_name) {
+    nbdkit_error ("export= goes with socket=; with uri= the export name "
+                  "is part of the URI");
+    return -1;
+  }
+  return 0;
+}
+
+/* Connects the pool, after nbdkit forked: sockets must not be shared
+ * with a parent that goes away.
+ */
+static int
+backupaccess_after_fork (void)
+{
+  char err[1024];
+
+  handles = calloc (connections, sizeof *handles);
+  busy = calloc (connections, sizeof *busy);
+  if (handles == NULL || busy == NULL) {
+    nbdkit_error ("calloc: %m");
+    return -1;
+  }
+  for (nr_handles = 0; nr_handles < connections; nr_handles++) {
+    struct nbd_handle *h = ba_nbd_connect (uri, socket_path, export_name,
+                                           LIBNBD_CONTEXT_BASE_ALLOCATION,
+                                           err, sizeof err);
+    if (h == NULL) {
+      nbdkit_error ("%s", err);
+      return -1;
+    }
+    handles[nr_handles] = h;
+  }
+  size = nbd_get_size (handles[0]);
+  if (size == -1) {
+    nbdkit_error ("%s", nbd_get_error ());
+    return -1;
+  }
+  can_trim_upstream = nbd_can_trim (handles[0]) == 1;
+  can_extents_upstream =
+    nbd_can_meta_context (handles[0], LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
+  nbdkit_debug ("backupaccess plugin: %u connections, size %" PRIi64
+                ", trim %d, extents %d", nr_handles, size,
+                can_trim_upstream, can_extents_upstream);
+  return 0;
+}
+
+static unsigned
+take_handle (void)
+{
+  unsigned i;
+
+  pthread_mutex_lock (&lock);
+  for (;;) {
+    for (i = 0; i < nr_handles; i++)
+      if (!busy[i])
+        goto found;
+    pthread_cond_wait (&idle_cond, &lock);
+  }
+ found:
+  busy[i] = true;
+  pthread_mutex_unlock (&lock);
+  return i;
+}
+
+static void
+give_back (unsigned i)
+{
+  pthread_mutex_lock (&lock);
+  busy[i] = false;
+  pthread_cond_signal (&idle_cond);
+  pthread_mutex_unlock (&lock);
+}
+
+static void *
+backupaccess_open (int readonly)
+{
+  return NBDKIT_HANDLE_NOT_NEEDED;
+}
+
+static int64_t
+backupaccess_get_size (void *handle)
+{
+  return size;
+}
+
+static int
+backupaccess_block_size (void *handle,
+                         uint32_t *minimum, uint32_t *preferred,
+                         uint32_t *maximum)
+{
+  *minimum = 1;
+  *preferred = cluster_size;
+  *maximum = MAX_REQUEST;
+  return 0;
+}
+
+static int
+backupaccess_thread_model (void)
+{
+  return NBDKIT_THREAD_MODEL_PARALLEL;
+}
+
+static int
+backupaccess_can_multi_conn (void *handle)
+{
+  return 1;                     /* an immutable snapshot */
+}
+
+static int
+backupaccess_can_write (void *handle)
+{
+  return can_trim_upstream;     /* only so that trims can be sent */
+}
+
+static int
+backupaccess_can_trim (void *handle)
+{
+  return can_trim_upstream;
+}
+
+static int
+backupaccess_can_zero (void *handle)
+{
+  return 0;
+}
+
+static int
+backupaccess_can_flush (void *handle)
+{
+  return 0;
+}
+
+static int
+backupaccess_can_extents (void *handle)
+{
+  return can_extents_upstream;
+}
+
+/* libnbd's errno for a failed command, as nbdkit clients can see it. */
+static int
+upstream_error (const char *what, uint64_t offset, uint32_t count)
+{
+  int e = nbd_get_errno ();
+
+  if (e == EINVAL) {
+    /* QEMU's EACCES from snapshot-access arrives as EINVAL. */
+    nbdkit_error ("%s [%" PRIu64 ", +%" PRIu32 "): QEMU refused it: the "
+                  "range is outside the dirty bitmap, already discarded, or "
+                  "the snapshot is broken", what, offset, count);
+    nbdkit_set_error (EPERM);
+  }
+  else {
+    nbdkit_error ("%s [%" PRIu64 ", +%" PRIu32 "): %s", what, offset,
+                  count, nbd_get_error ());
+    nbdkit_set_error (e == ENOTCONN || e == ESHUTDOWN || e == 0 ? EIO : e);
+  }
+  return -1;
+}
+
+static int
+backupaccess_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
+                    uint32_t flags)
+{
+  unsigned i = take_handle ();
+  int r = 0;
+
+  for (uint32_t done = 0; done < count && r == 0; ) {
+    uint32_t n = count - done < MAX_REQUEST ? count - done : MAX_REQUEST;
+    if (nbd_pread (handles[i], (char *) buf + done, n, offset + done,
+                   0) == -1)
+      r = upstream_error ("read", offset + done, n);
+    done += n;
+  }
+  give_back (i);
+  return r;
+}
+
+static int
+backupaccess_pwrite (void *handle, const void *buf, uint32_t count,
+                     uint64_t offset, uint32_t flags)
+{
+  nbdkit_error ("write [%" PRIu64 ", +%" PRIu32 ") refused: a snapshot is "
+                "read-only", offset, count);
+  nbdkit_set_error (EPERM);
+  return -1;
+}
+
+/* Defence in depth: an unaligned trim aborts QEMU 7.0 to 9.0. */
+static int
+backupaccess_trim (void *handle, uint32_t count, uint64_t offset,
+                   uint32_t flags)
+{
+  unsigned i;
+  int r = 0;
+
+  if (offset % cluster_size != 0 ||
+      (count % cluster_size != 0 && offset + count != (uint64_t) size)) {
+    nbdkit_error ("trim [%" PRIu64 ", +%" PRIu32 ") refused: not aligned to "
+                  "the cluster size %" PRIi64 " (an unaligned trim would "
+                  "abort QEMU); use the backupaccess filter to collect "
+                  "trims into whole clusters", offset, count, cluster_size);
+    nbdkit_set_error (EINVAL);
+    return -1;
+  }
+  i = take_handle ();
+  if (nbd_trim (handles[i], count, offset, 0) == -1)
+    r = upstream_error ("trim", offset, count);
+  give_back (i);
+  return r;
+}
+
+struct extents_ctx {
+  struct nbdkit_extents *extents;
+  int failed;
+};
+
+static int
+extent_cb (void *opaque, const char *metacontext, uint64_t offset,
+           uint32_t *entries, size_t nr_entries, int *error)
+{
+  struct extents_ctx *ctx = opaque;
+
+  if (strcmp (metacontext, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0)
+    return 0;
+  for (size_t i = 0; i + 1 < nr_entries; i += 2) {
+    /* NBD_STATE_HOLE and _ZERO have the values of nbdkit's flags. */
+    if (nbdkit_add_extent (ctx->extents, offset, entries[i],
+                           entries[i + 1] & 3) == -1) {
+      ctx->failed = 1;
+      return -1;
+    }
+    offset += entries[i];
+  }
+  return 0;
+}
+
+static int
+backupaccess_extents (void *handle, uint32_t count, uint64_t offset,
+                      uint32_t flags, struct nbdkit_extents *extents)
+{
+  struct extents_ctx ctx = { .extents = extents };
+  nbd_extent_callback cb = { .callback = extent_cb, .user_data = &ctx };
+  unsigned i = take_handle ();
+  int r = 0;
+
+  if (nbd_block_status (handles[i], count, offset, cb,
+                        flags & NBDKIT_FLAG_REQ_ONE ? LIBNBD_CMD_FLAG_REQ_ONE
+                        : 0) == -1)
+    r = ctx.failed ? -1 : upstream_error ("block status", offset, count);
+  give_back (i);
+  return r;
+}
+
+static struct nbdkit_plugin plugin = {
+  .name               = "backupaccess",
+  .longname           = "nbdkit backupaccess plugin",
+  .version            = "1.0",
+  .description        = "Reads a QEMU snapshot-access export",
+  .unload             = backupaccess_unload,
+  .config             = backupaccess_config,
+  .config_complete    = backupaccess_config_complete,
+  .config_help        = backupaccess_config_help,
+  .magic_config_key   = "uri",
+  .thread_model       = backupaccess_thread_model,
+  .after_fork         = backupaccess_after_fork,
+  .open               = backupaccess_open,
+  .get_size           = backupaccess_get_size,
+  .block_size         = backupaccess_block_size,
+  .can_multi_conn     = backupaccess_can_multi_conn,
+  .can_write          = backupaccess_can_write,
+  .can_trim           = backupaccess_can_trim,
+  .can_zero           = backupaccess_can_zero,
+  .can_flush          = backupaccess_can_flush,
+  .can_extents        = backupaccess_can_extents,
+  .pread              = backupaccess_pread,
+  .pwrite             = backupaccess_pwrite,
+  .trim               = backupaccess_trim,
+  .extents            = backupaccess_extents,
+};
+
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+NBDKIT_REGISTER_PLUGIN (plugin)
