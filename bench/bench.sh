@@ -9,6 +9,8 @@
 #  2. The filter's state for a 1 TiB disk in several read orders.
 #  3. bench-qemu.py: the QEMU path (direct, nbd plugin, nbd + filter)
 #     and the fleecing image's peak with discard on and off.
+#  4. bench-scale.py: a 16 TiB export with 1,000,000 dirty extents:
+#     nbdkit start to first byte, and its resident memory.
 set -euo pipefail
 export PATH=/usr/bin:$PATH
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -78,3 +80,5 @@ echo
 "$top/bench/coverage-memory"
 echo
 "$top/bench/bench-qemu.py"
+echo
+"$top/bench/bench-scale.py" 2>/dev/null
