@@ -18,7 +18,7 @@ DEB_PACKAGES = build-essential pkg-config perl \
   libjson-c-dev libfuse3-dev fuse3 libcmocka-dev \
   qemu-utils qemu-system-x86 qemu-block-extra
 
-LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/bitmap.c
+LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/bitmap.c lib/qmp.c
 LIB_OBJS   = $(LIB_SRCS:.c=.o)
 LIB        = lib/libbackupaccess.a
 FILTER     = nbdkit-backupaccess-filter.so
@@ -45,7 +45,7 @@ deps:
 	  echo "make deps: all packages are installed"; \
 	fi
 
-lib/%.o: lib/%.c lib/backupaccess.h
+lib/%.o: lib/%.c lib/backupaccess.h lib/qmp.h
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
 
 $(LIB): $(LIB_OBJS)
@@ -54,7 +54,7 @@ $(LIB): $(LIB_OBJS)
 
 $(FILTER): filter/backupaccess.c $(LIB) lib/backupaccess.h
 	$(CC) $(ALL_CFLAGS) -shared -o $@ filter/backupaccess.c \
-	  $(LIB) $(shell pkg-config --libs libnbd) -lpthread
+	  $(LIB) $(shell pkg-config --libs libnbd json-c) -lpthread
 
 $(PLUGIN): plugin/backupaccess-plugin.c $(LIB) lib/backupaccess.h
 	$(CC) $(ALL_CFLAGS) -shared -o $@ plugin/backupaccess-plugin.c \

@@ -12,6 +12,7 @@
  * All state is process-wide, shared by every connection, and guarded by
  * one lock that is never held across a call to the plugin.
  */
+#define _GNU_SOURCE             /* asprintf */
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -19,7 +20,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
+#include <json.h>
 #include <nbdkit-filter.h>
 
 #include "backupaccess.h"
@@ -35,6 +39,7 @@ static char *bitmap_uri;
  * plugin), seen on the way through: the default place of the bitmap.
  */
 static char *plugin_socket, *plugin_export, *plugin_uri;
+static char *status_path;       /* counters for the helper, every second */
 static int64_t cluster_size = 65536;
 static bool discard = true;
 static bool clean_is_zero;
@@ -45,6 +50,9 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct ba_regions dirty;
 static bool have_dirty;         /* else the whole disk is readable */
 static bool broken;             /* the snapshot failed: refuse all reads */
+static pthread_t status_thread;
+static bool status_running, status_stop;
+static pthread_cond_t status_cond = PTHREAD_COND_INITIALIZER;
 static uint64_t disk_size;
 static bool disk_size_known;
 static struct ba_coverage *coverage;
@@ -63,11 +71,85 @@ static struct {
   "backupaccess-cluster=SIZE   Copy-before-write cluster size (default 64K).\n" \
   "backupaccess-discard=BOOL   Discard clusters once read (default true).\n" \
   "backupaccess-clean=hole|zero  How unreadable regions are reported\n" \
-  "                            in extents (default hole)."
+  "                            in extents (default hole).\n" \
+  "backupaccess-status=FILE    Write the counters there as JSON, every\n" \
+  "                            second while they change."
+
+/* Writes the counters to status_path (atomically: a temporary file
+ * renamed over it).  Called with the lock held.
+ */
+static void
+write_status (void)
+{
+  struct ba_coverage_stats cs;
+  json_object *o;
+  char *tmp = NULL;
+  FILE *fp;
+
+  if (status_path == NULL || coverage == NULL)
+    return;
+  ba_coverage_get_stats (coverage, &cs);
+  o = json_object_new_object ();
+  json_object_object_add (o, "bytes-read",
+                          json_object_new_uint64 (stats.bytes_read));
+  json_object_object_add (o, "bytes-discarded",
+                          json_object_new_uint64 (stats.bytes_discarded));
+  json_object_object_add (o, "bytes-left",
+                          json_object_new_uint64 (cs.readable_left));
+  json_object_object_add (o, "bytes-total",
+                          json_object_new_uint64 (cs.readable_total));
+  json_object_object_add (o, "requests-refused",
+                          json_object_new_uint64 (stats.refused));
+  json_object_object_add (o, "trim-errors",
+                          json_object_new_uint64 (stats.trim_errors));
+  json_object_object_add (o, "broken", json_object_new_boolean (broken));
+  json_object_object_add (o, "pid", json_object_new_int (getpid ()));
+  json_object_object_add (o, "time", json_object_new_int64 (time (NULL)));
+  if (asprintf (&tmp, "%s.tmp", status_path) != -1 &&
+      (fp = fopen (tmp, "w")) != NULL) {
+    fprintf (fp, "%s\n", json_object_to_json_string_ext
+             (o, JSON_C_TO_STRING_PLAIN));
+    if (fclose (fp) == 0)
+      rename (tmp, status_path);
+  }
+  free (tmp);
+  json_object_put (o);
+}
+
+static void *
+status_loop (void *arg)
+{
+  uint64_t last = UINT64_MAX;
+
+  pthread_mutex_lock (&lock);
+  while (!status_stop) {
+    struct timespec ts;
+    uint64_t now = stats.reads + stats.refused + stats.trims_sent +
+      stats.trim_errors + stats.client_trims + broken;
+    if (now != last) {
+      write_status ();
+      last = now;
+    }
+    clock_gettime (CLOCK_REALTIME, &ts);
+    ts.tv_sec++;
+    pthread_cond_timedwait (&status_cond, &lock, &ts);
+  }
+  write_status ();
+  pthread_mutex_unlock (&lock);
+  return NULL;
+}
 
 static void
 backupaccess_unload (void)
 {
+  if (status_running) {
+    pthread_mutex_lock (&lock);
+    status_stop = true;
+    pthread_cond_signal (&status_cond);
+    pthread_mutex_unlock (&lock);
+    pthread_join (status_thread, NULL);
+  }
+  free (status_path);
   if (coverage) {
     struct ba_coverage_stats cs;
     ba_coverage_get_stats (coverage, &cs);
@@ -155,6 +237,12 @@ backupaccess_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
       return -1;
     }
     return 0;
+  }
+  if (strcmp (key, "backupaccess-status") == 0) {
+    if (seen_once (64, key) == -1)
+      return -1;
+    status_path = nbdkit_absolute_path (value);
+    return status_path ? 0 : -1;
   }
   if (strcmp (key, "backupaccess-bitmap") == 0) {
     if (seen_once (16, key) == -1)
@@ -323,6 +411,14 @@ backupaccess_after_fork (nbdkit_backend *backend)
     struct ba_coverage_stats cs;
     ba_coverage_get_stats (coverage, &cs);
     stats.peak_memory = cs.memory_bytes;
+  }
+  if (status_path) {
+    int e = pthread_create (&status_thread, NULL, status_loop, NULL);
+    if (e != 0) {
+      nbdkit_error ("backupaccess-status: pthread_create: %s", strerror (e));
+      return -1;
+    }
+    status_running = true;
   }
   nbdkit_debug ("backupaccess: disk size %" PRIu64 ", %zu dirty regions, "
                 "cluster %" PRIi64 ", discard %s",
