@@ -23,13 +23,14 @@ LIB_OBJS   = $(LIB_SRCS:.c=.o)
 LIB        = lib/libbackupaccess.a
 FILTER     = nbdkit-backupaccess-filter.so
 PLUGIN     = nbdkit-backupaccess-plugin.so
+HELPER     = helper/backupaccess-helper
 MANPAGE    = nbdkit-backupaccess.1
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
 
 .PHONY: all deps check unit-tests demo bench clean
 
-all: $(LIB) $(FILTER) $(PLUGIN) $(MANPAGE)
+all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE)
 
 deps:
 	@missing=; \
@@ -60,6 +61,10 @@ $(PLUGIN): plugin/backupaccess-plugin.c $(LIB) lib/backupaccess.h
 	$(CC) $(ALL_CFLAGS) -shared -o $@ plugin/backupaccess-plugin.c \
 	  $(LIB) $(shell pkg-config --libs libnbd) -lpthread
 
+$(HELPER): helper/backupaccess-helper.c $(LIB) lib/backupaccess.h lib/qmp.h
+	$(CC) $(ALL_CFLAGS) -o $@ helper/backupaccess-helper.c \
+	  $(LIB) $(shell pkg-config --libs libnbd json-c)
+
 $(MANPAGE): nbdkit-backupaccess.pod
 	pod2man --section=1 --center="nbdkit-backupaccess" \
 	  --release="nbdkit-backupaccess" --name=nbdkit-backupaccess $< > $@
@@ -85,4 +90,4 @@ bench: deps
 	bench/bench.sh
 
 clean:
-	rm -f lib/*.o $(LIB) $(FILTER) $(PLUGIN) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
+	rm -f lib/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory

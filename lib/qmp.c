@@ -220,10 +220,17 @@ ba_qmp_connect (const char *path, int timeout_ms, char *errbuf, size_t errlen)
     ba_qmp_close (q);
     return NULL;
   }
+  /* QEMU greets a client at once, unless another one is connected. */
+  q->timeout_ms = timeout_ms < 10000 ? timeout_ms : 10000;
   greeting = read_line (q, errbuf, errlen);
+  q->timeout_ms = timeout_ms;
   if (greeting == NULL || strstr (greeting, "\"QMP\"") == NULL) {
     if (greeting)
       snprintf (errbuf, errlen, "%s: not a QMP socket", path);
+    else
+      snprintf (errbuf, errlen, "%s: no QMP greeting (QEMU serves one "
+                "client per QMP socket at a time: is another one "
+                "connected?)", path);
     free (greeting);
     ba_qmp_close (q);
     return NULL;

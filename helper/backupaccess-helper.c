@@ -1,0 +1,1634 @@
+/* backupaccess-helper: sets up snapshot access to a running QEMU's disks
+ * over QMP, serves it through nbdkit + the backupaccess filter, mounts
+ * it with nbdfuse, reports progress, and tears it all down again.
+ *
+ * Every step is recorded in DIR/state.json before (or as) it is taken,
+ * so that "teardown" can undo a setup that stopped half-way, and can run
+ * twice.  No shell is ever used: child processes get an argv.
+ *
+ * The QMP sequences are setup_upstream, setup_proxmox and
+ * teardown_qemu below.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <json.h>
+#include <libnbd.h>
+
+#include "backupaccess.h"
+#include "qmp.h"
+
+#define QMP_TIMEOUT_MS 60000
+#define WAIT_SECONDS 20
+
+static const char *progname = "backupaccess-helper";
+
+/* ------------------------------------------------------------------ */
+/* Errors and small utilities */
+
+static void __attribute__ ((format (printf, 1, 2)))
+warn (const char *fmt, ...)
+{
+  va_list ap;
+  fprintf (stderr, "%s: ", progname);
+  va_start (ap, fmt);
+  vfprintf (stderr, fmt, ap);
+  va_end (ap);
+  fputc ('\n', stderr);
+}
+
+static void __attribute__ ((format (printf, 1, 2), noreturn))
+die (const char *fmt, ...)
+{
+  va_list ap;
+  fprintf (stderr, "%s: ", progname);
+  va_start (ap, fmt);
+  vfprintf (stderr, fmt, ap);
+  va_end (ap);
+  fputc ('\n', stderr);
+  exit (1);
+}
+
+static char * __attribute__ ((format (printf, 1, 2)))
+xasprintf (const char *fmt, ...)
+{
+  va_list ap;
+  char *s;
+  va_start (ap, fmt);
+  if (vasprintf (&s, fmt, ap) == -1)
+    die ("out of memory");
+  va_end (ap);
+  return s;
+}
+
+static void
+sleep_ms (long ms)
+{
+  struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+  nanosleep (&ts, NULL);
+}
+
+/* Names go into QMP commands and file names: keep them plain. */
+static void
+check_name (const char *what, const char *s, bool colon_ok)
+{
+  size_t n = strlen (s);
+
+  if (n == 0 || n > 128)
+    die ("%s '%s': must be 1 to 128 characters", what, s);
+  for (size_t i = 0; i < n; i++) {
+    char c = s[i];
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+          (c >= '0' && c <= '9') || c == '-' || c == '_' ||
+          (c == '.' && i > 0) || (c == ':' && colon_ok)))
+      die ("%s '%s': only letters, digits, '-', '_', '.'%s are allowed",
+           what, s, colon_ok ? " and ':'" : "");
+  }
+}
+
+/* ------------------------------------------------------------------ */
+/* The state file */
+
+static char *run_dir;
+static json_object *state;
+
+static char *
+state_path (void)
+{
+  return xasprintf ("%s/state.json", run_dir);
+}
+
+static void
+save_state (void)
+{
+  char *path = state_path ();
+  char *tmp = xasprintf ("%s.tmp", path);
+  int fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  const char *text = json_object_to_json_string_ext (state,
+                                                     JSON_C_TO_STRING_PRETTY);
+
+  if (fd == -1 || write (fd, text, strlen (text)) != (ssize_t) strlen (text)
+      || write (fd, "\n", 1) != 1 || fsync (fd) == -1 || close (fd) == -1 ||
+      rename (tmp, path) == -1)
+    die ("writing %s: %m", path);
+  free (tmp);
+  free (path);
+}
+
+/* Loads DIR/state.json; returns false if there is none. */
+static bool
+load_state (void)
+{
+  char *path = state_path ();
+  struct stat st;
+
+  if (stat (path, &st) == -1 && errno == ENOENT) {
+    free (path);
+    return false;
+  }
+  if (st.st_size > 16 * 1024 * 1024)
+    die ("%s: too large to be a state file", path);
+  state = json_object_from_file (path);
+  if (state == NULL || !json_object_is_type (state, json_type_object))
+    die ("%s: not a valid state file: %s", path, json_util_get_last_err ());
+  free (path);
+  return true;
+}
+
+/* Creates the run directory, private to the caller, or checks that an
+ * existing one is.
+ */
+static void
+make_run_dir (void)
+{
+  struct stat st;
+
+  if (mkdir (run_dir, 0700) == -1 && errno != EEXIST)
+    die ("mkdir %s: %m", run_dir);
+  if (lstat (run_dir, &st) == -1)
+    die ("%s: %m", run_dir);
+  if (!S_ISDIR (st.st_mode) || st.st_uid != geteuid () ||
+      (st.st_mode & 077) != 0)
+    die ("%s: must be a directory owned by you with mode 0700", run_dir);
+}
+
+static const char *
+get_str (json_object *o, const char *key)
+{
+  json_object *v;
+  if (o && json_object_object_get_ex (o, key, &v) &&
+      json_object_is_type (v, json_type_string))
+    return json_object_get_string (v);
+  return NULL;
+}
+
+static int64_t
+get_int (json_object *o, const char *key, int64_t def)
+{
+  json_object *v;
+  if (o && json_object_object_get_ex (o, key, &v) &&
+      (json_object_is_type (v, json_type_int)))
+    return json_object_get_int64 (v);
+  return def;
+}
+
+static bool
+get_bool (json_object *o, const char *key)
+{
+  json_object *v;
+  return o && json_object_object_get_ex (o, key, &v) &&
+    json_object_get_boolean (v);
+}
+
+static void
+set_str (json_object *o, const char *key, const char *value)
+{
+  json_object_object_add (o, key, value ? json_object_new_string (value)
+                          : NULL);
+}
+
+static json_object *
+devices (void)
+{
+  json_object *d;
+  if (!json_object_object_get_ex (state, "devices", &d)) {
+    d = json_object_new_array ();
+    json_object_object_add (state, "devices", d);
+  }
+  return d;
+}
+
+/* ------------------------------------------------------------------ */
+/* QMP */
+
+static struct ba_qmp *qmp;
+
+static void
+qmp_open (const char *path)
+{
+  char err[1024];
+  qmp = ba_qmp_connect (path, QMP_TIMEOUT_MS, err, sizeof err);
+  if (qmp == NULL)
+    die ("%s", err);
+}
+
+/* Runs a QMP command; dies on error unless ok_errors, in which case
+ * it returns NULL.  args is consumed.
+ */
+static json_object *
+qmp_run (bool ok_errors, const char *cmd, json_object *args)
+{
+  char err[1024];
+  int qemu_error;
+  json_object *r = ba_qmp_cmd (qmp, cmd, args, &qemu_error, err, sizeof err);
+
+  json_object_put (args);
+  if (r == NULL) {
+    if (!ok_errors || !qemu_error)
+      die ("QMP %s: %s", cmd, err);
+    warn ("QMP %s: %s (ignored)", cmd, err);
+  }
+  return r;
+}
+
+/* Builds a JSON object from "key", json_object* pairs, NULL-terminated. */
+static json_object *
+obj (const char *key, ...)
+{
+  json_object *o = json_object_new_object ();
+  va_list ap;
+
+  va_start (ap, key);
+  while (key) {
+    json_object_object_add (o, key, va_arg (ap, json_object *));
+    key = va_arg (ap, const char *);
+  }
+  va_end (ap);
+  return o;
+}
+
+#define S(x) json_object_new_string (x)
+
+/* The block node with this node name, from query-named-block-nodes. */
+static json_object *
+find_node (json_object *nodes, const char *name)
+{
+  for (size_t i = 0; i < json_object_array_length (nodes); i++) {
+    json_object *n = json_object_array_get_idx (nodes, i);
+    const char *nn = get_str (n, "node-name");
+    if (nn && strcmp (nn, name) == 0)
+      return n;
+  }
+  return NULL;
+}
+
+static json_object *
+named_nodes (void)
+{
+  return qmp_run (false, "query-named-block-nodes",
+                  obj ("flat", json_object_new_boolean (1), NULL));
+}
+
+static int64_t
+node_image_int (json_object *node, const char *key)
+{
+  json_object *image;
+  if (node && json_object_object_get_ex (node, "image", &image))
+    return get_int (image, key, -1);
+  return -1;
+}
+
+/* Waits until no export with this id is listed. */
+static void
+wait_export_gone (const char *id)
+{
+  for (int i = 0; i < WAIT_SECONDS * 10; i++) {
+    json_object *ex = qmp_run (false, "query-block-exports", NULL);
+    bool found = false;
+    for (size_t j = 0; j < json_object_array_length (ex); j++)
+      if (strcmp (get_str (json_object_array_get_idx (ex, j), "id") ?: "",
+                  id) == 0)
+        found = true;
+    json_object_put (ex);
+    if (!found)
+      return;
+    sleep_ms (100);
+  }
+  die ("QEMU export %s did not go away within %d s", id, WAIT_SECONDS);
+}
+
+static void
+wait_job_gone (const char *id)
+{
+  for (int i = 0; i < WAIT_SECONDS * 10; i++) {
+    json_object *jobs = qmp_run (false, "query-block-jobs", NULL);
+    bool found = false;
+    for (size_t j = 0; j < json_object_array_length (jobs); j++)
+      if (strcmp (get_str (json_object_array_get_idx (jobs, j), "device")
+                  ?: "", id) == 0)
+        found = true;
+    json_object_put (jobs);
+    if (!found)
+      return;
+    sleep_ms (100);
+  }
+  die ("QEMU block job %s did not end within %d s", id, WAIT_SECONDS);
+}
+
+/* ------------------------------------------------------------------ */
+/* Child processes: argv only, never a shell. */
+
+static pid_t
+spawn (char **argv, const char *log, bool background)
+{
+  pid_t pid = fork ();
+
+  if (pid == -1)
+    die ("fork: %m");
+  if (pid == 0) {
+    int fd = open (log ? log : "/dev/null",
+                   O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    int null = open ("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (fd == -1 || null == -1 || dup2 (null, 0) == -1 ||
+        dup2 (fd, 1) == -1 || dup2 (fd, 2) == -1)
+      _exit (127);
+    if (background)
+      setsid ();
+    execvp (argv[0], argv);
+    fprintf (stderr, "%s: cannot run %s: %s\n", progname, argv[0],
+             strerror (errno));
+    _exit (127);
+  }
+  return pid;
+}
+
+static int
+run_wait (char **argv, const char *log)
+{
+  int status;
+  pid_t pid = spawn (argv, log, false);
+  if (waitpid (pid, &status, 0) == -1)
+    die ("waitpid: %m");
+  return WIFEXITED (status) ? WEXITSTATUS (status) : 128 + WTERMSIG (status);
+}
+
+static pid_t
+read_pidfile (const char *path)
+{
+  FILE *fp = fopen (path, "r");
+  long pid = 0;
+  if (fp) {
+    if (fscanf (fp, "%ld", &pid) != 1)
+      pid = 0;
+    fclose (fp);
+  }
+  return pid > 1 ? (pid_t) pid : 0;
+}
+
+/* Sends SIGTERM, waits, then SIGKILL. */
+static void
+stop_pid (pid_t pid)
+{
+  if (pid <= 1 || kill (pid, SIGTERM) == -1)
+    return;
+  for (int i = 0; i < WAIT_SECONDS * 10; i++) {
+    waitpid (pid, NULL, WNOHANG);
+    if (kill (pid, 0) == -1)
+      return;
+    sleep_ms (100);
+  }
+  kill (pid, SIGKILL);
+  waitpid (pid, NULL, WNOHANG);
+}
+
+static char *
+tail_of (const char *path)
+{
+  FILE *fp = fopen (path, "r");
+  static char buf[2048];
+  size_t n = 0;
+  if (fp) {
+    if (fseek (fp, -(long) (sizeof buf - 1), SEEK_END) == -1)
+      rewind (fp);
+    n = fread (buf, 1, sizeof buf - 1, fp);
+    fclose (fp);
+  }
+  buf[n] = '\0';
+  return buf;
+}
+
+/* Where the filter and the plugin are: beside this program (the build
+ * tree), else installed in nbdkit's directories.
+ */
+static char *
+module_path (const char *env, const char *file, const char *installed)
+{
+  char self[PATH_MAX];
+  ssize_t n;
+
+  if (getenv (env))
+    return strdup (getenv (env));
+  n = readlink ("/proc/self/exe", self, sizeof self - 1);
+  if (n > 0) {
+    char *slash, *p;
+    self[n] = '\0';
+    slash = strrchr (self, '/');
+    if (slash) {
+      *slash = '\0';
+      /* helper/backupaccess-helper in the build tree: modules one up. */
+      p = xasprintf ("%s/../%s", self, file);
+      if (access (p, R_OK) == 0)
+        return p;
+      free (p);
+      p = xasprintf ("%s/%s", self, file);
+      if (access (p, R_OK) == 0)
+        return p;
+      free (p);
+    }
+  }
+  return strdup (installed);
+}
+
+/* ------------------------------------------------------------------ */
+/* setup: the QMP sequences */
+
+struct setup_opts {
+  const char *qmp;
+  const char *backend;          /* auto, proxmox, upstream */
+  const char *target_id;
+  const char *bitmap;           /* live bitmap (upstream) / bitmap id */
+  const char *bitmap_mode;      /* none, new, use (proxmox) */
+  const char *fleecing_dir;
+  int64_t cluster;
+  char **devs;
+  int ndevs;
+};
+
+static bool
+proxmox_api_available (void)
+{
+  char err[1024];
+  int qemu_error;
+  json_object *r = ba_qmp_cmd (qmp, "query-proxmox-support", NULL,
+                               &qemu_error, err, sizeof err);
+  bool ok = get_bool (r, "backup-access-api");
+
+  if (r == NULL && !qemu_error)
+    die ("QMP query-proxmox-support: %s", err);
+  json_object_put (r);
+  return ok;
+}
+
+/* Which form of backup-access-setup this QEMU takes, from its schema:
+ * "devices" (current) or "devlist" (the first version).
+ */
+static const char *
+proxmox_setup_form (void)
+{
+  json_object *schema = qmp_run (false, "query-qmp-schema", NULL);
+  const char *arg_type = NULL, *form = NULL;
+  size_t n = json_object_array_length (schema);
+
+  for (size_t i = 0; i < n; i++) {
+    json_object *e = json_object_array_get_idx (schema, i);
+    if (strcmp (get_str (e, "name") ?: "", "backup-access-setup") == 0 &&
+        strcmp (get_str (e, "meta-type") ?: "", "command") == 0)
+      arg_type = get_str (e, "arg-type");
+  }
+  for (size_t i = 0; arg_type && i < n; i++) {
+    json_object *e = json_object_array_get_idx (schema, i), *members;
+    if (strcmp (get_str (e, "name") ?: "", arg_type) != 0 ||
+        !json_object_object_get_ex (e, "members", &members))
+      continue;
+    for (size_t j = 0; j < json_object_array_length (members); j++) {
+      const char *m = get_str (json_object_array_get_idx (members, j),
+                               "name");
+      if (m && (strcmp (m, "devices") == 0 || strcmp (m, "devlist") == 0))
+        form = strcmp (m, "devices") == 0 ? "devices" : "devlist";
+    }
+  }
+  json_object_put (schema);
+  if (form == NULL)
+    die ("this QEMU reports backup-access-api, but its schema has no "
+         "backup-access-setup with 'devices' or 'devlist'");
+  return form;
+}
+
+/* The provider's vocabulary for Proxmox's bitmap-action. */
+static const char *
+bitmap_mode_of_action (const char *action)
+{
+  if (action == NULL)
+    return "none";
+  if (strcmp (action, "used") == 0)
+    return "reuse";
+  if (strcmp (action, "new") == 0 || strcmp (action, "invalid") == 0 ||
+      strcmp (action, "missing-recreated") == 0)
+    return "new";
+  return "none";
+}
+
+static int64_t
+cbw_cluster (int64_t fleece_cluster)
+{
+  return fleece_cluster > 65536 ? fleece_cluster : 65536;
+}
+
+static void
+setup_proxmox (const struct setup_opts *o)
+{
+  const char *form = proxmox_setup_form ();
+  json_object *nodes = named_nodes (), *args, *result;
+  json_object *devs = devices ();
+
+  /* Fleecing nodes first: nothing is changed if one is missing. */
+  for (int i = 0; i < o->ndevs; i++) {
+    char *fl = xasprintf ("%s-fleecing", o->devs[i]);
+    if (find_node (nodes, fl) == NULL)
+      die ("device %s: fleecing node '%s' not found: add a qcow2 node of "
+           "the same size with discard=unmap first", o->devs[i], fl);
+    free (fl);
+  }
+  if (strcmp (form, "devices") == 0) {
+    json_object *list = json_object_new_array ();
+    for (int i = 0; i < o->ndevs; i++)
+      json_object_array_add (list, obj ("device", S (o->devs[i]),
+                                        "bitmap-mode", S (o->bitmap_mode),
+                                        NULL));
+    args = obj ("target-id", S (o->target_id), "devices", list, NULL);
+  }
+  else {
+    char *devlist = NULL;
+    for (int i = 0; i < o->ndevs; i++) {
+      char *d = xasprintf ("%s%s%s", devlist ? devlist : "",
+                           devlist ? "," : "", o->devs[i]);
+      free (devlist);
+      devlist = d;
+    }
+    args = obj ("target-id", S (o->target_id), "devlist", S (devlist), NULL);
+    if (strcmp (o->bitmap_mode, "none") != 0)
+      json_object_object_add (args, "bitmap-name", S (o->bitmap));
+    free (devlist);
+  }
+  /* Recorded first: teardown must call backup-access-teardown even if
+   * we die right after QEMU set it up.
+   */
+  json_object_object_add (state, "proxmox-setup",
+                          json_object_new_boolean (1));
+  save_state ();
+  result = qmp_run (false, "backup-access-setup", args);
+
+  for (size_t i = 0; i < json_object_array_length (result); i++) {
+    json_object *r = json_object_array_get_idx (result, i);
+    json_object *d = json_object_new_object ();
+    const char *dev = get_str (r, "device");
+    char *fl = xasprintf ("%s-fleecing", dev ? dev : "");
+
+    if (dev == NULL || get_str (r, "node-name") == NULL)
+      die ("backup-access-setup returned an entry without device/node-name");
+    check_name ("device returned by QEMU", dev, false);
+    set_str (d, "device", dev);
+    set_str (d, "export", dev);
+    set_str (d, "node", get_str (r, "node-name"));
+    json_object_object_add (d, "size",
+                            json_object_new_int64 (get_int (r, "size", 0)));
+    set_str (d, "bitmap-mode",
+             bitmap_mode_of_action (get_str (r, "bitmap-action")));
+    set_str (d, "bitmap-name", get_str (r, "bitmap-name"));
+    set_str (d, "bitmap-node", get_str (r, "bitmap-node-name"));
+    set_str (d, "fleece-node", fl);
+    json_object_object_add (d, "cluster-size", json_object_new_int64
+                            (cbw_cluster (node_image_int
+                                          (find_node (nodes, fl),
+                                           "cluster-size"))));
+    json_object_array_add (devs, d);
+    free (fl);
+  }
+  json_object_put (result);
+  json_object_put (nodes);
+  save_state ();
+}
+
+/* Upstream QEMU (7.2 and later), by hand: fleecing image, a frozen copy
+ * of the bitmap and copy-before-write inserted in one transaction, then
+ * snapshot-access with discard.
+ */
+static void
+setup_upstream (const struct setup_opts *o)
+{
+  json_object *devs = devices ();
+
+  for (int i = 0; i < o->ndevs; i++) {
+    const char *dev = o->devs[i];
+    json_object *nodes = named_nodes (), *node, *d, *actions;
+    json_object *blk = qmp_run (false, "query-block", NULL);
+    const char *source = NULL, *mode = "none";
+    char *fleece_file, *cluster_opt, *size_str;
+    char *fleece_node = xasprintf ("ba-%s-fleecing", dev);
+    char *cbw_node = xasprintf ("ba-%s-cbw", dev);
+    char *snap_node = xasprintf ("ba-%s-snapshot", dev);
+    char *frozen = NULL, *job = xasprintf ("ba-%s", dev);
+    int64_t size;
+
+    /* The device: a node name, or a drive / qdev's block backend. */
+    if (find_node (nodes, dev))
+      source = dev;
+    for (size_t j = 0; source == NULL && j < json_object_array_length (blk);
+         j++) {
+      json_object *b = json_object_array_get_idx (blk, j), *ins;
+      if ((strcmp (get_str (b, "device") ?: "", dev) == 0 ||
+           strcmp (get_str (b, "qdev") ?: "", dev) == 0) &&
+          json_object_object_get_ex (b, "inserted", &ins))
+        source = get_str (ins, "node-name");
+    }
+    if (source == NULL)
+      die ("device %s: no such block node or drive in this QEMU", dev);
+    node = find_node (nodes, source);
+    size = node_image_int (node, "virtual-size");
+    if (size <= 0)
+      die ("device %s: cannot learn its size", dev);
+
+    d = json_object_new_object ();
+    set_str (d, "device", dev);
+    set_str (d, "export", dev);
+    set_str (d, "source-node", source);
+    json_object_object_add (d, "size", json_object_new_int64 (size));
+    json_object_object_add (d, "cluster-size",
+                            json_object_new_int64 (cbw_cluster (o->cluster)));
+    json_object_array_add (devs, d);
+
+    /* The fleecing image: recorded before it exists. */
+    fleece_file = xasprintf ("%s/%s.fleecing.qcow2", o->fleecing_dir, dev);
+    set_str (d, "fleece-file", fleece_file);
+    save_state ();
+    cluster_opt = xasprintf ("cluster_size=%" PRIi64, o->cluster);
+    size_str = xasprintf ("%" PRIi64, size);
+    {
+      char *argv[] = { "qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                       cluster_opt, fleece_file, size_str, NULL };
+      char *log = xasprintf ("%s/qemu-img.log", run_dir);
+      if (run_wait (argv, log) != 0)
+        die ("qemu-img create %s failed: %s", fleece_file, tail_of (log));
+      free (log);
+    }
+    set_str (d, "fleece-node", fleece_node);
+    save_state ();
+    json_object_put (qmp_run (false, "blockdev-add", obj (
+      "driver", S ("qcow2"), "node-name", S (fleece_node),
+      "discard", S ("unmap"),
+      "file", obj ("driver", S ("file"), "filename", S (fleece_file), NULL),
+      NULL)));
+
+    actions = json_object_new_array ();
+    if (o->bitmap) {
+      /* An existing live bitmap makes this incremental. */
+      json_object *dirty;
+      bool exists = false;
+      if (json_object_object_get_ex (node, "dirty-bitmaps", &dirty))
+        for (size_t j = 0; j < json_object_array_length (dirty); j++)
+          if (strcmp (get_str (json_object_array_get_idx (dirty, j), "name")
+                      ?: "", o->bitmap) == 0)
+            exists = true;
+      if (!exists) {
+        /* Persistent where the format allows, so that it outlives QEMU. */
+        char err[1024];
+        int qe;
+        json_object *args = obj ("node", S (source), "name", S (o->bitmap),
+                                 "persistent", json_object_new_boolean (1),
+                                 NULL);
+        json_object *r = ba_qmp_cmd (qmp, "block-dirty-bitmap-add", args,
+                                     &qe, err, sizeof err);
+        json_object_put (args);
+        if (r == NULL)
+          json_object_put (qmp_run (false, "block-dirty-bitmap-add",
+                                    obj ("node", S (source),
+                                         "name", S (o->bitmap), NULL)));
+        json_object_put (r);
+        mode = "new";
+      }
+      else {
+        /* Freeze: a disabled copy holds the changes up to now, the live
+         * bitmap restarts; atomic with the copy-before-write insertion.
+         */
+        json_object *merge = json_object_new_array ();
+        json_object_array_add (merge, S (o->bitmap));
+        mode = "reuse";
+        frozen = xasprintf ("ba-%s-frozen", dev);
+        json_object_array_add (actions, obj (
+          "type", S ("block-dirty-bitmap-add"), "data",
+          obj ("node", S (source), "name", S (frozen), NULL), NULL));
+        json_object_array_add (actions, obj (
+          "type", S ("block-dirty-bitmap-merge"), "data",
+          obj ("node", S (source), "target", S (frozen), "bitmaps", merge,
+               NULL), NULL));
+        json_object_array_add (actions, obj (
+          "type", S ("block-dirty-bitmap-clear"), "data",
+          obj ("node", S (source), "name", S (o->bitmap), NULL), NULL));
+        json_object_array_add (actions, obj (
+          "type", S ("block-dirty-bitmap-disable"), "data",
+          obj ("node", S (source), "name", S (frozen), NULL), NULL));
+      }
+      set_str (d, "live-bitmap", o->bitmap);
+    }
+    json_object_array_add (actions, obj (
+      "type", S ("blockdev-backup"), "data",
+      obj ("job-id", S (job), "device", S (source), "target", S (fleece_node),
+           "sync", S ("none"), "filter-node-name", S (cbw_node),
+           "auto-finalize", json_object_new_boolean (1),
+           "auto-dismiss", json_object_new_boolean (1), NULL), NULL));
+    set_str (d, "job", job);
+    set_str (d, "cbw-node", cbw_node);
+    set_str (d, "frozen-bitmap", frozen);
+    set_str (d, "bitmap-mode", mode);
+    save_state ();
+    json_object_put (qmp_run (false, "transaction",
+                              obj ("actions", actions, NULL)));
+
+    set_str (d, "node", snap_node);
+    save_state ();
+    json_object_put (qmp_run (false, "blockdev-add", obj (
+      "driver", S ("snapshot-access"), "node-name", S (snap_node),
+      "file", S (cbw_node), "discard", S ("unmap"), NULL)));
+    if (frozen) {
+      set_str (d, "bitmap-name", frozen);
+      set_str (d, "bitmap-node", source);
+    }
+    save_state ();
+
+    free (fleece_file);
+    free (cluster_opt);
+    free (size_str);
+    free (fleece_node);
+    free (cbw_node);
+    free (snap_node);
+    free (frozen);
+    free (job);
+    json_object_put (nodes);
+    json_object_put (blk);
+  }
+}
+
+/* QEMU's NBD server on a unix socket in the run directory, and an
+ * export per device (name = device, writable only for discard).
+ */
+static void
+start_exports (void)
+{
+  json_object *devs = devices ();
+  char *sock = xasprintf ("%s/qemu-nbd.sock", run_dir);
+
+  set_str (state, "nbd-path", sock);
+  json_object_object_add (state, "nbd-server-started",
+                          json_object_new_boolean (1));
+  save_state ();
+  json_object_put (qmp_run (false, "nbd-server-start", obj (
+    "addr", obj ("type", S ("unix"), "data", obj ("path", S (sock), NULL),
+                 NULL), NULL)));
+  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    json_object *d = json_object_array_get_idx (devs, i);
+    json_object *args = obj ("type", S ("nbd"), "id", S (get_str (d, "export")),
+                             "node-name", S (get_str (d, "node")),
+                             "name", S (get_str (d, "export")),
+                             "writable", json_object_new_boolean (1), NULL);
+    if (get_str (d, "bitmap-name")) {
+      json_object *b = json_object_new_array ();
+      json_object_array_add (b, obj ("node", S (get_str (d, "bitmap-node")),
+                                     "name", S (get_str (d, "bitmap-name")),
+                                     NULL));
+      json_object_object_add (args, "bitmaps", b);
+    }
+    json_object_object_add (d, "exported", json_object_new_boolean (1));
+    save_state ();
+    json_object_put (qmp_run (false, "block-export-add", args));
+    {
+      char *p = xasprintf ("%s/qemu-nbd.sock", run_dir);
+      set_str (d, "nbd-path", p);
+      free (p);
+    }
+  }
+  save_state ();
+  free (sock);
+}
+
+/* ------------------------------------------------------------------ */
+/* teardown */
+
+static bool
+teardown_qemu (bool success)
+{
+  json_object *devs = devices ();
+  bool proxmox = strcmp (get_str (state, "backend") ?: "", "proxmox") == 0;
+
+  /* Exports first: an exported bitmap is busy, and merging it back
+   * would fail (or abort QEMU).
+   */
+  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    json_object *d = json_object_array_get_idx (devs, i);
+    if (get_bool (d, "exported")) {
+      json_object *r = qmp_run (true, "block-export-del",
+                                obj ("id", S (get_str (d, "export")), NULL));
+      json_object_put (r);
+      wait_export_gone (get_str (d, "export"));
+      json_object_object_add (d, "exported", NULL);
+      save_state ();
+    }
+  }
+  if (get_bool (state, "nbd-server-started")) {
+    json_object_put (qmp_run (true, "nbd-server-stop", NULL));
+    json_object_object_add (state, "nbd-server-started", NULL);
+    save_state ();
+  }
+
+  if (proxmox) {
+    if (get_bool (state, "proxmox-setup")) {
+      json_object_put (qmp_run (false, "backup-access-teardown", obj (
+        "target-id", S (get_str (state, "target-id")),
+        "success", json_object_new_boolean (success), NULL)));
+      json_object_object_add (state, "proxmox-setup", NULL);
+      save_state ();
+    }
+    return true;
+  }
+
+  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    json_object *d = json_object_array_get_idx (devs, i);
+    const char *source = get_str (d, "source-node");
+    const char *frozen = get_str (d, "frozen-bitmap");
+    const char *live = get_str (d, "live-bitmap");
+    json_object *nodes = named_nodes ();
+
+    if (get_str (d, "node") && find_node (nodes, get_str (d, "node")))
+      json_object_put (qmp_run (true, "blockdev-del",
+                                obj ("node-name", S (get_str (d, "node")),
+                                     NULL)));
+    if (get_str (d, "job")) {
+      /* Cancelling the sync=none job removes copy-before-write. */
+      json_object_put (qmp_run (true, "block-job-cancel", obj (
+        "device", S (get_str (d, "job")),
+        "force", json_object_new_boolean (1), NULL)));
+      wait_job_gone (get_str (d, "job"));
+    }
+    if (frozen && source) {
+      json_object *n = find_node (nodes, source), *bm;
+      bool have = false;
+      if (n && json_object_object_get_ex (n, "dirty-bitmaps", &bm))
+        for (size_t j = 0; j < json_object_array_length (bm); j++)
+          if (strcmp (get_str (json_object_array_get_idx (bm, j), "name")
+                      ?: "", frozen) == 0)
+            have = true;
+      if (have) {
+        /* On failure the next incremental must still see every change. */
+        if (!success && live) {
+          json_object *list = json_object_new_array ();
+          json_object_array_add (list, S (frozen));
+          json_object_put (qmp_run (false, "block-dirty-bitmap-merge", obj (
+            "node", S (source), "target", S (live), "bitmaps", list, NULL)));
+        }
+        json_object_put (qmp_run (false, "block-dirty-bitmap-remove",
+                                  obj ("node", S (source),
+                                       "name", S (frozen), NULL)));
+      }
+    }
+    if (get_str (d, "fleece-node") && find_node (nodes,
+                                                 get_str (d, "fleece-node")))
+      json_object_put (qmp_run (true, "blockdev-del", obj (
+        "node-name", S (get_str (d, "fleece-node")), NULL)));
+    json_object_put (nodes);
+    if (get_str (d, "fleece-file") && unlink (get_str (d, "fleece-file"))
+        == -1 && errno != ENOENT)
+      warn ("removing %s: %m", get_str (d, "fleece-file"));
+    json_object_object_add (d, "job", NULL);
+    json_object_object_add (d, "frozen-bitmap", NULL);
+    json_object_object_add (d, "node", NULL);
+    json_object_object_add (d, "fleece-node", NULL);
+    save_state ();
+  }
+  return true;
+}
+
+static void
+stop_local (void)
+{
+  json_object *devs = devices ();
+
+  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    json_object *d = json_object_array_get_idx (devs, i);
+    const char *mnt = get_str (d, "mount");
+    if (mnt) {
+      char *argv[] = { "fusermount3", "-u", (char *) mnt, NULL };
+      pid_t pid = get_str (d, "mount-pidfile")
+        ? read_pidfile (get_str (d, "mount-pidfile")) : 0;
+      run_wait (argv, NULL);
+      stop_pid (pid);
+      if (get_str (d, "mount-pidfile"))
+        unlink (get_str (d, "mount-pidfile"));
+      rmdir (mnt);
+      json_object_object_add (d, "mount", NULL);
+      save_state ();
+    }
+    if (get_str (d, "pidfile")) {
+      stop_pid (read_pidfile (get_str (d, "pidfile")));
+      unlink (get_str (d, "pidfile"));
+      if (get_str (d, "socket"))
+        unlink (get_str (d, "socket"));
+      json_object_object_add (d, "pidfile", NULL);
+      save_state ();
+    }
+  }
+}
+
+/* ------------------------------------------------------------------ */
+/* serve, mount, status */
+
+static void
+serve_devices (int64_t bandwidth)
+{
+  json_object *devs = devices ();
+  char *filter = module_path ("BACKUPACCESS_FILTER",
+                              "nbdkit-backupaccess-filter.so",
+                              "backupaccess");
+  char *plugin = module_path ("BACKUPACCESS_PLUGIN",
+                              "nbdkit-backupaccess-plugin.so",
+                              "backupaccess");
+
+  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    json_object *d = json_object_array_get_idx (devs, i);
+    const char *dev = get_str (d, "device");
+    char *sock = xasprintf ("%s/%s.sock", run_dir, dev);
+    char *pidfile = xasprintf ("%s/%s.nbdkit.pid", run_dir, dev);
+    char *log = xasprintf ("%s/%s.nbdkit.log", run_dir, dev);
+    char *status = xasprintf ("%s/%s.status.json", run_dir, dev);
+    char *filter_arg = xasprintf ("--filter=%s", filter);
+    char *socket_arg = xasprintf ("socket=%s", get_str (d, "nbd-path"));
+    char *export_arg = xasprintf ("export=%s", get_str (d, "export"));
+    char *cluster_arg = xasprintf ("backupaccess-cluster=%" PRIi64,
+                                   get_int (d, "cluster-size", 65536));
+    char *status_arg = xasprintf ("backupaccess-status=%s", status);
+    char *bitmap_arg = get_str (d, "bitmap-name")
+      ? xasprintf ("backupaccess-bitmap=%s", get_str (d, "bitmap-name"))
+      : NULL;
+    char *rate_arg = bandwidth > 0
+      ? xasprintf ("rate=%" PRIi64, bandwidth * 8) : NULL;
+    char *argv[20];
+    int a = 0, rc;
+
+    if (get_str (d, "pidfile") && read_pidfile (get_str (d, "pidfile")) &&
+        kill (read_pidfile (get_str (d, "pidfile")), 0) == 0)
+      goto next;                /* already served */
+    argv[a++] = "nbdkit";
+    argv[a++] = "--log=stderr";
+    argv[a++] = "--pidfile";
+    argv[a++] = pidfile;
+    argv[a++] = "-U";
+    argv[a++] = sock;
+    if (rate_arg)
+      argv[a++] = "--filter=rate";
+    argv[a++] = filter_arg;
+    argv[a++] = plugin;
+    argv[a++] = socket_arg;
+    argv[a++] = export_arg;
+    argv[a++] = cluster_arg;
+    argv[a++] = status_arg;
+    if (bitmap_arg)
+      argv[a++] = bitmap_arg;
+    if (rate_arg)
+      argv[a++] = rate_arg;
+    argv[a] = NULL;
+
+    set_str (d, "pidfile", pidfile);
+    set_str (d, "socket", sock);
+    set_str (d, "status-file", status);
+    set_str (d, "nbdkit-log", log);
+    save_state ();
+    unlink (pidfile);
+    /* nbdkit forks into the background once it listens. */
+    rc = run_wait (argv, log);
+    if (rc != 0)
+      die ("device %s: nbdkit failed (exit %d): %s", dev, rc, tail_of (log));
+    for (int w = 0; w < WAIT_SECONDS * 10 && !read_pidfile (pidfile); w++)
+      sleep_ms (100);
+    if (!read_pidfile (pidfile))
+      die ("device %s: nbdkit did not start: %s", dev, tail_of (log));
+    /* .after_fork errors end the daemon just after it forked. */
+    sleep_ms (200);
+    if (kill (read_pidfile (pidfile), 0) == -1)
+      die ("device %s: nbdkit exited: %s", dev, tail_of (log));
+    {
+      char *uri = xasprintf ("nbd+unix:///?socket=%s", sock);
+      set_str (d, "uri", uri);
+      free (uri);
+    }
+    save_state ();
+  next:
+    free (sock);
+    free (pidfile);
+    free (log);
+    free (status);
+    free (filter_arg);
+    free (socket_arg);
+    free (export_arg);
+    free (cluster_arg);
+    free (status_arg);
+    free (bitmap_arg);
+    free (rate_arg);
+  }
+  free (filter);
+  free (plugin);
+}
+
+static json_object *
+dirty_regions_of (json_object *d)
+{
+  json_object *list = json_object_new_array ();
+  struct ba_regions dirty;
+  uint64_t size;
+  char err[1024];
+
+  if (get_str (d, "bitmap-name") == NULL) {
+    json_object *r = json_object_new_array ();
+    json_object_array_add (r, json_object_new_int64 (0));
+    json_object_array_add (r, json_object_new_int64 (get_int (d, "size", 0)));
+    json_object_array_add (list, r);
+    return list;
+  }
+  ba_regions_init (&dirty);
+  if (ba_bitmap_fetch (NULL, get_str (d, "nbd-path"), get_str (d, "export"),
+                       get_str (d, "bitmap-name"), &dirty, &size,
+                       err, sizeof err) == -1)
+    die ("device %s: %s", get_str (d, "device"), err);
+  for (size_t i = 0; i < dirty.n; i++) {
+    json_object *r = json_object_new_array ();
+    json_object_array_add (r, json_object_new_int64 (dirty.r[i].start));
+    json_object_array_add (r, json_object_new_int64 (dirty.r[i].end
+                                                     - dirty.r[i].start));
+    json_object_array_add (list, r);
+  }
+  ba_regions_free (&dirty);
+  return list;
+}
+
+static void
+mount_devices (json_object *out)
+{
+  json_object *devs = devices (), *list = json_object_new_array ();
+
+  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    json_object *d = json_object_array_get_idx (devs, i), *o;
+    const char *dev = get_str (d, "device");
+    char *mnt = xasprintf ("%s/%s.mnt", run_dir, dev);
+    char *file = xasprintf ("%s/%s", mnt, dev);
+    char *pidfile = xasprintf ("%s/%s.nbdfuse.pid", run_dir, dev);
+    char *log = xasprintf ("%s/%s.nbdfuse.log", run_dir, dev);
+
+    if (get_str (d, "uri") == NULL)
+      die ("device %s is not served: run 'serve' first", dev);
+    if (get_str (d, "mount") == NULL) {
+      /* No allow_other: only the caller can open the file. */
+      char *argv[] = { "nbdfuse", "-P", pidfile, file,
+                       (char *) get_str (d, "uri"), NULL };
+      if (mkdir (mnt, 0700) == -1 && errno != EEXIST)
+        die ("mkdir %s: %m", mnt);
+      unlink (pidfile);
+      set_str (d, "mount", mnt);
+      set_str (d, "mount-pidfile", pidfile);
+      save_state ();
+      spawn (argv, log, true);
+      for (int w = 0; w < WAIT_SECONDS * 10 && !read_pidfile (pidfile); w++)
+        sleep_ms (100);
+      if (!read_pidfile (pidfile))
+        die ("device %s: nbdfuse did not start: %s", dev, tail_of (log));
+      set_str (d, "file", file);
+      save_state ();
+    }
+    o = json_object_new_object ();
+    set_str (o, "device", dev);
+    set_str (o, "file", file);
+    json_object_object_add (o, "dirty-regions", dirty_regions_of (d));
+    json_object_array_add (list, o);
+    free (mnt);
+    free (file);
+    free (pidfile);
+    free (log);
+  }
+  json_object_object_add (out, "mounts", list);
+}
+
+static void
+print_json (json_object *o)
+{
+  printf ("%s\n", json_object_to_json_string_ext (o, JSON_C_TO_STRING_PRETTY));
+  fflush (stdout);
+}
+
+/* The provider's view of the devices. */
+static json_object *
+describe (void)
+{
+  json_object *out = json_object_new_object (), *list = json_object_new_array ();
+  json_object *devs = devices ();
+
+  set_str (out, "run-dir", run_dir);
+  set_str (out, "backend", get_str (state, "backend"));
+  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    json_object *d = json_object_array_get_idx (devs, i);
+    json_object *o = json_object_new_object ();
+    set_str (o, "device", get_str (d, "device"));
+    json_object_object_add (o, "size",
+                            json_object_new_int64 (get_int (d, "size", 0)));
+    set_str (o, "bitmap-mode", get_str (d, "bitmap-mode") ?: "none");
+    set_str (o, "bitmap-name", get_str (d, "bitmap-name"));
+    set_str (o, "nbd-path", get_str (d, "nbd-path"));
+    set_str (o, "export", get_str (d, "export"));
+    json_object_object_add (o, "cluster-size", json_object_new_int64
+                            (get_int (d, "cluster-size", 65536)));
+    set_str (o, "uri", get_str (d, "uri"));
+    set_str (o, "file", get_str (d, "file"));
+    json_object_array_add (list, o);
+  }
+  json_object_object_add (out, "devices", list);
+  return out;
+}
+
+static int64_t
+fleecing_bytes (json_object *d)
+{
+  struct stat st;
+  const char *file = get_str (d, "fleece-file");
+
+  if (file)
+    return stat (file, &st) == 0 ? (int64_t) st.st_blocks * 512 : -1;
+  if (qmp && get_str (d, "fleece-node")) {
+    json_object *nodes = named_nodes ();
+    int64_t r = node_image_int (find_node (nodes, get_str (d, "fleece-node")),
+                                "actual-size");
+    json_object_put (nodes);
+    return r;
+  }
+  return -1;
+}
+
+static void
+status_command (void)
+{
+  json_object *out = json_object_new_object (), *list = json_object_new_array ();
+  json_object *devs = devices ();
+
+  if (get_str (state, "qmp") && strcmp (get_str (state, "backend"), "serve"))
+    qmp_open (get_str (state, "qmp"));
+  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    json_object *d = json_object_array_get_idx (devs, i);
+    json_object *o = json_object_new_object (), *st = NULL;
+    const char *sf = get_str (d, "status-file");
+    set_str (o, "device", get_str (d, "device"));
+    if (sf)
+      st = json_object_from_file (sf);
+    json_object_object_add (o, "bytes-read", json_object_new_int64
+                            (get_int (st, "bytes-read", 0)));
+    json_object_object_add (o, "bytes-discarded", json_object_new_int64
+                            (get_int (st, "bytes-discarded", 0)));
+    json_object_object_add (o, "bytes-left", json_object_new_int64
+                            (get_int (st, "bytes-left",
+                                      get_int (d, "size", 0))));
+    json_object_object_add (o, "snapshot-broken",
+                            json_object_new_boolean (get_bool (st, "broken")));
+    json_object_object_add (o, "fleecing-size",
+                            json_object_new_int64 (fleecing_bytes (d)));
+    json_object_put (st);
+    json_object_array_add (list, o);
+  }
+  json_object_object_add (out, "devices", list);
+  print_json (out);
+  json_object_put (out);
+}
+
+/* ------------------------------------------------------------------ */
+/* Commands */
+
+#define SETUP_USAGE \
+  "  setup --qmp SOCKET --run-dir DIR --device DEV [--device DEV ...]\n" \
+  "        [--bitmap NAME] [--bitmap-mode none|new|use]\n" \
+  "        [--fleecing-dir DIR] [--cluster-size SIZE]\n" \
+  "        [--backend auto|proxmox|upstream] [--target-id ID]\n" \
+  "      Set up snapshot access in a running QEMU and export it over\n" \
+  "      NBD on DIR/qemu-nbd.sock; prints the devices as JSON.\n"
+#define SERVE_USAGE \
+  "  serve --run-dir DIR [--nbd-path SOCKET --device DEV[:BITMAP] ...\n" \
+  "        [--cluster-size SIZE]] [--bandwidth-limit BYTES_PER_S]\n" \
+  "      Start nbdkit with the backupaccess filter per device, on\n" \
+  "      DIR/DEV.sock; prints the client URIs as JSON.  Without\n" \
+  "      --nbd-path it serves what 'setup' exported.\n"
+#define MOUNT_USAGE \
+  "  mount --run-dir DIR\n" \
+  "      nbdfuse per served device (DIR/DEV.mnt/DEV); prints the files\n" \
+  "      and their dirty regions.  Open the files with O_DIRECT.\n"
+#define STATUS_USAGE \
+  "  status --run-dir DIR\n" \
+  "      Bytes read, discarded and left, and the fleecing image size.\n"
+#define TEARDOWN_USAGE \
+  "  teardown --run-dir DIR --success|--failure\n" \
+  "      Unmount, stop nbdkit, remove QEMU's exports, then end the\n" \
+  "      snapshot access (on failure the bitmap keeps every change).\n" \
+  "      Works after a partial setup, and twice.\n"
+#define RUN_USAGE \
+  "  run SETUP-OR-SERVE-OPTIONS [--mount] -- COMMAND [ARGS...]\n" \
+  "      setup (with --qmp) or serve, run COMMAND with\n" \
+  "      BACKUPACCESS_JSON, BACKUPACCESS_RUN_DIR and BACKUPACCESS_URI_n\n" \
+  "      in its environment, then teardown: --success only when COMMAND\n" \
+  "      exited 0; SIGINT/SIGTERM tear down with --failure.\n"
+
+static void
+usage (FILE *fp, int status)
+{
+  fprintf (fp, "Usage: %s COMMAND [OPTIONS]\n\n"
+           "Commands:\n" SETUP_USAGE SERVE_USAGE MOUNT_USAGE STATUS_USAGE
+           TEARDOWN_USAGE RUN_USAGE
+           "\nEach command takes --help.  See backupaccess-helper(1).\n",
+           progname);
+  exit (status);
+}
+
+enum {
+  OPT_QMP = 256, OPT_RUN_DIR, OPT_DEVICE, OPT_BITMAP, OPT_BITMAP_MODE,
+  OPT_FLEECING_DIR, OPT_CLUSTER, OPT_BACKEND, OPT_TARGET_ID, OPT_NBD_PATH,
+  OPT_BANDWIDTH, OPT_SUCCESS, OPT_FAILURE, OPT_MOUNT, OPT_HELP,
+};
+
+static const struct option long_options[] = {
+  { "qmp", required_argument, NULL, OPT_QMP },
+  { "run-dir", required_argument, NULL, OPT_RUN_DIR },
+  { "device", required_argument, NULL, OPT_DEVICE },
+  { "bitmap", required_argument, NULL, OPT_BITMAP },
+  { "bitmap-mode", required_argument, NULL, OPT_BITMAP_MODE },
+  { "fleecing-dir", required_argument, NULL, OPT_FLEECING_DIR },
+  { "cluster-size", required_argument, NULL, OPT_CLUSTER },
+  { "backend", required_argument, NULL, OPT_BACKEND },
+  { "target-id", required_argument, NULL, OPT_TARGET_ID },
+  { "nbd-path", required_argument, NULL, OPT_NBD_PATH },
+  { "bandwidth-limit", required_argument, NULL, OPT_BANDWIDTH },
+  { "success", no_argument, NULL, OPT_SUCCESS },
+  { "failure", no_argument, NULL, OPT_FAILURE },
+  { "mount", no_argument, NULL, OPT_MOUNT },
+  { "help", no_argument, NULL, OPT_HELP },
+  { NULL, 0, NULL, 0 },
+};
+
+struct opts {
+  struct setup_opts setup;
+  const char *nbd_path;
+  int64_t bandwidth;
+  int success;                  /* -1 unset, 0 failure, 1 success */
+  bool mount;
+};
+
+static int64_t
+parse_size (const char *what, const char *s)
+{
+  char *end;
+  unsigned long long v;
+
+  errno = 0;
+  v = strtoull (s, &end, 10);
+  if (errno || end == s || s[0] == '-')
+    die ("%s '%s': not a number", what, s);
+  switch (*end) {
+  case 'k': case 'K': v <<= 10; end++; break;
+  case 'm': case 'M': v <<= 20; end++; break;
+  case '\0': break;
+  }
+  if (*end || v > INT64_MAX)
+    die ("%s '%s': not a size (a number, optionally with K or M)", what, s);
+  return (int64_t) v;
+}
+
+static void
+parse_options (int argc, char **argv, struct opts *o, const char *help)
+{
+  int c;
+
+  memset (o, 0, sizeof *o);
+  o->success = -1;
+  o->setup.backend = "auto";
+  o->setup.cluster = 65536;
+  o->setup.devs = calloc (argc + 1, sizeof (char *));
+  while ((c = getopt_long (argc, argv, "+", long_options, NULL)) != -1) {
+    switch (c) {
+    case OPT_QMP: o->setup.qmp = optarg; break;
+    case OPT_RUN_DIR: run_dir = optarg; break;
+    case OPT_DEVICE: o->setup.devs[o->setup.ndevs++] = optarg; break;
+    case OPT_BITMAP: o->setup.bitmap = optarg; break;
+    case OPT_BITMAP_MODE: o->setup.bitmap_mode = optarg; break;
+    case OPT_FLEECING_DIR: o->setup.fleecing_dir = optarg; break;
+    case OPT_CLUSTER:
+      o->setup.cluster = parse_size ("--cluster-size", optarg);
+      if (o->setup.cluster < 512 || o->setup.cluster > (2 << 20) ||
+          (o->setup.cluster & (o->setup.cluster - 1)))
+        die ("--cluster-size %s: a power of two from 512 to 2M", optarg);
+      break;
+    case OPT_BACKEND: o->setup.backend = optarg; break;
+    case OPT_TARGET_ID: o->setup.target_id = optarg; break;
+    case OPT_NBD_PATH: o->nbd_path = optarg; break;
+    case OPT_BANDWIDTH:
+      o->bandwidth = parse_size ("--bandwidth-limit", optarg);
+      break;
+    case OPT_SUCCESS: o->success = 1; break;
+    case OPT_FAILURE: o->success = 0; break;
+    case OPT_MOUNT: o->mount = true; break;
+    case OPT_HELP:
+      printf ("Usage: %s\n%s", progname, help);
+      exit (0);
+    default:
+      fprintf (stderr, "Usage: %s\n%s", progname, help);
+      exit (2);
+    }
+  }
+  if (run_dir == NULL)
+    die ("--run-dir DIR is required");
+}
+
+/* setup, from parsed options. */
+static void
+do_setup (struct opts *o)
+{
+  struct setup_opts *s = &o->setup;
+  const char *backend = s->backend;
+
+  if (s->qmp == NULL || s->ndevs == 0)
+    die ("setup needs --qmp SOCKET and at least one --device");
+  for (int i = 0; i < s->ndevs; i++)
+    check_name ("device", s->devs[i], false);
+  if (s->bitmap)
+    check_name ("bitmap", s->bitmap, true);
+  if (s->bitmap_mode == NULL)
+    s->bitmap_mode = s->bitmap ? "use" : "none";
+  if (strcmp (s->bitmap_mode, "none") && strcmp (s->bitmap_mode, "new") &&
+      strcmp (s->bitmap_mode, "use"))
+    die ("--bitmap-mode %s: expected none, new or use", s->bitmap_mode);
+  if (strcmp (backend, "auto") && strcmp (backend, "proxmox") &&
+      strcmp (backend, "upstream"))
+    die ("--backend %s: expected auto, proxmox or upstream", backend);
+  if (s->target_id)
+    check_name ("target id", s->target_id, true);
+  make_run_dir ();
+  if (load_state ())
+    die ("%s already holds a backup access: tear it down first", run_dir);
+
+  qmp_open (s->qmp);
+  if (strcmp (backend, "auto") == 0)
+    backend = proxmox_api_available () ? "proxmox" : "upstream";
+  else if (strcmp (backend, "proxmox") == 0 && !proxmox_api_available ())
+    die ("this QEMU has no Proxmox backup access API "
+         "(query-proxmox-support: backup-access-api)");
+  if (strcmp (backend, "upstream") == 0) {
+    if (s->fleecing_dir == NULL)
+      die ("upstream QEMU: --fleecing-dir DIR is needed for the fleecing "
+           "images");
+    if (strcmp (s->bitmap_mode, "new") == 0)
+      die ("--bitmap-mode new: only with Proxmox's API; upstream, a missing "
+           "--bitmap is created (a full backup)");
+  }
+  else if (s->target_id == NULL)
+    s->target_id = s->bitmap ? s->bitmap : "backupaccess";
+  if (strcmp (backend, "proxmox") == 0 && s->bitmap == NULL &&
+      strcmp (s->bitmap_mode, "none") != 0)
+    die ("--bitmap-mode %s needs --bitmap", s->bitmap_mode);
+
+  state = json_object_new_object ();
+  set_str (state, "backend", backend);
+  set_str (state, "qmp", s->qmp);
+  set_str (state, "target-id", s->target_id);
+  save_state ();
+  if (strcmp (backend, "proxmox") == 0)
+    setup_proxmox (s);
+  else
+    setup_upstream (s);
+  start_exports ();
+}
+
+/* serve for an export that exists already (a provider's nbd-path). */
+static void
+do_serve_state (struct opts *o)
+{
+  make_run_dir ();
+  if (o->nbd_path == NULL) {
+    if (!load_state ())
+      die ("%s has no backup access: run 'setup', or give --nbd-path",
+           run_dir);
+    return;
+  }
+  if (o->setup.ndevs == 0)
+    die ("serve --nbd-path needs at least one --device DEV[:BITMAP]");
+  if (load_state ())
+    die ("%s already holds a backup access: tear it down first", run_dir);
+  state = json_object_new_object ();
+  set_str (state, "backend", "serve");
+  for (int i = 0; i < o->setup.ndevs; i++) {
+    json_object *d = json_object_new_object ();
+    char *dev = strdup (o->setup.devs[i]);
+    char *colon = strchr (dev, ':');
+    struct ba_regions none;
+    uint64_t size;
+    char err[1024];
+
+    if (colon) {
+      *colon = '\0';
+      check_name ("bitmap", colon + 1, true);
+    }
+    check_name ("device", dev, false);
+    /* The size, and a check that the export is there. */
+    ba_regions_init (&none);
+    if (ba_bitmap_fetch (NULL, o->nbd_path, dev, NULL, &none, &size,
+                         err, sizeof err) == -1)
+      die ("device %s: %s", dev, err);
+    set_str (d, "device", dev);
+    set_str (d, "export", dev);
+    set_str (d, "nbd-path", o->nbd_path);
+    set_str (d, "bitmap-name", colon ? colon + 1 : NULL);
+    set_str (d, "bitmap-mode", colon ? "reuse" : "none");
+    json_object_object_add (d, "size", json_object_new_int64 (size));
+    json_object_object_add (d, "cluster-size",
+                            json_object_new_int64 (cbw_cluster
+                                                   (o->setup.cluster)));
+    json_object_array_add (devices (), d);
+    free (dev);
+  }
+  save_state ();
+}
+
+static void
+do_teardown (bool success)
+{
+  bool ok = true;
+
+  make_run_dir ();
+  if (!load_state ()) {
+    warn ("%s: nothing to tear down", run_dir);
+    return;
+  }
+  stop_local ();
+  if (strcmp (get_str (state, "backend") ?: "", "serve") != 0) {
+    char err[1024];
+    qmp = ba_qmp_connect (get_str (state, "qmp"), QMP_TIMEOUT_MS,
+                          err, sizeof err);
+    if (qmp == NULL) {
+      /* QEMU is gone: nothing is left in it to undo. */
+      warn ("%s (QEMU gone? only local state is cleaned up)", err);
+      ok = false;
+    }
+    else
+      teardown_qemu (success);
+  }
+  {
+    char *p = state_path ();
+    json_object *devs = devices ();
+    for (size_t i = 0; i < json_object_array_length (devs); i++) {
+      json_object *d = json_object_array_get_idx (devs, i);
+      const char *f = get_str (d, "fleece-file");
+      if (!ok && f)
+        unlink (f);
+      if (get_str (d, "status-file"))
+        unlink (get_str (d, "status-file"));
+      for (const char *const *ext = (const char *const[]) {
+             "nbdkit.log", "nbdfuse.log", NULL }; *ext; ext++) {
+        char *f = xasprintf ("%s/%s.%s", run_dir, get_str (d, "device"), *ext);
+        unlink (f);
+        free (f);
+      }
+    }
+    unlink (p);
+    free (p);
+    p = xasprintf ("%s/qemu-img.log", run_dir);
+    unlink (p);
+    free (p);
+    if (rmdir (run_dir) == -1 && errno != ENOTEMPTY)
+      warn ("rmdir %s: %m", run_dir);
+  }
+  if (!ok)
+    exit (1);
+}
+
+/* run: the child's exit status decides success. */
+static volatile sig_atomic_t got_signal;
+
+static void
+on_signal (int sig)
+{
+  got_signal = sig;
+}
+
+static int
+do_run (struct opts *o, char **cmd)
+{
+  json_object *out;
+  char *json;
+  pid_t pid;
+  int status, rc;
+  struct sigaction sa = { .sa_handler = on_signal };
+
+  if (o->setup.qmp)
+    do_setup (o);
+  else
+    do_serve_state (o);
+  serve_devices (o->bandwidth);
+  out = describe ();
+  if (o->mount)
+    mount_devices (out);
+  json = strdup (json_object_to_json_string_ext (out, JSON_C_TO_STRING_PLAIN));
+  setenv ("BACKUPACCESS_JSON", json, 1);
+  setenv ("BACKUPACCESS_RUN_DIR", run_dir, 1);
+  {
+    json_object *devs = devices ();
+    for (size_t i = 0; i < json_object_array_length (devs); i++) {
+      char *k = xasprintf ("BACKUPACCESS_URI_%zu", i);
+      setenv (k, get_str (json_object_array_get_idx (devs, i), "uri"), 1);
+      free (k);
+    }
+  }
+  json_object_put (out);
+  free (json);
+
+  sigaction (SIGINT, &sa, NULL);
+  sigaction (SIGTERM, &sa, NULL);
+  pid = fork ();
+  if (pid == -1)
+    die ("fork: %m");
+  if (pid == 0) {
+    signal (SIGINT, SIG_DFL);
+    signal (SIGTERM, SIG_DFL);
+    execvp (cmd[0], cmd);
+    fprintf (stderr, "%s: cannot run %s: %m\n", progname, cmd[0]);
+    _exit (127);
+  }
+  while (waitpid (pid, &status, 0) == -1) {
+    if (errno != EINTR)
+      die ("waitpid: %m");
+    if (got_signal)
+      kill (pid, got_signal);
+  }
+  rc = WIFEXITED (status) ? WEXITSTATUS (status) : 128 + WTERMSIG (status);
+  if (got_signal && rc == 0)
+    rc = 128 + got_signal;
+  warn ("%s exited with %d: tearing down with %s", cmd[0], rc,
+        rc == 0 ? "success" : "failure");
+  if (qmp) {
+    ba_qmp_close (qmp);
+    qmp = NULL;
+  }
+  do_teardown (rc == 0);
+  return rc;
+}
+
+int
+main (int argc, char **argv)
+{
+  struct opts o;
+  const char *cmd;
+
+  if (argc < 2)
+    usage (stderr, 2);
+  cmd = argv[1];
+  if (strcmp (cmd, "--help") == 0 || strcmp (cmd, "-h") == 0)
+    usage (stdout, 0);
+  argv++;
+  argc--;
+
+  if (strcmp (cmd, "setup") == 0) {
+    parse_options (argc, argv, &o, SETUP_USAGE);
+    do_setup (&o);
+    print_json (describe ());
+  }
+  else if (strcmp (cmd, "serve") == 0) {
+    parse_options (argc, argv, &o, SERVE_USAGE);
+    do_serve_state (&o);
+    serve_devices (o.bandwidth);
+    print_json (describe ());
+  }
+  else if (strcmp (cmd, "mount") == 0) {
+    json_object *out;
+    parse_options (argc, argv, &o, MOUNT_USAGE);
+    make_run_dir ();
+    if (!load_state ())
+      die ("%s has no backup access", run_dir);
+    out = json_object_new_object ();
+    mount_devices (out);
+    print_json (out);
+  }
+  else if (strcmp (cmd, "status") == 0) {
+    parse_options (argc, argv, &o, STATUS_USAGE);
+    make_run_dir ();
+    if (!load_state ())
+      die ("%s has no backup access", run_dir);
+    status_command ();
+  }
+  else if (strcmp (cmd, "teardown") == 0) {
+    parse_options (argc, argv, &o, TEARDOWN_USAGE);
+    if (o.success == -1)
+      die ("teardown needs --success or --failure");
+    do_teardown (o.success);
+  }
+  else if (strcmp (cmd, "run") == 0) {
+    parse_options (argc, argv, &o, RUN_USAGE);
+    if (optind >= argc)
+      die ("run needs -- COMMAND [ARGS...]");
+    return do_run (&o, argv + optind);
+  }
+  else {
+    fprintf (stderr, "%s: unknown command '%s'\n", progname, cmd);
+    usage (stderr, 2);
+  }
+  return 0;
+}
