@@ -1454,6 +1454,10 @@ do_teardown (bool success)
 {
   bool ok = true;
 
+  if (access (run_dir, F_OK) == -1 && errno == ENOENT) {
+    warn ("%s: nothing to tear down", run_dir);
+    return;
+  }
   make_run_dir ();
   if (!load_state ()) {
     warn ("%s: nothing to tear down", run_dir);
