@@ -24,7 +24,7 @@ LIB        = lib/libbackupaccess.a
 FILTER     = nbdkit-backupaccess-filter.so
 PLUGIN     = nbdkit-backupaccess-plugin.so
 HELPER     = helper/backupaccess-helper
-MANPAGE    = nbdkit-backupaccess.1
+MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
 
@@ -65,9 +65,10 @@ $(HELPER): helper/backupaccess-helper.c $(LIB) lib/backupaccess.h lib/qmp.h
 	$(CC) $(ALL_CFLAGS) -o $@ helper/backupaccess-helper.c \
 	  $(LIB) $(shell pkg-config --libs libnbd json-c)
 
-$(MANPAGE): nbdkit-backupaccess.pod
+%.1: %.pod
+	podchecker $<
 	pod2man --section=1 --center="nbdkit-backupaccess" \
-	  --release="nbdkit-backupaccess" --name=nbdkit-backupaccess $< > $@
+	  --release="nbdkit-backupaccess" --name=$* $< > $@
 
 tests/unit/%: tests/unit/%.c $(LIB) lib/backupaccess.h
 	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB) $(shell pkg-config --libs cmocka libnbd)
