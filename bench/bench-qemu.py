@@ -127,8 +127,6 @@ def main():
         print("nbdcopy of a %d MiB snapshot-access export (qcow2, page cache "
               "warm) to null:, median of %d interleaved rounds"
               % (SIZE // MiB, ROUNDS))
-        print("(QEMU does not offer multi-conn on this export: nbdcopy then "
-              "uses one connection whatever --connections says)")
         print("| path | 1 connection | share of direct | 4 connections "
               "| share of direct | nbdkit CPU s/GiB (4) |")
         print("|---|---|---|---|---|---|")

@@ -958,6 +958,8 @@ serve_devices (int64_t bandwidth)
     char *export_arg = xasprintf ("export=%s", get_str (d, "export"));
     char *cluster_arg = xasprintf ("backupaccess-cluster=%" PRIi64,
                                    get_int (d, "cluster-size", 65536));
+    char *plugin_cluster_arg = xasprintf ("cluster=%" PRIi64,
+                                          get_int (d, "cluster-size", 65536));
     char *status_arg = xasprintf ("backupaccess-status=%s", status);
     char *bitmap_arg = get_str (d, "bitmap-name")
       ? xasprintf ("backupaccess-bitmap=%s", get_str (d, "bitmap-name"))
@@ -983,6 +985,7 @@ serve_devices (int64_t bandwidth)
     argv[a++] = socket_arg;
     argv[a++] = export_arg;
     argv[a++] = cluster_arg;
+    argv[a++] = plugin_cluster_arg;
     argv[a++] = status_arg;
     if (bitmap_arg)
       argv[a++] = bitmap_arg;
@@ -1023,6 +1026,7 @@ serve_devices (int64_t bandwidth)
     free (socket_arg);
     free (export_arg);
     free (cluster_arg);
+    free (plugin_cluster_arg);
     free (status_arg);
     free (bitmap_arg);
     free (rate_arg);

@@ -361,7 +361,8 @@ backupaccess_extents (void *handle, uint32_t count, uint64_t offset,
 }
 
 static struct nbdkit_plugin plugin = {
-  .name               = "backupaccess",
+  /* Not "backupaccess": -D backupaccess.verbose=1 belongs to the filter. */
+  .name               = "backupaccessplugin",
   .longname           = "nbdkit backupaccess plugin",
   .version            = "1.0",
   .description        = "Reads a QEMU snapshot-access export",
