@@ -293,41 +293,26 @@ node_image_int (json_object *node, const char *key)
   return -1;
 }
 
-/* Waits until no export with this id is listed. */
+/* Waits until the list a query returns has no entry whose key is
+ * value: an export (query-block-exports, "id") or a block job
+ * (query-block-jobs, "device") that is going away.
+ */
 static void
-wait_export_gone (const char *id)
+wait_gone (const char *query, const char *key, const char *value)
 {
   for (int i = 0; i < WAIT_SECONDS * 10; i++) {
-    json_object *ex = qmp_run (false, "query-block-exports", NULL);
+    json_object *list = qmp_run (false, query, NULL);
     bool found = false;
-    for (size_t j = 0; j < json_object_array_length (ex); j++)
-      if (strcmp (get_str (json_object_array_get_idx (ex, j), "id") ?: "",
-                  id) == 0)
+    for (size_t j = 0; j < json_object_array_length (list); j++)
+      if (strcmp (get_str (json_object_array_get_idx (list, j), key) ?: "",
+                  value) == 0)
         found = true;
-    json_object_put (ex);
+    json_object_put (list);
     if (!found)
       return;
     sleep_ms (100);
   }
-  die ("QEMU export %s did not go away within %d s", id, WAIT_SECONDS);
-}
-
-static void
-wait_job_gone (const char *id)
-{
-  for (int i = 0; i < WAIT_SECONDS * 10; i++) {
-    json_object *jobs = qmp_run (false, "query-block-jobs", NULL);
-    bool found = false;
-    for (size_t j = 0; j < json_object_array_length (jobs); j++)
-      if (strcmp (get_str (json_object_array_get_idx (jobs, j), "device")
-                  ?: "", id) == 0)
-        found = true;
-    json_object_put (jobs);
-    if (!found)
-      return;
-    sleep_ms (100);
-  }
-  die ("QEMU block job %s did not end within %d s", id, WAIT_SECONDS);
+  die ("%s still lists %s after %d s", query, value, WAIT_SECONDS);
 }
 
 /* ------------------------------------------------------------------ */
@@ -823,7 +808,7 @@ teardown_qemu (bool success)
       json_object *r = qmp_run (true, "block-export-del",
                                 obj ("id", S (get_str (d, "export")), NULL));
       json_object_put (r);
-      wait_export_gone (get_str (d, "export"));
+      wait_gone ("query-block-exports", "id", get_str (d, "export"));
       json_object_object_add (d, "exported", NULL);
       save_state ();
     }
@@ -861,7 +846,7 @@ teardown_qemu (bool success)
       json_object_put (qmp_run (true, "block-job-cancel", obj (
         "device", S (get_str (d, "job")),
         "force", json_object_new_boolean (1), NULL)));
-      wait_job_gone (get_str (d, "job"));
+      wait_gone ("query-block-jobs", "device", get_str (d, "job"));
     }
     if (frozen && source) {
       json_object *n = find_node (nodes, source), *bm;

@@ -103,25 +103,24 @@ def check(cond, msg):
         sys.exit(1)
 
 
-def trims_in_log(path):
-    """[(offset, count)] of the Trim requests nbdkit's log filter saw."""
+def requests_in_log(path, kind):
+    """[(offset, count)] of the requests of a kind ("Read", "Trim") that
+    nbdkit's log filter saw."""
     out = []
     with open(path) as f:
         for line in f:
-            if " Trim " in line and "offset=" in line:
+            if " %s " % kind in line and "offset=" in line:
                 kv = dict(w.split("=", 1) for w in line.split() if "=" in w)
                 out.append((int(kv["offset"], 16), int(kv["count"], 16)))
     return out
+
+
+def trims_in_log(path):
+    return requests_in_log(path, "Trim")
 
 
 def reads_in_log(path):
-    out = []
-    with open(path) as f:
-        for line in f:
-            if " Read " in line and "offset=" in line:
-                kv = dict(w.split("=", 1) for w in line.split() if "=" in w)
-                out.append((int(kv["offset"], 16), int(kv["count"], 16)))
-    return out
+    return requests_in_log(path, "Read")
 
 
 def random_writes(fleecing, rng, n, max_len=256 << 10):
