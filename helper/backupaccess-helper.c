@@ -514,14 +514,15 @@ cbw_cluster (int64_t fleece_cluster)
   return fleece_cluster > 65536 ? fleece_cluster : 65536;
 }
 
-static void
-setup_proxmox (const struct setup_opts *o)
+/* Checks made before anything is changed: the API's form, and the
+ * fleecing nodes vzdump adds.
+ */
+static const char *
+preflight_proxmox (const struct setup_opts *o)
 {
   const char *form = proxmox_setup_form ();
-  json_object *nodes = named_nodes (), *args, *result;
-  json_object *devs = devices ();
+  json_object *nodes = named_nodes ();
 
-  /* Fleecing nodes first: nothing is changed if one is missing. */
   for (int i = 0; i < o->ndevs; i++) {
     char *fl = xasprintf ("%s-fleecing", o->devs[i]);
     if (find_node (nodes, fl) == NULL)
@@ -529,6 +530,16 @@ setup_proxmox (const struct setup_opts *o)
            "the same size with discard=unmap first", o->devs[i], fl);
     free (fl);
   }
+  json_object_put (nodes);
+  return form;
+}
+
+static void
+setup_proxmox (const struct setup_opts *o, const char *form)
+{
+  json_object *nodes = named_nodes (), *args, *result;
+  json_object *devs = devices ();
+
   if (strcmp (form, "devices") == 0) {
     json_object *list = json_object_new_array ();
     for (int i = 0; i < o->ndevs; i++)
@@ -589,6 +600,35 @@ setup_proxmox (const struct setup_opts *o)
   save_state ();
 }
 
+/* The block node of a device: a node name, or a drive's or qdev's
+ * block backend.  Dies if there is none.
+ */
+static char *
+resolve_device (const char *dev)
+{
+  json_object *nodes = named_nodes ();
+  json_object *blk = qmp_run (false, "query-block", NULL);
+  const char *source = NULL;
+  char *r;
+
+  if (find_node (nodes, dev))
+    source = dev;
+  for (size_t j = 0; source == NULL && j < json_object_array_length (blk);
+       j++) {
+    json_object *b = json_object_array_get_idx (blk, j), *ins;
+    if ((strcmp (get_str (b, "device") ?: "", dev) == 0 ||
+         strcmp (get_str (b, "qdev") ?: "", dev) == 0) &&
+        json_object_object_get_ex (b, "inserted", &ins))
+      source = get_str (ins, "node-name");
+  }
+  if (source == NULL)
+    die ("device %s: no such block node or drive in this QEMU", dev);
+  r = strdup (source);
+  json_object_put (nodes);
+  json_object_put (blk);
+  return r;
+}
+
 /* Upstream QEMU (7.2 and later), by hand: fleecing image, a frozen copy
  * of the bitmap and copy-before-write inserted in one transaction, then
  * snapshot-access with discard.
@@ -601,8 +641,8 @@ setup_upstream (const struct setup_opts *o)
   for (int i = 0; i < o->ndevs; i++) {
     const char *dev = o->devs[i];
     json_object *nodes = named_nodes (), *node, *d, *actions;
-    json_object *blk = qmp_run (false, "query-block", NULL);
-    const char *source = NULL, *mode = "none";
+    char *source = resolve_device (dev);
+    const char *mode = "none";
     char *fleece_file, *cluster_opt, *size_str;
     char *fleece_node = xasprintf ("ba-%s-fleecing", dev);
     char *cbw_node = xasprintf ("ba-%s-cbw", dev);
@@ -610,19 +650,6 @@ setup_upstream (const struct setup_opts *o)
     char *frozen = NULL, *job = xasprintf ("ba-%s", dev);
     int64_t size;
 
-    /* The device: a node name, or a drive / qdev's block backend. */
-    if (find_node (nodes, dev))
-      source = dev;
-    for (size_t j = 0; source == NULL && j < json_object_array_length (blk);
-         j++) {
-      json_object *b = json_object_array_get_idx (blk, j), *ins;
-      if ((strcmp (get_str (b, "device") ?: "", dev) == 0 ||
-           strcmp (get_str (b, "qdev") ?: "", dev) == 0) &&
-          json_object_object_get_ex (b, "inserted", &ins))
-        source = get_str (ins, "node-name");
-    }
-    if (source == NULL)
-      die ("device %s: no such block node or drive in this QEMU", dev);
     node = find_node (nodes, source);
     size = node_image_int (node, "virtual-size");
     if (size <= 0)
@@ -743,8 +770,8 @@ setup_upstream (const struct setup_opts *o)
     free (snap_node);
     free (frozen);
     free (job);
+    free (source);
     json_object_put (nodes);
-    json_object_put (blk);
   }
 }
 
@@ -1334,7 +1361,7 @@ static void
 do_setup (struct opts *o)
 {
   struct setup_opts *s = &o->setup;
-  const char *backend = s->backend;
+  const char *backend = s->backend, *form = NULL;
 
   if (s->qmp == NULL || s->ndevs == 0)
     die ("setup needs --qmp SOCKET and at least one --device");
@@ -1352,9 +1379,11 @@ do_setup (struct opts *o)
     die ("--backend %s: expected auto, proxmox or upstream", backend);
   if (s->target_id)
     check_name ("target id", s->target_id, true);
-  make_run_dir ();
-  if (load_state ())
-    die ("%s already holds a backup access: tear it down first", run_dir);
+  if (access (run_dir, F_OK) == 0) {
+    make_run_dir ();
+    if (load_state ())
+      die ("%s already holds a backup access: tear it down first", run_dir);
+  }
 
   qmp_open (s->qmp);
   if (strcmp (backend, "auto") == 0)
@@ -1376,13 +1405,25 @@ do_setup (struct opts *o)
       strcmp (s->bitmap_mode, "none") != 0)
     die ("--bitmap-mode %s needs --bitmap", s->bitmap_mode);
 
+  /* Everything that can be checked before a change, is. */
+  if (strcmp (backend, "proxmox") == 0)
+    form = preflight_proxmox (s);
+  else {
+    struct stat st;
+    for (int i = 0; i < s->ndevs; i++)
+      free (resolve_device (s->devs[i]));
+    if (stat (s->fleecing_dir, &st) == -1 || !S_ISDIR (st.st_mode))
+      die ("--fleecing-dir %s: not a directory", s->fleecing_dir);
+  }
+
+  make_run_dir ();
   state = json_object_new_object ();
   set_str (state, "backend", backend);
   set_str (state, "qmp", s->qmp);
   set_str (state, "target-id", s->target_id);
   save_state ();
   if (strcmp (backend, "proxmox") == 0)
-    setup_proxmox (s);
+    setup_proxmox (s, form);
   else
     setup_upstream (s);
   start_exports ();
