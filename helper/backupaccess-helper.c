@@ -637,6 +637,12 @@ static void
 setup_upstream (const struct setup_opts *o)
 {
   json_object *devs = devices ();
+  char tag[16];
+
+  snprintf (tag, sizeof tag, "%06lx",
+            ((unsigned long) getpid () * 2654435761UL ^
+             (unsigned long) time (NULL)) & 0xffffff);
+  set_str (state, "tag", tag);
 
   for (int i = 0; i < o->ndevs; i++) {
     const char *dev = o->devs[i];
@@ -644,10 +650,14 @@ setup_upstream (const struct setup_opts *o)
     char *source = resolve_device (dev);
     const char *mode = "none";
     char *fleece_file, *cluster_opt, *size_str;
-    char *fleece_node = xasprintf ("ba-%s-fleecing", dev);
-    char *cbw_node = xasprintf ("ba-%s-cbw", dev);
-    char *snap_node = xasprintf ("ba-%s-snapshot", dev);
-    char *frozen = NULL, *job = xasprintf ("ba-%s", dev);
+    /* Names of our own, unique to this setup: teardown may delete
+     * whatever the state file names, so nothing of anybody else's may
+     * carry such a name.  QEMU allows node names of 31 characters.
+     */
+    char *fleece_node = xasprintf ("ba-%s-%d-fleece", tag, i);
+    char *cbw_node = xasprintf ("ba-%s-%d-cbw", tag, i);
+    char *snap_node = xasprintf ("ba-%s-%d-snapshot", tag, i);
+    char *frozen = NULL, *job = xasprintf ("ba-%s-%d", tag, i);
     int64_t size;
 
     node = find_node (nodes, source);
@@ -665,9 +675,18 @@ setup_upstream (const struct setup_opts *o)
     json_object_array_add (devs, d);
 
     /* The fleecing image: recorded before it exists. */
-    fleece_file = xasprintf ("%s/%s.fleecing.qcow2", o->fleecing_dir, dev);
+    fleece_file = xasprintf ("%s/%s.%s.fleecing.qcow2", o->fleecing_dir,
+                             dev, tag);
     set_str (d, "fleece-file", fleece_file);
     save_state ();
+    {
+      /* Never overwrite a file that is not ours. */
+      int fd = open (fleece_file, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
+                     0600);
+      if (fd == -1)
+        die ("%s: %m", fleece_file);
+      close (fd);
+    }
     cluster_opt = xasprintf ("cluster_size=%" PRIi64, o->cluster);
     size_str = xasprintf ("%" PRIi64, size);
     {
@@ -720,7 +739,7 @@ setup_upstream (const struct setup_opts *o)
         json_object *merge = json_object_new_array ();
         json_object_array_add (merge, S (o->bitmap));
         mode = "reuse";
-        frozen = xasprintf ("ba-%s-frozen", dev);
+        frozen = xasprintf ("ba-%s-%d-frozen", tag, i);
         json_object_array_add (actions, obj (
           "type", S ("block-dirty-bitmap-add"), "data",
           obj ("node", S (source), "name", S (frozen), NULL), NULL));
@@ -1489,8 +1508,17 @@ do_teardown (bool success)
     return;
   }
   make_run_dir ();
+  {
+    /* Left by a helper killed while it saved the state. */
+    char *p = state_path (), *tmp = xasprintf ("%s.tmp", p);
+    unlink (tmp);
+    free (tmp);
+    free (p);
+  }
   if (!load_state ()) {
+    /* The state is written before any change: there is none. */
     warn ("%s: nothing to tear down", run_dir);
+    rmdir (run_dir);
     return;
   }
   stop_local ();

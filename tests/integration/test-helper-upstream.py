@@ -1,0 +1,233 @@
+#!/usr/bin/python3
+"""backupaccess-helper against upstream QEMU (a real qemu-storage-daemon,
+its QMP reached through the fixture's pass-through proxy, --backend
+upstream): a full then an incremental backup with setup / serve / status /
+mount / teardown, byte-identical under guest writes; `run` tears down with
+success or failure by the command's exit status, and on SIGTERM; a failed
+backup loses no change from the bitmap; a setup that fails half-way and a
+second teardown leave nothing behind."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
+from harness import TOP, check, run
+from pve_fixture import PveVm
+
+HELPER = os.path.join(TOP, "helper", "backupaccess-helper")
+SIZE = 32 << 20
+DEV = "drive-scsi0"
+rng = random.Random(17)
+
+
+def helper(*args, ok=True):
+    r = subprocess.run([HELPER] + list(args), capture_output=True, text=True,
+                       timeout=120)
+    if ok:
+        check(r.returncode == 0, "backupaccess-helper %s failed (%d): %s"
+              % (args[0], r.returncode, r.stderr))
+    return r
+
+
+def regions_of(writes, gran):
+    """The dirty regions writes leave in a bitmap of this granularity."""
+    chunks = set()
+    for off, n in writes:
+        chunks.update(range(off // gran, (off + n - 1) // gran + 1))
+    out = []
+    for c in sorted(chunks):
+        if out and out[-1][1] == c * gran:
+            out[-1][1] += gran
+        else:
+            out.append([c * gran, (c + 1) * gran])
+    return [[s, e - s] for s, e in out]
+
+
+def write_some(vm, n):
+    writes = []
+    for _ in range(n):
+        length = rng.randrange(1, 200 << 10)
+        off = rng.randrange(0, SIZE - length)
+        vm.guest_write(off, rng.randbytes(length))
+        writes.append((off, length))
+    return writes
+
+
+def no_leftovers(vm, rd):
+    check(not os.path.exists(rd), "the run directory is still there: %s"
+          % (os.listdir(rd) if os.path.isdir(rd) else rd))
+    check(vm.exports() == [] or all(e["id"].startswith("guest")
+                                    for e in vm.exports()),
+          "QEMU exports left: %s" % vm.exports())
+    check(not [n for n in vm.node_names() if n.startswith("ba-")],
+          "nodes left: %s" % vm.node_names())
+    check(vm.block_jobs() == [], "jobs left: %s" % vm.block_jobs())
+
+
+with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
+     PveVm(size=SIZE, devices=(DEV,)) as vm:
+    rd = os.path.join(tmp, "run")
+    common = ["--qmp", vm.qmp_path, "--run-dir", rd, "--backend", "upstream",
+              "--device", DEV, "--fleecing-dir", tmp]
+    vm.guest_write(0, rng.randbytes(SIZE))
+
+    # Bad input changes nothing.
+    r = helper("setup", "--qmp", vm.qmp_path, "--run-dir", rd, "--backend",
+               "upstream", "--device", "nosuch", "--fleecing-dir", tmp,
+               ok=False)
+    check(r.returncode == 1 and "no such block node" in r.stderr, r.stderr)
+    r = helper("setup", *common[:-2], "--fleecing-dir", tmp + "/nope",
+               ok=False)
+    check("not a directory" in r.stderr, r.stderr)
+    r = helper("setup", *common, "--bitmap", "a/b", ok=False)
+    check(r.returncode == 1 and "only letters" in r.stderr, r.stderr)
+    check(not os.path.exists(rd), "bad input created the run directory")
+
+    # --- full backup: the bitmap does not exist yet ---------------------
+    at_full = vm.disk_read(0, SIZE)
+    out = json.loads(helper("setup", *common, "--bitmap", "backup").stdout)
+    d = out["devices"][0]
+    check(d["device"] == DEV and d["size"] == SIZE and
+          d["bitmap-mode"] == "new" and d["bitmap-name"] is None and
+          d["export"] == DEV and d["cluster-size"] == 65536 and
+          d["nbd-path"].startswith(rd), "setup printed %s" % d)
+    check(oct(os.stat(rd).st_mode & 0o777) == "0o700", "run dir mode")
+    write_some(vm, 10)                          # after the snapshot
+    out = json.loads(helper("serve", "--run-dir", rd).stdout)
+    uri = out["devices"][0]["uri"]
+    run(["nbdcopy", uri, os.path.join(tmp, "full.raw")])
+    with open(os.path.join(tmp, "full.raw"), "rb") as f:
+        check(f.read() == at_full, "full backup differs from the snapshot")
+    time.sleep(1.2)                             # the counters' period
+    st = json.loads(helper("status", "--run-dir", rd).stdout)["devices"][0]
+    check(st["bytes-read"] == SIZE and st["bytes-left"] == 0 and
+          st["bytes-discarded"] == SIZE and st["fleecing-size"] >= 0 and
+          not st["snapshot-broken"], "status %s" % st)
+    helper("teardown", "--run-dir", rd, "--success")
+    no_leftovers(vm, rd)
+    check(set(vm.bitmaps()) == {"backup"}, "bitmaps %s" % vm.bitmaps())
+    r = helper("teardown", "--run-dir", rd, "--success")
+    check("nothing to tear down" in r.stderr, r.stderr)
+
+    # --- incremental, then a failed one, then again ----------------------
+    vm.guest_write(0, b"\0")                    # reset: known writes only
+    run_ok = None
+    vm.qmp.cmd("block-dirty-bitmap-clear", node=DEV, name="backup")
+    writes = write_some(vm, 6)
+    gran = vm.bitmaps()["backup"]["granularity"]
+    want = regions_of(writes, gran)
+    at_inc = vm.disk_read(0, SIZE)
+    out = json.loads(helper("setup", *common, "--bitmap", "backup").stdout)
+    check(out["devices"][0]["bitmap-mode"] == "reuse", "%s" % out)
+    helper("serve", "--run-dir", rd)
+    m = json.loads(helper("mount", "--run-dir", rd).stdout)["mounts"][0]
+    check(m["dirty-regions"] == want, "dirty regions %s != %s"
+          % (m["dirty-regions"], want))
+    later = write_some(vm, 4)                   # during the backup
+    fd = os.open(m["file"], os.O_RDONLY | os.O_DIRECT)
+    try:
+        import mmap
+        for off, n in m["dirty-regions"]:
+            buf = mmap.mmap(-1, n)
+            check(os.preadv(fd, [buf], off) == n, "short read")
+            check(bytes(buf) == at_inc[off:off + n],
+                  "virtual file differs at %d" % off)
+        # Outside the dirty regions: refused by the filter.
+        clean = 0 if want[0][0] > 0 else want[-1][0] + want[-1][1]
+        try:
+            buf = mmap.mmap(-1, 4096)
+            os.preadv(fd, [buf], clean)
+            check(False, "a read of a clean region succeeded")
+        except OSError:
+            pass
+    finally:
+        os.close(fd)
+    # The backup "fails": every change must still be in the bitmap.
+    helper("teardown", "--run-dir", rd, "--failure")
+    no_leftovers(vm, rd)
+    check(not os.path.ismount(m["file"]), "still mounted")
+
+    # run: the command fails -> failure; the regions come back again,
+    # plus the writes made during the failed backup.
+    want2 = regions_of(writes + later, gran)
+    script = ('import json, os, subprocess, sys\n'
+              'j = json.loads(os.environ["BACKUPACCESS_JSON"])\n'
+              'd = j["devices"][0]\n'
+              'out = subprocess.run(["nbdinfo", "--map", d["uri"]],'
+              ' capture_output=True, text=True, check=True).stdout\n'
+              'print(out, file=sys.stderr)\n'
+              'open(sys.argv[1], "w").write(json.dumps(j))\n'
+              'sys.exit(int(sys.argv[2]))\n')
+    r = subprocess.run([HELPER, "run", *common, "--bitmap", "backup", "--",
+                        "/usr/bin/python3", "-c", script,
+                        os.path.join(tmp, "env.json"), "3"],
+                       capture_output=True, text=True, timeout=120)
+    check(r.returncode == 3, "run exit %d: %s" % (r.returncode, r.stderr))
+    check("tearing down with failure" in r.stderr, r.stderr)
+    no_leftovers(vm, rd)
+    got = [[o, n] for o, n, t in
+           (map(int, l.split()[:3]) for l in r.stderr.splitlines()
+            if l.strip() and l.split()[0].isdigit()) if t == 0]
+    merged = []
+    for o, n in got:
+        if merged and merged[-1][0] + merged[-1][1] == o:
+            merged[-1][1] += n
+        else:
+            merged.append([o, n])
+    check(merged == want2, "after a failed backup the bitmap lost changes: "
+          "%s != %s" % (merged, want2))
+
+    # run: the command succeeds -> success; only later writes remain.
+    r = subprocess.run([HELPER, "run", *common, "--bitmap", "backup", "--",
+                        "/usr/bin/python3", "-c", script,
+                        os.path.join(tmp, "env.json"), "0"],
+                       capture_output=True, text=True, timeout=120)
+    check(r.returncode == 0 and "tearing down with success" in r.stderr,
+          r.stderr)
+    no_leftovers(vm, rd)
+    out = json.loads(helper("setup", *common, "--bitmap", "backup").stdout)
+    check(out["devices"][0]["bitmap-mode"] == "reuse", "%s" % out)
+    m = helper("serve", "--run-dir", rd)
+    regions = json.loads(helper("mount", "--run-dir", rd).stdout)
+    check(regions["mounts"][0]["dirty-regions"] == [], "writes after a "
+          "successful backup: %s" % regions)
+    helper("teardown", "--run-dir", rd, "--success")
+    no_leftovers(vm, rd)
+
+    # run, interrupted: SIGTERM tears down with failure.
+    p = subprocess.Popen([HELPER, "run", *common, "--bitmap", "backup", "--",
+                          "sleep", "60"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(rd, DEV + ".sock")):
+        check(time.monotonic() < deadline and p.poll() is None,
+              "run did not start")
+        time.sleep(0.1)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    check(p.returncode != 0 and "tearing down with failure" in err, err)
+    no_leftovers(vm, rd)
+
+    # The helper killed (SIGKILL) anywhere in setup: teardown undoes
+    # it, and no change is lost from the bitmap.
+    vm.guest_write(1 << 20, b"\x55" * 4096)
+    before = json.dumps(vm.bitmaps()["backup"]["count"])
+    for delay in (0.005, 0.01, 0.02, 0.03, 0.045, 0.06, 0.1):
+        p = subprocess.Popen([HELPER, "setup", *common, "--bitmap", "backup"],
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.kill()
+        p.wait()
+        helper("teardown", "--run-dir", rd, "--failure")
+        no_leftovers(vm, rd)
+        check(json.dumps(vm.bitmaps()["backup"]["count"]) == before,
+              "killed after %.2f s: the bitmap changed" % delay)
+        check(not [f for f in os.listdir(tmp) if "fleecing" in f],
+              "fleecing images left: %s" % os.listdir(tmp))
+print("ok")
