@@ -52,6 +52,12 @@ warn (const char *fmt, ...)
   fputc ('\n', stderr);
 }
 
+/* Set while setup or run builds something: an error then undoes what
+ * was built (teardown --failure) before exiting.
+ */
+static bool roll_back_on_error;
+static void roll_back (void);
+
 static void __attribute__ ((format (printf, 1, 2), noreturn))
 die (const char *fmt, ...)
 {
@@ -61,6 +67,10 @@ die (const char *fmt, ...)
   vfprintf (stderr, fmt, ap);
   va_end (ap);
   fputc ('\n', stderr);
+  if (roll_back_on_error) {
+    roll_back_on_error = false;         /* once: die may come back here */
+    roll_back ();
+  }
   exit (1);
 }
 
@@ -1122,9 +1132,12 @@ mount_devices (json_object *out)
       set_str (d, "mount", mnt);
       set_str (d, "mount-pidfile", pidfile);
       save_state ();
-      spawn (argv, log, true);
-      for (int w = 0; w < WAIT_SECONDS * 10 && !read_pidfile (pidfile); w++)
+      pid_t pid = spawn (argv, log, true);
+      for (int w = 0; w < WAIT_SECONDS * 10 && !read_pidfile (pidfile); w++) {
+        if (waitpid (pid, NULL, WNOHANG) == pid)
+          break;                /* it failed */
         sleep_ms (100);
+      }
       if (!read_pidfile (pidfile))
         die ("device %s: nbdfuse did not start: %s", dev, tail_of (log));
       set_str (d, "file", file);
@@ -1441,6 +1454,7 @@ do_setup (struct opts *o)
   set_str (state, "qmp", s->qmp);
   set_str (state, "target-id", s->target_id);
   save_state ();
+  roll_back_on_error = true;
   if (strcmp (backend, "proxmox") == 0)
     setup_proxmox (s, form);
   else
@@ -1524,8 +1538,9 @@ do_teardown (bool success)
   stop_local ();
   if (strcmp (get_str (state, "backend") ?: "", "serve") != 0) {
     char err[1024];
-    qmp = ba_qmp_connect (get_str (state, "qmp"), QMP_TIMEOUT_MS,
-                          err, sizeof err);
+    if (qmp == NULL)            /* else a roll-back: the same connection */
+      qmp = ba_qmp_connect (get_str (state, "qmp"), QMP_TIMEOUT_MS,
+                            err, sizeof err);
     if (qmp == NULL) {
       /* QEMU is gone: nothing is left in it to undo. */
       warn ("%s (QEMU gone? only local state is cleaned up)", err);
@@ -1563,6 +1578,13 @@ do_teardown (bool success)
     exit (1);
 }
 
+static void
+roll_back (void)
+{
+  fprintf (stderr, "%s: undoing what was set up\n", progname);
+  do_teardown (false);
+}
+
 /* run: the child's exit status decides success. */
 static volatile sig_atomic_t got_signal;
 
@@ -1585,6 +1607,7 @@ do_run (struct opts *o, char **cmd)
     do_setup (o);
   else
     do_serve_state (o);
+  roll_back_on_error = true;
   serve_devices (o->bandwidth);
   out = describe ();
   if (o->mount)
@@ -1602,6 +1625,7 @@ do_run (struct opts *o, char **cmd)
   }
   json_object_put (out);
   free (json);
+  roll_back_on_error = false;
 
   sigaction (SIGINT, &sa, NULL);
   sigaction (SIGTERM, &sa, NULL);
@@ -1651,6 +1675,7 @@ main (int argc, char **argv)
   if (strcmp (cmd, "setup") == 0) {
     parse_options (argc, argv, &o, SETUP_USAGE);
     do_setup (&o);
+    roll_back_on_error = false;
     print_json (describe ());
   }
   else if (strcmp (cmd, "serve") == 0) {
