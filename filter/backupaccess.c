@@ -43,6 +43,7 @@ static char *status_path;       /* counters for the helper, every second */
 static int64_t cluster_size = 65536;
 static bool discard = true;
 static bool clean_is_zero;
+static bool discard_clean;
 static unsigned params_seen;    /* bit per parameter, to refuse repeats */
 
 /* State, set up in .after_fork, then guarded by lock. */
@@ -58,7 +59,7 @@ static bool disk_size_known;
 static struct ba_coverage *coverage;
 static struct {
   uint64_t bytes_read, reads, refused, trims_sent, bytes_discarded,
-    trim_errors, client_trims, peak_memory;
+    trim_errors, client_trims, peak_memory, clean_discarded;
 } stats;
 
 #define backupaccess_config_help \
@@ -72,6 +73,8 @@ static struct {
   "backupaccess-discard=BOOL   Discard clusters once read (default true).\n" \
   "backupaccess-clean=hole|zero  How unreadable regions are reported\n" \
   "                            in extents (default hole).\n" \
+  "backupaccess-discard-clean=BOOL  Discard the clean clusters at\n" \
+  "                            start-up (default false).\n" \
   "backupaccess-status=FILE    Write the counters there as JSON, every\n" \
   "                            second while they change."
 
@@ -94,6 +97,8 @@ write_status (void)
                           json_object_new_uint64 (stats.bytes_read));
   json_object_object_add (o, "bytes-discarded",
                           json_object_new_uint64 (stats.bytes_discarded));
+  json_object_object_add (o, "bytes-discarded-clean",
+                          json_object_new_uint64 (stats.clean_discarded));
   json_object_object_add (o, "bytes-left",
                           json_object_new_uint64 (cs.readable_left));
   json_object_object_add (o, "bytes-total",
@@ -236,6 +241,16 @@ backupaccess_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
                     value);
       return -1;
     }
+    return 0;
+  }
+  if (strcmp (key, "backupaccess-discard-clean") == 0) {
+    int r;
+    if (seen_once (128, key) == -1)
+      return -1;
+    r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    discard_clean = r;
     return 0;
   }
   if (strcmp (key, "backupaccess-status") == 0) {
@@ -382,6 +397,52 @@ learn_disk_size (nbdkit_backend *backend)
   return 0;
 }
 
+static int send_trims (nbdkit_next *next, const struct ba_regions *trims,
+                       uint64_t *counter, int *err);
+
+/* Discards every cluster with no dirty byte, once, before clients come:
+ * where copy-before-write has no bitmap (upstream QEMU's blockdev-backup
+ * sync=none), it then stops copying them on guest writes, and the
+ * fleecing image holds only what the backup reads.
+ */
+static int
+discard_clean_clusters (nbdkit_backend *backend)
+{
+  struct ba_regions clean;
+  nbdkit_next *next;
+  int err = 0, r = -1;
+
+  ba_regions_init (&clean);
+  if (ba_regions_clean_clusters (&dirty, disk_size, cluster_size,
+                                 &clean) == -1) {
+    nbdkit_error ("backupaccess-discard-clean: %m");
+    return -1;
+  }
+  next = nbdkit_next_context_open (backend, 0,
+                                   plugin_export ? plugin_export : "", 1);
+  if (next == NULL)
+    goto out;
+  if (next->prepare (next) == -1)
+    goto close;
+  /* nbdkit checks every request against the size it was told. */
+  if (next->get_size (next) == -1)
+    goto finalize;
+  if (next->can_write (next) != 1 || next->can_trim (next) != 1) {
+    nbdkit_error ("backupaccess-discard-clean: the plugin cannot trim");
+    goto finalize;
+  }
+  r = send_trims (next, &clean, &stats.clean_discarded, &err);
+ finalize:
+  next->finalize (next);
+ close:
+  nbdkit_next_context_close (next);
+ out:
+  nbdkit_debug ("backupaccess: discarded %zu clean ranges, %" PRIu64
+                " bytes", clean.n, stats.clean_discarded);
+  ba_regions_free (&clean);
+  return r;
+}
+
 /* Sets up the state once, before any client is served, and checks the
  * dirty regions against the disk: bad input stops nbdkit here.
  */
@@ -412,6 +473,9 @@ backupaccess_after_fork (nbdkit_backend *backend)
     ba_coverage_get_stats (coverage, &cs);
     stats.peak_memory = cs.memory_bytes;
   }
+  if (discard_clean && have_dirty &&
+      discard_clean_clusters (backend) == -1)
+    return -1;
   if (status_path) {
     int e = pthread_create (&status_thread, NULL, status_loop, NULL);
     if (e != 0) {
@@ -501,11 +565,12 @@ backupaccess_can_extents (nbdkit_next *next, void *handle)
   return 1;                     /* holes are answered here in any case */
 }
 
-/* Sends the trims for completed clusters.  Returns 0, or -1 with *err
- * set after trying every range.
+/* Sends trims for whole clusters, adding the bytes to *counter.
+ * Returns 0, or -1 with *err set after trying every range.
  */
 static int
-send_trims (nbdkit_next *next, const struct ba_regions *trims, int *err)
+send_trims (nbdkit_next *next, const struct ba_regions *trims,
+            uint64_t *counter, int *err)
 {
   int r = 0;
 
@@ -528,8 +593,10 @@ send_trims (nbdkit_next *next, const struct ba_regions *trims, int *err)
           nbdkit_debug ("backupaccess: trim [%" PRIu64 ", +%" PRIu64 ")",
                         start, len);
         pthread_mutex_lock (&lock);
-        stats.trims_sent++;
-        stats.bytes_discarded += len;
+        /* Start-up discards of clean clusters are not in the summary. */
+        if (counter == &stats.bytes_discarded)
+          stats.trims_sent++;
+        *counter += len;
         pthread_mutex_unlock (&lock);
       }
       start += len;
@@ -560,7 +627,7 @@ consume (nbdkit_next *next, uint64_t offset, uint64_t count, int *err)
                   offset, count);
     *err = ENOMEM;
   }
-  r2 = send_trims (next, &trims, err);
+  r2 = send_trims (next, &trims, &stats.bytes_discarded, err);
   ba_regions_free (&trims);
   return r == -1 || r2 == -1 ? -1 : 0;
 }

@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -344,6 +345,11 @@ spawn (char **argv, const char *log, bool background)
       _exit (127);
     if (background)
       setsid ();
+    else
+      /* A helper killed half-way takes qemu-img with it: teardown must
+       * not race with it over the fleecing file.
+       */
+      prctl (PR_SET_PDEATHSIG, SIGKILL);
     execvp (argv[0], argv);
     fprintf (stderr, "%s: cannot run %s: %s\n", progname, argv[0],
              strerror (errno));
@@ -1028,8 +1034,14 @@ serve_devices (int64_t bandwidth)
     argv[a++] = cluster_arg;
     argv[a++] = plugin_cluster_arg;
     argv[a++] = status_arg;
-    if (bitmap_arg)
+    if (bitmap_arg) {
       argv[a++] = bitmap_arg;
+      /* Upstream copy-before-write has no bitmap: it would copy clean
+       * clusters, which nobody reads, into the fleecing image.
+       */
+      if (strcmp (get_str (state, "backend") ?: "", "upstream") == 0)
+        argv[a++] = "backupaccess-discard-clean=true";
+    }
     if (rate_arg)
       argv[a++] = rate_arg;
     argv[a] = NULL;

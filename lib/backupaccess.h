@@ -57,6 +57,14 @@ bool ba_regions_contains (const struct ba_regions *set,
 uint64_t ba_regions_overlap (const struct ba_regions *set,
                              uint64_t start, uint64_t end);
 
+/* Appends to *out the whole clusters that hold no byte of dirty
+ * (which must end at or before disk_size), merged; the last cluster of
+ * the disk may be shorter.  Returns 0, or -1 with errno = ENOMEM.
+ */
+int ba_regions_clean_clusters (const struct ba_regions *dirty,
+                               uint64_t disk_size, uint64_t cluster_size,
+                               struct ba_regions *out);
+
 /* Map files.
  *
  * Accepted forms, one region per line, '#' comments and blank lines

@@ -123,3 +123,25 @@ ba_trim_piece (uint64_t start, uint64_t end, uint64_t cluster_size,
   /* Largest multiple of the cluster size that fits. */
   return max_len - max_len % cluster_size;
 }
+
+int
+ba_regions_clean_clusters (const struct ba_regions *dirty, uint64_t disk_size,
+                           uint64_t cluster_size, struct ba_regions *out)
+{
+  uint64_t prev_end = 0;
+
+  for (size_t i = 0; i <= dirty->n; i++) {
+    uint64_t next = i < dirty->n ? dirty->r[i].start : disk_size;
+    /* Inward to whole clusters; the last one may end at disk_size. */
+    uint64_t start = (prev_end + cluster_size - 1) / cluster_size
+      * cluster_size;
+    uint64_t end = next == disk_size ? disk_size
+      : next / cluster_size * cluster_size;
+
+    if (start < end && ba_regions_append (out, start, end) == -1)
+      return -1;
+    if (i < dirty->n)
+      prev_end = dirty->r[i].end;
+  }
+  return 0;
+}

@@ -277,6 +277,47 @@ test_trim_piece (void **state)
   check_pieces (M - 5 * K, M, K, 2 * K, 3);
 }
 
+/* Clean clusters: whole clusters without a dirty byte, rounded inward,
+ * the last one may end at the end of the disk.
+ */
+static void
+test_clean_clusters (void **state)
+{
+  struct ba_regions dirty, out;
+  const uint64_t C = 65536;
+
+  ba_regions_init (&dirty);
+  ba_regions_init (&out);
+  /* Dirty [100000, 200000) and [5C, 6C + 1); disk 10C + 4096. */
+  assert_int_equal (ba_regions_append (&dirty, 100000, 200000), 0);
+  assert_int_equal (ba_regions_append (&dirty, 5 * C, 6 * C + 1), 0);
+  assert_int_equal (ba_regions_clean_clusters (&dirty, 10 * C + 4096, C,
+                                               &out), 0);
+  assert_int_equal (out.n, 3);
+  /* Cluster 0 holds no dirty byte (100000 > C). */
+  assert_int_equal (out.r[0].start, 0);
+  assert_int_equal (out.r[0].end, C);
+  /* 200000 is in cluster 3: clean from cluster 4 up to cluster 5. */
+  assert_int_equal (out.r[1].start, 4 * C);
+  assert_int_equal (out.r[1].end, 5 * C);
+  /* 6C + 1 is in cluster 6: clean from 7C to the end of the disk. */
+  assert_int_equal (out.r[2].start, 7 * C);
+  assert_int_equal (out.r[2].end, 10 * C + 4096);
+
+  /* Nothing dirty: the whole disk; all dirty: nothing. */
+  ba_regions_clear (&dirty);
+  ba_regions_clear (&out);
+  assert_int_equal (ba_regions_clean_clusters (&dirty, 3 * C, C, &out), 0);
+  assert_int_equal (out.n, 1);
+  assert_int_equal (out.r[0].end, 3 * C);
+  ba_regions_clear (&out);
+  assert_int_equal (ba_regions_append (&dirty, 0, 3 * C), 0);
+  assert_int_equal (ba_regions_clean_clusters (&dirty, 3 * C, C, &out), 0);
+  assert_int_equal (out.n, 0);
+  ba_regions_free (&dirty);
+  ba_regions_free (&out);
+}
+
 int
 main (void)
 {
@@ -291,6 +332,7 @@ main (void)
     cmocka_unit_test (test_overlap_total),
     cmocka_unit_test (test_edge_values),
     cmocka_unit_test (test_trim_piece),
+    cmocka_unit_test (test_clean_clusters),
   };
 
   return cmocka_run_group_tests (tests, NULL, NULL);
