@@ -199,7 +199,11 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
     helper("teardown", "--run-dir", rd, "--success")
     no_leftovers(vm, rd)
 
-    # run, interrupted: SIGTERM tears down with failure.
+    # run, interrupted: SIGTERM tears down with failure, and the bitmap
+    # still covers every change.
+    vm.guest_write(3 << 20, b"\x66" * 4096)
+    count = vm.bitmaps()["backup"]["count"]
+    check(count > 0, "no dirty bits before the interrupted run")
     p = subprocess.Popen([HELPER, "run", *common, "--bitmap", "backup", "--",
                           "sleep", "60"], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
@@ -212,6 +216,8 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
     _, err = p.communicate(timeout=60)
     check(p.returncode != 0 and "tearing down with failure" in err, err)
     no_leftovers(vm, rd)
+    check(vm.bitmaps()["backup"]["count"] >= count,
+          "the interrupted run lost changes from the bitmap")
 
     # The helper killed (SIGKILL) anywhere in setup: teardown undoes
     # it, and no change is lost from the bitmap.

@@ -80,6 +80,33 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
         check(f.alive(), "qemu-storage-daemon died")
         f.release()
 
+    # --- a bitmap that is not exported; a bitmap with nothing dirty ------
+    with Fleecing(SIZE) as f:
+        f.guest_write(0, rng.randbytes(SIZE))
+        f.qmp.cmd("block-dirty-bitmap-clear", node="disk", name="live")
+        f.snapshot(bitmap=True)                  # nothing written since
+        try:
+            Nbdkit(tmp, filtered(["nbd", "socket=" + f.nbd_path,
+                                  "export=snap"],
+                                 "backupaccess-bitmap=nosuch:bitmap"),
+                   "nosuch").start()
+            check(False, "nbdkit started with a bitmap QEMU does not offer")
+        except RuntimeError as e:
+            check("does not offer qemu:dirty-bitmap:nosuch:bitmap" in str(e),
+                  str(e))
+        with Nbdkit(tmp, filtered(["nbd", "socket=" + f.nbd_path,
+                                   "export=snap"],
+                                  "backupaccess-bitmap=frozen"),
+                    "clean") as nk:
+            check(nbdinfo_map(nk.uri()) == [(0, SIZE, 1)],
+                  "a clean bitmap: %s" % nbdinfo_map(nk.uri()))
+            h = nbd.NBD()
+            h.connect_uri(nk.uri())
+            expect_error(h, "EPERM", 4096, 0)
+            expect_error(h, "EPERM", 512, SIZE - 512)
+            h.shutdown()
+        check(f.alive(), "qemu-storage-daemon died")
+
     # --- a broken snapshot ----------------------------------------------
     with Fleecing(SIZE) as f:
         prepare(f)
