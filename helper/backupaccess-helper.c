@@ -368,17 +368,35 @@ run_wait (char **argv, const char *log)
   return WIFEXITED (status) ? WEXITSTATUS (status) : 128 + WTERMSIG (status);
 }
 
+/* The pid in a pidfile, if that process still runs one of our
+ * programs (a pid may have been reused since the file was written).
+ */
 static pid_t
 read_pidfile (const char *path)
 {
   FILE *fp = fopen (path, "r");
   long pid = 0;
+  char comm[64] = "";
+  char *proc;
+
   if (fp) {
     if (fscanf (fp, "%ld", &pid) != 1)
       pid = 0;
     fclose (fp);
   }
-  return pid > 1 ? (pid_t) pid : 0;
+  if (pid <= 1)
+    return 0;
+  proc = xasprintf ("/proc/%ld/comm", pid);
+  fp = fopen (proc, "r");
+  free (proc);
+  if (fp == NULL)
+    return 0;
+  if (fgets (comm, sizeof comm, fp) == NULL)
+    comm[0] = '\0';
+  fclose (fp);
+  if (strncmp (comm, "nbdkit", 6) != 0 && strncmp (comm, "nbdfuse", 7) != 0)
+    return 0;
+  return (pid_t) pid;
 }
 
 /* Sends SIGTERM, waits, then SIGKILL. */
@@ -732,6 +750,11 @@ setup_upstream (const struct setup_opts *o)
                       ?: "", o->bitmap) == 0)
             exists = true;
       if (!exists) {
+        /* Recorded first: if this backup fails, the bitmap must go, or
+         * the next run would take it for the base of an incremental.
+         */
+        set_str (d, "created-bitmap", o->bitmap);
+        save_state ();
         /* Persistent where the format allows, so that it outlives QEMU. */
         char err[1024];
         int qe;
@@ -820,12 +843,24 @@ start_exports (void)
   char *sock = xasprintf ("%s/qemu-nbd.sock", run_dir);
 
   set_str (state, "nbd-path", sock);
+  /* Recorded first, in case we are killed right after QEMU did it; if
+   * QEMU refuses (another NBD server runs), it is not ours to stop.
+   */
   json_object_object_add (state, "nbd-server-started",
                           json_object_new_boolean (1));
   save_state ();
-  json_object_put (qmp_run (false, "nbd-server-start", obj (
-    "addr", obj ("type", S ("unix"), "data", obj ("path", S (sock), NULL),
-                 NULL), NULL)));
+  {
+    json_object *r = qmp_run (true, "nbd-server-start", obj (
+      "addr", obj ("type", S ("unix"), "data", obj ("path", S (sock), NULL),
+                   NULL), NULL));
+    if (r == NULL) {
+      json_object_object_add (state, "nbd-server-started", NULL);
+      save_state ();
+      die ("QMP nbd-server-start failed (is another NBD server running in "
+           "this QEMU?)");
+    }
+    json_object_put (r);
+  }
   for (size_t i = 0; i < json_object_array_length (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
     json_object *args = obj ("type", S ("nbd"), "id", S (get_str (d, "export")),
@@ -841,7 +876,15 @@ start_exports (void)
     }
     json_object_object_add (d, "exported", json_object_new_boolean (1));
     save_state ();
-    json_object_put (qmp_run (false, "block-export-add", args));
+    {
+      json_object *r = qmp_run (true, "block-export-add", args);
+      if (r == NULL) {
+        json_object_object_add (d, "exported", NULL);
+        save_state ();
+        die ("QMP block-export-add for %s failed", get_str (d, "export"));
+      }
+      json_object_put (r);
+    }
     {
       char *p = xasprintf ("%s/qemu-nbd.sock", run_dir);
       set_str (d, "nbd-path", p);
@@ -883,7 +926,8 @@ teardown_qemu (bool success)
 
   if (proxmox) {
     if (get_bool (state, "proxmox-setup")) {
-      json_object_put (qmp_run (false, "backup-access-teardown", obj (
+      /* Errors are reported, not fatal: vzdump does the same. */
+      json_object_put (qmp_run (true, "backup-access-teardown", obj (
         "target-id", S (get_str (state, "target-id")),
         "success", json_object_new_boolean (success), NULL)));
       json_object_object_add (state, "proxmox-setup", NULL);
@@ -930,6 +974,12 @@ teardown_qemu (bool success)
                                   obj ("node", S (source),
                                        "name", S (frozen), NULL)));
       }
+    }
+    if (!success && source && get_str (d, "created-bitmap")) {
+      /* A full backup that failed: no base for an incremental. */
+      json_object_put (qmp_run (true, "block-dirty-bitmap-remove", obj (
+        "node", S (source), "name", S (get_str (d, "created-bitmap")),
+        NULL)));
     }
     if (get_str (d, "fleece-node") && find_node (nodes,
                                                  get_str (d, "fleece-node")))
@@ -1335,6 +1385,18 @@ struct opts {
   bool mount;
 };
 
+static char *
+absolute (const char *path)
+{
+  char cwd[PATH_MAX];
+
+  if (path[0] == '/')
+    return strdup (path);
+  if (getcwd (cwd, sizeof cwd) == NULL)
+    die ("getcwd: %m");
+  return xasprintf ("%s/%s", cwd, path);
+}
+
 static int64_t
 parse_size (const char *what, const char *s)
 {
@@ -1346,8 +1408,16 @@ parse_size (const char *what, const char *s)
   if (errno || end == s || s[0] == '-')
     die ("%s '%s': not a number", what, s);
   switch (*end) {
-  case 'k': case 'K': v <<= 10; end++; break;
-  case 'm': case 'M': v <<= 20; end++; break;
+  case 'k': case 'K':
+    if (v > (INT64_MAX >> 10))
+      die ("%s '%s': too large", what, s);
+    v <<= 10; end++;
+    break;
+  case 'm': case 'M':
+    if (v > (INT64_MAX >> 20))
+      die ("%s '%s': too large", what, s);
+    v <<= 20; end++;
+    break;
   case '\0': break;
   }
   if (*end || v > INT64_MAX)
@@ -1398,6 +1468,14 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
   }
   if (run_dir == NULL)
     die ("--run-dir DIR is required");
+  /* Later commands may run from another directory. */
+  run_dir = absolute (run_dir);
+  if (o->setup.qmp)
+    o->setup.qmp = absolute (o->setup.qmp);
+  if (o->setup.fleecing_dir)
+    o->setup.fleecing_dir = absolute (o->setup.fleecing_dir);
+  if (o->nbd_path)
+    o->nbd_path = absolute (o->nbd_path);
 }
 
 /* setup, from parsed options. */
@@ -1554,8 +1632,13 @@ do_teardown (bool success)
       qmp = ba_qmp_connect (get_str (state, "qmp"), QMP_TIMEOUT_MS,
                             err, sizeof err);
     if (qmp == NULL) {
-      /* QEMU is gone: nothing is left in it to undo. */
-      warn ("%s (QEMU gone? only local state is cleaned up)", err);
+      /* Nothing listens: QEMU is gone, and nothing is left in it to
+       * undo.  Anything else (another QMP client, a timeout): keep the
+       * state, so that teardown can be run again.
+       */
+      if (errno != ENOENT && errno != ECONNREFUSED)
+        die ("%s: nothing was torn down; try again", err);
+      warn ("%s (QEMU is gone: only local state is cleaned up)", err);
       ok = false;
     }
     else

@@ -115,7 +115,14 @@ read_line (struct ba_qmp *q, char *errbuf, size_t errlen)
       q->cap = cap;
     }
     left = ms_left (&deadline);
-    if (left <= 0 || poll (&pfd, 1, (int) left) == 0) {
+    if (left > 0) {
+      int r = poll (&pfd, 1, (int) left);
+      if (r == -1 && errno == EINTR)
+        continue;               /* the deadline still holds */
+      if (r == 0)
+        left = 0;
+    }
+    if (left <= 0) {
       snprintf (errbuf, errlen, "QEMU did not answer within %d s",
                 q->timeout_ms / 1000);
       return NULL;
@@ -215,9 +222,11 @@ ba_qmp_connect (const char *path, int timeout_ms, char *errbuf, size_t errlen)
   q->fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (q->fd == -1 ||
       connect (q->fd, (struct sockaddr *) &addr, sizeof addr) == -1) {
+    int e = errno;
     snprintf (errbuf, errlen, "cannot connect to QMP socket %s: %s",
-              path, strerror (errno));
+              path, strerror (e));
     ba_qmp_close (q);
+    errno = e;
     return NULL;
   }
   /* QEMU greets a client at once, unless another one is connected. */
@@ -233,12 +242,14 @@ ba_qmp_connect (const char *path, int timeout_ms, char *errbuf, size_t errlen)
                 "connected?)", path);
     free (greeting);
     ba_qmp_close (q);
+    errno = ETIMEDOUT;
     return NULL;
   }
   free (greeting);
   r = ba_qmp_cmd (q, "qmp_capabilities", NULL, NULL, errbuf, errlen);
   if (r == NULL) {
     ba_qmp_close (q);
+    errno = EPROTO;
     return NULL;
   }
   json_object_put (r);

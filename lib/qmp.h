@@ -11,7 +11,8 @@
 struct ba_qmp;
 
 /* Connects, reads the greeting and negotiates capabilities.  Returns
- * NULL with a message in errbuf.
+ * NULL with a message in errbuf, and errno: ENOENT or ECONNREFUSED when
+ * nothing listens there (QEMU is gone), else why it failed.
  */
 struct ba_qmp *ba_qmp_connect (const char *path, int timeout_ms,
                                char *errbuf, size_t errlen);

@@ -219,6 +219,27 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
     check(vm.bitmaps()["backup"]["count"] >= count,
           "the interrupted run lost changes from the bitmap")
 
+    # A full backup that fails must not leave a bitmap behind that the
+    # next run would take as the base of an incremental.
+    out = json.loads(helper("setup", *common, "--bitmap", "fresh").stdout)
+    check(out["devices"][0]["bitmap-mode"] == "new", "%s" % out)
+    helper("teardown", "--run-dir", rd, "--failure")
+    no_leftovers(vm, rd)
+    check("fresh" not in vm.bitmaps(), "a failed full backup left its "
+          "bitmap: %s" % list(vm.bitmaps()))
+
+    # QEMU busy with another QMP client: teardown keeps the state (and
+    # everything in QEMU) and can be run again.
+    helper("setup", *common, "--bitmap", "backup")
+    other = vm.connect()
+    r = helper("teardown", "--run-dir", rd, "--failure", ok=False)
+    check(r.returncode == 1 and "try again" in r.stderr, r.stderr)
+    check(os.path.exists(os.path.join(rd, "state.json")),
+          "the state was dropped")
+    other.close()
+    helper("teardown", "--run-dir", rd, "--failure")
+    no_leftovers(vm, rd)
+
     # The helper killed (SIGKILL) anywhere in setup: teardown undoes
     # it, and no change is lost from the bitmap.
     vm.guest_write(1 << 20, b"\x55" * 4096)
