@@ -42,15 +42,21 @@ static const char *progname = "backupaccess-helper";
 /* ------------------------------------------------------------------ */
 /* Errors and small utilities */
 
+static void
+vmessage (const char *fmt, va_list ap)
+{
+  fprintf (stderr, "%s: ", progname);
+  vfprintf (stderr, fmt, ap);
+  fputc ('\n', stderr);
+}
+
 static void __attribute__ ((format (printf, 1, 2)))
 warn (const char *fmt, ...)
 {
   va_list ap;
-  fprintf (stderr, "%s: ", progname);
   va_start (ap, fmt);
-  vfprintf (stderr, fmt, ap);
+  vmessage (fmt, ap);
   va_end (ap);
-  fputc ('\n', stderr);
 }
 
 /* Set while setup or run builds something: an error then undoes what
@@ -63,11 +69,9 @@ static void __attribute__ ((format (printf, 1, 2), noreturn))
 die (const char *fmt, ...)
 {
   va_list ap;
-  fprintf (stderr, "%s: ", progname);
   va_start (ap, fmt);
-  vfprintf (stderr, fmt, ap);
+  vmessage (fmt, ap);
   va_end (ap);
-  fputc ('\n', stderr);
   if (roll_back_on_error) {
     roll_back_on_error = false;         /* once: die may come back here */
     roll_back ();

@@ -16,22 +16,15 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
-from harness import TOP, check, run
+from harness import HELPER, check, run, run_helper
 from pve_fixture import PveVm
 
-HELPER = os.path.join(TOP, "helper", "backupaccess-helper")
 SIZE = 16 << 20
 DEVS = ("drive-scsi0", "drive-virtio1")
 rng = random.Random(23)
 
 
-def helper(*args, ok=True):
-    r = subprocess.run([HELPER] + list(args), capture_output=True, text=True,
-                       timeout=120)
-    if ok:
-        check(r.returncode == 0, "backupaccess-helper %s failed (%d): %s"
-              % (args[0], r.returncode, r.stderr))
-    return r
+helper = run_helper
 
 
 def calls(vm, since=0):

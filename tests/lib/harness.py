@@ -80,6 +80,19 @@ def filtered(plugin_args, *filter_args, log_below=None):
     return args
 
 
+HELPER = os.path.join(TOP, "helper", "backupaccess-helper")
+
+
+def run_helper(*args, ok=True, env=None):
+    """Runs backupaccess-helper; with ok, it must exit 0."""
+    r = subprocess.run([HELPER] + list(args), capture_output=True, text=True,
+                       timeout=180, env=env)
+    if ok:
+        check(r.returncode == 0, "backupaccess-helper %s failed (%d): %s"
+              % (args[0], r.returncode, r.stderr))
+    return r
+
+
 def run(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True,
                           timeout=kw.pop("timeout", 120), **kw)

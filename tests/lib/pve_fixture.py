@@ -74,7 +74,7 @@ import time
 
 import nbd
 
-from qemu_fixture import QMP, QMPError, wait_for
+from qemu_fixture import QMP, QMPError, start_qsd, stop_process, wait_for
 
 __all__ = ["PveQmpProxy", "PveVm", "QmpCommandError", "BITMAP_ACTIONS"]
 
@@ -1079,17 +1079,8 @@ class PveVm:
                             self._disk(dev), str(size)], check=True,
                            timeout=60)
         self.log = open(os.path.join(self.tmp, "qsd.log"), "w")
-        args = ["qemu-storage-daemon"]
-        for i, path in enumerate((self.real_qmp_path, self.own_qmp_path)):
-            args += ["--chardev", "socket,id=qmp%d,path=%s,server=on,wait=off"
-                     % (i, path), "--monitor", "chardev=qmp%d" % i]
-        self.proc = subprocess.Popen(args, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        wait_for(lambda: (os.path.exists(self.real_qmp_path) and
-                          os.path.exists(self.own_qmp_path)) or
-                 self.proc.poll() is not None, "the QMP sockets")
-        if self.proc.poll() is not None:
-            raise RuntimeError("qemu-storage-daemon exited: " + self.qsd_log())
+        self.proc = start_qsd([self.real_qmp_path, self.own_qmp_path],
+                              self.log)
         self.qmp = QMP(self.own_qmp_path)
         for dev in self.sizes:
             self.qmp.cmd("blockdev-add", **{
@@ -1157,13 +1148,7 @@ class PveVm:
                 pass
             self.qmp = None
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            stop_process(self.proc)
             self.proc = None
         if self.log is not None:
             self.log.close()

@@ -74,6 +74,32 @@ def wait_for(pred, what, timeout=20):
     raise TimeoutError("timed out waiting for " + what)
 
 
+def start_qsd(qmp_paths, log):
+    """Starts qemu-storage-daemon with a QMP monitor on each socket path,
+    its output to the open file log; waits for the sockets."""
+    args = ["qemu-storage-daemon"]
+    for i, path in enumerate(qmp_paths):
+        args += ["--chardev", "socket,id=qmp%d,path=%s,server=on,wait=off"
+                 % (i, path), "--monitor", "chardev=qmp%d" % i]
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    wait_for(lambda: all(os.path.exists(p) for p in qmp_paths) or
+             proc.poll() is not None, "the QMP sockets")
+    if proc.poll() is not None:
+        raise RuntimeError("qemu-storage-daemon exited (see %s)" % log.name)
+    return proc
+
+
+def stop_process(proc, timeout=10):
+    """SIGTERM, then SIGKILL if it does not go within timeout seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Fleecing:
     """A disk of `size` bytes in qemu-storage-daemon, with a live dirty
     bitmap "live".  Write to it with guest_write(); then snapshot()
@@ -111,16 +137,7 @@ class Fleecing:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
                         self.disk, str(self.size)], check=True)
         self.log = open(os.path.join(self.tmp, "qsd.log"), "w")
-        self.proc = subprocess.Popen(
-            ["qemu-storage-daemon",
-             "--chardev", "socket,id=qmp,path=%s,server=on,wait=off"
-             % self.qmp_path,
-             "--monitor", "chardev=qmp"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(lambda: os.path.exists(self.qmp_path) or
-                 self.proc.poll() is not None, "the QMP socket")
-        if self.proc.poll() is not None:
-            raise RuntimeError("qemu-storage-daemon exited: " + self.qsd_log())
+        self.proc = start_qsd([self.qmp_path], self.log)
         self.qmp = QMP(self.qmp_path)
         self.qmp.cmd("blockdev-add", **{
             "driver": "qcow2", "node-name": "disk", "discard": "unmap",
@@ -147,15 +164,11 @@ class Fleecing:
                 pass
             self.qmp = None
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            stop_process(self.proc)
             self.proc = None
+        if getattr(self, "log", None) is not None:
             self.log.close()
+            self.log = None
         if self.own_tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
