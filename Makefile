@@ -5,6 +5,7 @@
 #   make check      unit and integration tests; last line "N passed, N failed"
 #   make demo       full + incremental backup of a disk in qemu-storage-daemon
 #   make bench      throughput and memory figures (ratios within one run)
+#   make lint       cppcheck and clang-tidy (.clang-tidy), warnings are errors
 
 CC      ?= gcc
 CFLAGS  ?= -O2 -g
@@ -16,7 +17,8 @@ ALL_CFLAGS = $(CFLAGS) $(WARNFLAGS) -std=gnu11 -fPIC -Ilib \
 DEB_PACKAGES = build-essential pkg-config perl \
   nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin python3-libnbd \
   libjson-c-dev libfuse3-dev fuse3 libcmocka-dev \
-  qemu-utils qemu-system-x86 qemu-block-extra procps bc
+  qemu-utils qemu-system-x86 qemu-block-extra procps bc \
+  cppcheck clang-tidy
 
 LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/bitmap.c lib/qmp.c
 LIB_OBJS   = $(LIB_SRCS:.c=.o)
@@ -28,7 +30,7 @@ MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
 
-.PHONY: all deps check unit-tests demo bench clean
+.PHONY: all deps check unit-tests demo bench clean lint
 
 all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE)
 
@@ -89,6 +91,15 @@ bench/coverage-memory: bench/coverage-memory.c $(LIB) lib/backupaccess.h
 bench: deps
 	$(MAKE) all bench/coverage-memory
 	bench/bench.sh
+
+C_SOURCES = $(LIB_SRCS) filter/backupaccess.c plugin/backupaccess-plugin.c \
+            helper/backupaccess-helper.c
+
+lint:
+	cppcheck --quiet --enable=warning,performance,portability \
+	  --error-exitcode=1 -Ilib $(C_SOURCES)
+	clang-tidy --quiet --warnings-as-errors='*' $(C_SOURCES) -- \
+	  -std=gnu11 -Ilib $(shell pkg-config --cflags json-c)
 
 clean:
 	rm -f lib/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory

@@ -211,7 +211,7 @@ backupaccess_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     cluster_size = nbdkit_parse_size (value);
     if (cluster_size == -1)
       return -1;
-    if (cluster_size < 512 || cluster_size > 1024 * 1024 * 1024 ||
+    if (cluster_size < 512 || cluster_size > INT64_C (1024) * 1024 * 1024 ||
         (cluster_size & (cluster_size - 1)) != 0) {
       nbdkit_error ("backupaccess-cluster=%s: the cluster size must be a "
                     "power of two between 512 and 1G", value);

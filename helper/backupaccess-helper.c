@@ -156,7 +156,7 @@ load_state (void)
     free (path);
     return false;
   }
-  if (st.st_size > 16 * 1024 * 1024)
+  if (st.st_size > 16L * 1024 * 1024)
     die ("%s: too large to be a state file", path);
   state = json_object_from_file (path);
   if (state == NULL || !json_object_is_type (state, json_type_object))
@@ -261,7 +261,11 @@ qmp_run (bool ok_errors, const char *cmd, json_object *args)
   return r;
 }
 
-/* Builds a JSON object from "key", json_object* pairs, NULL-terminated. */
+/* Builds a JSON object from "key", json_object* pairs, ended by END (a
+ * typed null: a bare NULL in a variadic list need not be a pointer).
+ */
+#define END ((const char *) NULL)
+
 static json_object *
 obj (const char *key, ...)
 {
@@ -296,7 +300,7 @@ static json_object *
 named_nodes (void)
 {
   return qmp_run (false, "query-named-block-nodes",
-                  obj ("flat", json_object_new_boolean (1), NULL));
+                  obj ("flat", json_object_new_boolean (1), END));
 }
 
 static int64_t
@@ -444,8 +448,10 @@ module_path (const char *env, const char *file, const char *installed)
   char self[PATH_MAX];
   ssize_t n;
 
-  if (getenv (env))
-    return strdup (getenv (env));
+  const char *given = getenv (env);
+
+  if (given)
+    return strdup (given);
   n = readlink ("/proc/self/exe", self, sizeof self - 1);
   if (n > 0) {
     char *slash, *p;
@@ -583,8 +589,8 @@ setup_proxmox (const struct setup_opts *o, const char *form)
     for (int i = 0; i < o->ndevs; i++)
       json_object_array_add (list, obj ("device", S (o->devs[i]),
                                         "bitmap-mode", S (o->bitmap_mode),
-                                        NULL));
-    args = obj ("target-id", S (o->target_id), "devices", list, NULL);
+                                        END));
+    args = obj ("target-id", S (o->target_id), "devices", list, END);
   }
   else {
     char *devlist = NULL;
@@ -594,7 +600,7 @@ setup_proxmox (const struct setup_opts *o, const char *form)
       free (devlist);
       devlist = d;
     }
-    args = obj ("target-id", S (o->target_id), "devlist", S (devlist), NULL);
+    args = obj ("target-id", S (o->target_id), "devlist", S (devlist), END);
     if (strcmp (o->bitmap_mode, "none") != 0)
       json_object_object_add (args, "bitmap-name", S (o->bitmap));
     free (devlist);
@@ -649,6 +655,8 @@ resolve_device (const char *dev)
   const char *source = NULL;
   char *r;
 
+  if (dev == NULL)
+    die ("no device given");
   if (find_node (nodes, dev))
     source = dev;
   for (size_t j = 0; source == NULL && j < json_object_array_length (blk);
@@ -740,8 +748,8 @@ setup_upstream (const struct setup_opts *o)
     json_object_put (qmp_run (false, "blockdev-add", obj (
       "driver", S ("qcow2"), "node-name", S (fleece_node),
       "discard", S ("unmap"),
-      "file", obj ("driver", S ("file"), "filename", S (fleece_file), NULL),
-      NULL)));
+      "file", obj ("driver", S ("file"), "filename", S (fleece_file), END),
+      END)));
 
     actions = json_object_new_array ();
     if (o->bitmap) {
@@ -764,14 +772,14 @@ setup_upstream (const struct setup_opts *o)
         int qe;
         json_object *args = obj ("node", S (source), "name", S (o->bitmap),
                                  "persistent", json_object_new_boolean (1),
-                                 NULL);
+                                 END);
         json_object *r = ba_qmp_cmd (qmp, "block-dirty-bitmap-add", args,
                                      &qe, err, sizeof err);
         json_object_put (args);
         if (r == NULL)
           json_object_put (qmp_run (false, "block-dirty-bitmap-add",
                                     obj ("node", S (source),
-                                         "name", S (o->bitmap), NULL)));
+                                         "name", S (o->bitmap), END)));
         json_object_put (r);
         mode = "new";
       }
@@ -785,17 +793,17 @@ setup_upstream (const struct setup_opts *o)
         frozen = xasprintf ("ba-%s-%d-frozen", tag, i);
         json_object_array_add (actions, obj (
           "type", S ("block-dirty-bitmap-add"), "data",
-          obj ("node", S (source), "name", S (frozen), NULL), NULL));
+          obj ("node", S (source), "name", S (frozen), END), END));
         json_object_array_add (actions, obj (
           "type", S ("block-dirty-bitmap-merge"), "data",
           obj ("node", S (source), "target", S (frozen), "bitmaps", merge,
-               NULL), NULL));
+               END), END));
         json_object_array_add (actions, obj (
           "type", S ("block-dirty-bitmap-clear"), "data",
-          obj ("node", S (source), "name", S (o->bitmap), NULL), NULL));
+          obj ("node", S (source), "name", S (o->bitmap), END), END));
         json_object_array_add (actions, obj (
           "type", S ("block-dirty-bitmap-disable"), "data",
-          obj ("node", S (source), "name", S (frozen), NULL), NULL));
+          obj ("node", S (source), "name", S (frozen), END), END));
       }
       set_str (d, "live-bitmap", o->bitmap);
     }
@@ -804,20 +812,20 @@ setup_upstream (const struct setup_opts *o)
       obj ("job-id", S (job), "device", S (source), "target", S (fleece_node),
            "sync", S ("none"), "filter-node-name", S (cbw_node),
            "auto-finalize", json_object_new_boolean (1),
-           "auto-dismiss", json_object_new_boolean (1), NULL), NULL));
+           "auto-dismiss", json_object_new_boolean (1), END), END));
     set_str (d, "job", job);
     set_str (d, "cbw-node", cbw_node);
     set_str (d, "frozen-bitmap", frozen);
     set_str (d, "bitmap-mode", mode);
     save_state ();
     json_object_put (qmp_run (false, "transaction",
-                              obj ("actions", actions, NULL)));
+                              obj ("actions", actions, END)));
 
     set_str (d, "node", snap_node);
     save_state ();
     json_object_put (qmp_run (false, "blockdev-add", obj (
       "driver", S ("snapshot-access"), "node-name", S (snap_node),
-      "file", S (cbw_node), "discard", S ("unmap"), NULL)));
+      "file", S (cbw_node), "discard", S ("unmap"), END)));
     if (frozen) {
       set_str (d, "bitmap-name", frozen);
       set_str (d, "bitmap-node", source);
@@ -855,8 +863,8 @@ start_exports (void)
   save_state ();
   {
     json_object *r = qmp_run (true, "nbd-server-start", obj (
-      "addr", obj ("type", S ("unix"), "data", obj ("path", S (sock), NULL),
-                   NULL), NULL));
+      "addr", obj ("type", S ("unix"), "data", obj ("path", S (sock), END),
+                   END), END));
     if (r == NULL) {
       json_object_object_add (state, "nbd-server-started", NULL);
       save_state ();
@@ -870,12 +878,12 @@ start_exports (void)
     json_object *args = obj ("type", S ("nbd"), "id", S (get_str (d, "export")),
                              "node-name", S (get_str (d, "node")),
                              "name", S (get_str (d, "export")),
-                             "writable", json_object_new_boolean (1), NULL);
+                             "writable", json_object_new_boolean (1), END);
     if (get_str (d, "bitmap-name")) {
       json_object *b = json_object_new_array ();
       json_object_array_add (b, obj ("node", S (get_str (d, "bitmap-node")),
                                      "name", S (get_str (d, "bitmap-name")),
-                                     NULL));
+                                     END));
       json_object_object_add (args, "bitmaps", b);
     }
     json_object_object_add (d, "exported", json_object_new_boolean (1));
@@ -915,7 +923,7 @@ teardown_qemu (bool success)
     json_object *d = json_object_array_get_idx (devs, i);
     if (get_bool (d, "exported")) {
       json_object *r = qmp_run (true, "block-export-del",
-                                obj ("id", S (get_str (d, "export")), NULL));
+                                obj ("id", S (get_str (d, "export")), END));
       json_object_put (r);
       wait_gone ("query-block-exports", "id", get_str (d, "export"));
       json_object_object_add (d, "exported", NULL);
@@ -933,7 +941,7 @@ teardown_qemu (bool success)
       /* Errors are reported, not fatal: vzdump does the same. */
       json_object_put (qmp_run (true, "backup-access-teardown", obj (
         "target-id", S (get_str (state, "target-id")),
-        "success", json_object_new_boolean (success), NULL)));
+        "success", json_object_new_boolean (success), END)));
       json_object_object_add (state, "proxmox-setup", NULL);
       save_state ();
     }
@@ -950,12 +958,12 @@ teardown_qemu (bool success)
     if (get_str (d, "node") && find_node (nodes, get_str (d, "node")))
       json_object_put (qmp_run (true, "blockdev-del",
                                 obj ("node-name", S (get_str (d, "node")),
-                                     NULL)));
+                                     END)));
     if (get_str (d, "job")) {
       /* Cancelling the sync=none job removes copy-before-write. */
       json_object_put (qmp_run (true, "block-job-cancel", obj (
         "device", S (get_str (d, "job")),
-        "force", json_object_new_boolean (1), NULL)));
+        "force", json_object_new_boolean (1), END)));
       wait_gone ("query-block-jobs", "device", get_str (d, "job"));
     }
     if (frozen && source) {
@@ -972,23 +980,23 @@ teardown_qemu (bool success)
           json_object *list = json_object_new_array ();
           json_object_array_add (list, S (frozen));
           json_object_put (qmp_run (false, "block-dirty-bitmap-merge", obj (
-            "node", S (source), "target", S (live), "bitmaps", list, NULL)));
+            "node", S (source), "target", S (live), "bitmaps", list, END)));
         }
         json_object_put (qmp_run (false, "block-dirty-bitmap-remove",
                                   obj ("node", S (source),
-                                       "name", S (frozen), NULL)));
+                                       "name", S (frozen), END)));
       }
     }
     if (!success && source && get_str (d, "created-bitmap")) {
       /* A full backup that failed: no base for an incremental. */
       json_object_put (qmp_run (true, "block-dirty-bitmap-remove", obj (
         "node", S (source), "name", S (get_str (d, "created-bitmap")),
-        NULL)));
+        END)));
     }
     if (get_str (d, "fleece-node") && find_node (nodes,
                                                  get_str (d, "fleece-node")))
       json_object_put (qmp_run (true, "blockdev-del", obj (
-        "node-name", S (get_str (d, "fleece-node")), NULL)));
+        "node-name", S (get_str (d, "fleece-node")), END)));
     json_object_put (nodes);
     if (get_str (d, "fleece-file") && unlink (get_str (d, "fleece-file"))
         == -1 && errno != ENOENT)
@@ -1282,7 +1290,8 @@ status_command (void)
   json_object *out = json_object_new_object (), *list = json_object_new_array ();
   json_object *devs = devices ();
 
-  if (get_str (state, "qmp") && strcmp (get_str (state, "backend"), "serve"))
+  if (get_str (state, "qmp") &&
+      strcmp (get_str (state, "backend") ?: "", "serve") != 0)
     qmp_open (get_str (state, "qmp"));
   for (size_t i = 0; i < json_object_array_length (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
@@ -1497,11 +1506,12 @@ do_setup (struct opts *o)
     check_name ("bitmap", s->bitmap, true);
   if (s->bitmap_mode == NULL)
     s->bitmap_mode = s->bitmap ? "use" : "none";
-  if (strcmp (s->bitmap_mode, "none") && strcmp (s->bitmap_mode, "new") &&
-      strcmp (s->bitmap_mode, "use"))
+  if (strcmp (s->bitmap_mode, "none") != 0 &&
+      strcmp (s->bitmap_mode, "new") != 0 &&
+      strcmp (s->bitmap_mode, "use") != 0)
     die ("--bitmap-mode %s: expected none, new or use", s->bitmap_mode);
-  if (strcmp (backend, "auto") && strcmp (backend, "proxmox") &&
-      strcmp (backend, "upstream"))
+  if (strcmp (backend, "auto") != 0 && strcmp (backend, "proxmox") != 0 &&
+      strcmp (backend, "upstream") != 0)
     die ("--backend %s: expected auto, proxmox or upstream", backend);
   if (s->target_id)
     check_name ("target id", s->target_id, true);
@@ -1808,13 +1818,20 @@ main (int argc, char **argv)
   }
   else if (strcmp (cmd, "run") == 0) {
     parse_options (argc, argv, &o, RUN_USAGE);
+    int rc;
     if (optind >= argc)
       die ("run needs -- COMMAND [ARGS...]");
-    return do_run (&o, argv + optind);
+    rc = do_run (&o, argv + optind);
+    free (o.setup.devs);
+    return rc;
   }
   else {
     fprintf (stderr, "%s: unknown command '%s'\n", progname, cmd);
     usage (stderr, 2);
   }
+  free (o.setup.devs);
+  free ((char *) o.nbd_path);
+  free ((char *) o.setup.qmp);
+  free ((char *) o.setup.fleecing_dir);
   return 0;
 }

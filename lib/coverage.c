@@ -18,7 +18,7 @@
 
 #include "backupaccess.h"
 
-#define PAGE_WORDS 512                  /* 4 KiB of bitmap */
+#define PAGE_WORDS UINT64_C (512)       /* 4 KiB of bitmap */
 #define PAGE_BITS (PAGE_WORDS * 64)
 
 /* Consumed bytes of one partly consumed cluster, relative to its start. */
@@ -79,8 +79,8 @@ ba_coverage_new (uint64_t disk_size, uint64_t cluster_size,
     dirty ? ba_regions_overlap (dirty, 0, disk_size) : disk_size;
   cov->readable_left = cov->readable_total;
   cov->partial_budget = cov->nclusters / 16;
-  if (cov->partial_budget < 1024 * 1024)
-    cov->partial_budget = 1024 * 1024;
+  if (cov->partial_budget < (UINT64_C (1) << 20))
+    cov->partial_budget = UINT64_C (1) << 20;
   return cov;
 }
 

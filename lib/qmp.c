@@ -100,7 +100,7 @@ read_line (struct ba_qmp *q, char *errbuf, size_t errlen)
       return line;
     }
     if (q->len >= BA_QMP_MAX_LINE) {
-      snprintf (errbuf, errlen, "QMP reply longer than %d bytes",
+      snprintf (errbuf, errlen, "QMP reply longer than %zu bytes",
                 BA_QMP_MAX_LINE);
       return NULL;
     }
@@ -212,7 +212,7 @@ ba_qmp_connect (const char *path, int timeout_ms, char *errbuf, size_t errlen)
     snprintf (errbuf, errlen, "%s: socket path too long", path);
     return NULL;
   }
-  strcpy (addr.sun_path, path);
+  memcpy (addr.sun_path, path, strlen (path) + 1);
   q = calloc (1, sizeof *q);
   if (q == NULL) {
     snprintf (errbuf, errlen, "out of memory");

@@ -36,6 +36,6 @@ int ba_qmp_parse_reply (const char *line, size_t len, json_object **result,
                         char *errbuf, size_t errlen);
 
 /* Longest reply line accepted: query-qmp-schema is about 200 KiB. */
-#define BA_QMP_MAX_LINE (16 * 1024 * 1024)
+#define BA_QMP_MAX_LINE ((size_t) 16 << 20)
 
 #endif /* BACKUPACCESS_QMP_H */

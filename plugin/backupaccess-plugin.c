@@ -88,7 +88,7 @@ backupaccess_config (const char *key, const char *value)
     cluster_size = nbdkit_parse_size (value);
     if (cluster_size == -1)
       return -1;
-    if (cluster_size < 512 || cluster_size > 1024 * 1024 * 1024 ||
+    if (cluster_size < 512 || cluster_size > INT64_C (1024) * 1024 * 1024 ||
         (cluster_size & (cluster_size - 1)) != 0) {
       nbdkit_error ("cluster=%s: must be a power of two between 512 and 1G",
                     value);
@@ -123,7 +123,7 @@ backupaccess_after_fork (void)
 {
   char err[1024];
 
-  handles = calloc (connections, sizeof *handles);
+  handles = calloc (connections, sizeof (struct nbd_handle *));
   busy = calloc (connections, sizeof *busy);
   if (handles == NULL || busy == NULL) {
     nbdkit_error ("calloc: %m");
