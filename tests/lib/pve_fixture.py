@@ -74,7 +74,8 @@ import time
 
 import nbd
 
-from qemu_fixture import QMP, QMPError, start_qsd, stop_process, wait_for
+from qemu_fixture import (QMP, QMPError, Started, start_qsd, stop_process,
+                          wait_for)
 
 __all__ = ["PveQmpProxy", "PveVm", "QmpCommandError", "BITMAP_ACTIONS"]
 
@@ -274,7 +275,7 @@ class _Device:
         self.bitmap_done = frozen is None
 
 
-class PveQmpProxy:
+class PveQmpProxy(Started):
     """FIXTURE standing in for Proxmox VE's QEMU backup-access QMP API
     (pve-qemu patches), on a real qemu-storage-daemon.
 
@@ -358,17 +359,6 @@ class PveQmpProxy:
         self.calls = []
 
     # --- life cycle -----------------------------------------------------
-
-    def __enter__(self):
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
     def start(self):
         if self.tmp is None:
@@ -975,7 +965,7 @@ class PveQmpProxy:
 
 # --- a VM -----------------------------------------------------------------
 
-class PveVm:
+class PveVm(Started):
     """FIXTURE: a qemu-storage-daemon standing in for a Proxmox VE VM's
     QEMU, with the backup-access API of Proxmox's patches emulated by a
     PveQmpProxy in front of it.
@@ -1061,17 +1051,6 @@ class PveVm:
         self.nbd_guest = None
 
     # --- life cycle -----------------------------------------------------
-
-    def __enter__(self):
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
     def start(self):
         for dev, size in self.sizes.items():

@@ -100,7 +100,23 @@ def stop_process(proc, timeout=10):
             proc.wait()
 
 
-class Fleecing:
+class Started:
+    """A context manager for fixtures with start() and stop(): stop() runs
+    on exit, and also when start() fails half-way."""
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class Fleecing(Started):
     """A disk of `size` bytes in qemu-storage-daemon, with a live dirty
     bitmap "live".  Write to it with guest_write(); then snapshot()
     builds the fleecing graph and exports "snap".
@@ -121,17 +137,6 @@ class Fleecing:
         self._guest = None
 
     # --- life cycle -----------------------------------------------------
-
-    def __enter__(self):
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
     def start(self):
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
