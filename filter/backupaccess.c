@@ -44,6 +44,7 @@ static int64_t cluster_size = 65536;
 static bool discard = true;
 static bool clean_is_zero;
 static bool discard_clean;
+static int64_t trim_batch;      /* 0: trim what each request completes */
 static unsigned params_seen;    /* bit per parameter, to refuse repeats */
 
 /* State, set up in .after_fork, then guarded by lock. */
@@ -54,6 +55,13 @@ static bool broken;             /* the snapshot failed: refuse all reads */
 static pthread_t status_thread;
 static bool status_running, status_stop;
 static pthread_cond_t status_cond = PTHREAD_COND_INITIALIZER;
+/* With backupaccess-trim-batch: completed clusters not yet trimmed,
+ * merged as they come (reads complete out of order); a range is trimmed
+ * once it reaches trim_batch bytes, all of them when there are more than
+ * MAX_PENDING or when a connection ends.
+ */
+static struct ba_regions pending;
+#define MAX_PENDING 64
 static uint64_t disk_size;
 static bool disk_size_known;
 static struct ba_coverage *coverage;
@@ -75,6 +83,8 @@ static struct {
   "                            in extents (default hole).\n" \
   "backupaccess-discard-clean=BOOL  Discard the clean clusters at\n" \
   "                            start-up (default false).\n" \
+  "backupaccess-trim-batch=SIZE  Collect consecutive discards into\n" \
+  "                            trims of up to SIZE (default 0: none).\n" \
   "backupaccess-status=FILE    Write the counters there as JSON, every\n" \
   "                            second while they change."
 
@@ -175,6 +185,7 @@ backupaccess_unload (void)
   }
   ba_coverage_free (coverage);
   ba_regions_free (&dirty);
+  ba_regions_free (&pending);
   free (map_path);
   free (bitmap_name);
   free (bitmap_uri);
@@ -251,6 +262,18 @@ backupaccess_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     if (r == -1)
       return -1;
     discard_clean = r;
+    return 0;
+  }
+  if (strcmp (key, "backupaccess-trim-batch") == 0) {
+    if (seen_once (256, key) == -1)
+      return -1;
+    trim_batch = nbdkit_parse_size (value);
+    if (trim_batch == -1)
+      return -1;
+    if (trim_batch > INT64_C (1) << 30) {
+      nbdkit_error ("backupaccess-trim-batch=%s: at most 1G", value);
+      return -1;
+    }
     return 0;
   }
   if (strcmp (key, "backupaccess-status") == 0) {
@@ -491,6 +514,16 @@ backupaccess_after_fork (nbdkit_backend *backend)
   return 0;
 }
 
+static void flush_pending (nbdkit_next *next);
+
+static int
+backupaccess_finalize (nbdkit_next *next, void *handle)
+{
+  if (trim_batch > 0)
+    flush_pending (next);
+  return 0;
+}
+
 static int
 backupaccess_prepare (nbdkit_next *next, void *handle, int readonly)
 {
@@ -605,6 +638,52 @@ send_trims (nbdkit_next *next, const struct ba_regions *trims,
   return r;
 }
 
+/* With backupaccess-trim-batch: moves the completed ranges into the
+ * pending run, leaving in *trims only what is due now.  Called with the
+ * lock held.
+ */
+static int
+batch_trims (struct ba_regions *trims)
+{
+  struct ba_regions due;
+  int r = 0;
+
+  ba_regions_init (&due);
+  for (size_t i = 0; i < trims->n; i++)
+    if (ba_regions_insert (&pending, trims->r[i].start,
+                           trims->r[i].end) == -1 &&
+        ba_regions_append (&due, trims->r[i].start, trims->r[i].end) == -1)
+      r = -1;                   /* not recorded: never trimmed */
+  /* Due: the long ranges, or everything when there are too many. */
+  for (size_t i = 0, keep = 0; i < pending.n; i++) {
+    struct ba_range p = pending.r[i];
+    if (pending.n > MAX_PENDING || p.end - p.start >= (uint64_t) trim_batch)
+      ba_regions_insert (&due, p.start, p.end);
+    else
+      pending.r[keep++] = p;
+    if (i + 1 == pending.n)
+      pending.n = keep;
+  }
+  ba_regions_free (trims);
+  *trims = due;
+  return r;
+}
+
+/* Sends the pending run (at the end of a connection). */
+static void
+flush_pending (nbdkit_next *next)
+{
+  struct ba_regions due;
+  int err;
+
+  pthread_mutex_lock (&lock);
+  due = pending;                /* all of it */
+  ba_regions_init (&pending);
+  pthread_mutex_unlock (&lock);
+  send_trims (next, &due, &stats.bytes_discarded, &err);
+  ba_regions_free (&due);
+}
+
 /* Marks [offset, +count) consumed and discards what that completes. */
 static int
 consume (nbdkit_next *next, uint64_t offset, uint64_t count, int *err)
@@ -620,6 +699,8 @@ consume (nbdkit_next *next, uint64_t offset, uint64_t count, int *err)
   ba_coverage_get_stats (coverage, &cs);
   if (cs.memory_bytes > stats.peak_memory)
     stats.peak_memory = cs.memory_bytes;
+  if (trim_batch > 0 && batch_trims (&trims) == -1 && r == 0)
+    r = -1;
   pthread_mutex_unlock (&lock);
   if (r == -1) {
     nbdkit_error ("backupaccess: out of memory recording discarded "
@@ -915,6 +996,7 @@ static struct nbdkit_filter filter = {
   .get_ready          = backupaccess_get_ready,
   .after_fork         = backupaccess_after_fork,
   .prepare            = backupaccess_prepare,
+  .finalize           = backupaccess_finalize,
   .can_trim           = backupaccess_can_trim,
   .can_zero           = backupaccess_can_zero,
   .can_fast_zero      = backupaccess_can_fast_zero,

@@ -43,6 +43,11 @@ void ba_regions_clear (struct ba_regions *set);
  */
 int ba_regions_append (struct ba_regions *set, uint64_t start, uint64_t end);
 
+/* Adds [start, end) anywhere in the set, merging with the ranges it
+ * overlaps or touches.  Returns 0, or -1 with errno = EINVAL or ENOMEM.
+ */
+int ba_regions_insert (struct ba_regions *set, uint64_t start, uint64_t end);
+
 /* Total number of bytes in the set. */
 uint64_t ba_regions_total (const struct ba_regions *set);
 

@@ -145,3 +145,43 @@ ba_regions_clean_clusters (const struct ba_regions *dirty, uint64_t disk_size,
   }
   return 0;
 }
+
+int
+ba_regions_insert (struct ba_regions *set, uint64_t start, uint64_t end)
+{
+  size_t i, j;
+
+  if (start > end) {
+    errno = EINVAL;
+    return -1;
+  }
+  if (start == end)
+    return 0;
+  /* Ranges [i, j) touch [start, end) and are merged into it. */
+  i = ba_regions_find (set, start);
+  if (i > 0 && set->r[i - 1].end == start)
+    i--;
+  for (j = i; j < set->n && set->r[j].start <= end; j++) {
+    if (set->r[j].start < start) start = set->r[j].start;
+    if (set->r[j].end > end) end = set->r[j].end;
+  }
+  if (i == j) {
+    if (set->n == set->cap) {
+      size_t cap = set->cap ? set->cap * 2 : 16;
+      struct ba_range *r = realloc (set->r, cap * sizeof *r);
+      if (r == NULL)
+        return -1;
+      set->r = r;
+      set->cap = cap;
+    }
+    memmove (&set->r[i + 1], &set->r[i], (set->n - i) * sizeof *set->r);
+    set->n++;
+  }
+  else if (j > i + 1) {
+    memmove (&set->r[i + 1], &set->r[j], (set->n - j) * sizeof *set->r);
+    set->n -= j - i - 1;
+  }
+  set->r[i].start = start;
+  set->r[i].end = end;
+  return 0;
+}

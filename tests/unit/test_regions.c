@@ -318,6 +318,44 @@ test_clean_clusters (void **state)
   ba_regions_free (&out);
 }
 
+/* Insertion anywhere: ranges arriving out of order are merged. */
+static void
+test_insert (void **state)
+{
+  struct ba_regions set;
+
+  ba_regions_init (&set);
+  assert_int_equal (ba_regions_insert (&set, 100, 200), 0);
+  assert_int_equal (ba_regions_insert (&set, 0, 50), 0);
+  assert_int_equal (ba_regions_insert (&set, 300, 400), 0);
+  assert_int_equal (set.n, 3);
+  assert_int_equal (set.r[0].start, 0);
+  assert_int_equal (set.r[1].start, 100);
+  /* Touching on both sides: three become one. */
+  assert_int_equal (ba_regions_insert (&set, 50, 100), 0);
+  assert_int_equal (set.n, 2);
+  assert_int_equal (set.r[0].end, 200);
+  /* Overlapping several. */
+  assert_int_equal (ba_regions_insert (&set, 150, 350), 0);
+  assert_int_equal (set.n, 1);
+  assert_int_equal (set.r[0].start, 0);
+  assert_int_equal (set.r[0].end, 400);
+  /* Empty, inside, and bad. */
+  assert_int_equal (ba_regions_insert (&set, 10, 10), 0);
+  assert_int_equal (ba_regions_insert (&set, 10, 20), 0);
+  assert_int_equal (set.n, 1);
+  assert_int_equal (ba_regions_insert (&set, 20, 10), -1);
+  /* Many out of order. */
+  ba_regions_clear (&set);
+  for (uint64_t k = 0; k < 1000; k++) {
+    uint64_t c = (k * 7919) % 1000;
+    assert_int_equal (ba_regions_insert (&set, c * 10, c * 10 + 10), 0);
+  }
+  assert_int_equal (set.n, 1);
+  assert_int_equal (set.r[0].end, 10000);
+  ba_regions_free (&set);
+}
+
 int
 main (void)
 {
@@ -333,6 +371,7 @@ main (void)
     cmocka_unit_test (test_edge_values),
     cmocka_unit_test (test_trim_piece),
     cmocka_unit_test (test_clean_clusters),
+    cmocka_unit_test (test_insert),
   };
 
   return cmocka_run_group_tests (tests, NULL, NULL);
