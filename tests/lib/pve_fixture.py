@@ -275,6 +275,18 @@ class _Device:
         self.bitmap_done = frozen is None
 
 
+def _frozen_copy(device, frozen, gran, source):
+    """Transaction actions: a disabled bitmap `frozen` on device holding a
+    copy of source (a bitmap name, or {node, name} elsewhere)."""
+    return [("block-dirty-bitmap-add",
+             {"node": device, "name": frozen, "granularity": gran,
+              "persistent": False}),
+            ("block-dirty-bitmap-merge",
+             {"node": device, "target": frozen, "bitmaps": [source]}),
+            ("block-dirty-bitmap-disable",
+             {"node": device, "name": frozen})]
+
+
 class PveQmpProxy(Started):
     """FIXTURE standing in for Proxmox VE's QEMU backup-access QMP API
     (pve-qemu patches), on a real qemu-storage-daemon.
@@ -752,17 +764,9 @@ class PveQmpProxy(Started):
                         action = "used"
                         gran = old["granularity"]
                         exported = True
-                        actions += [
-                            ("block-dirty-bitmap-add",
-                             {"node": device, "name": frozen,
-                              "granularity": gran, "persistent": False}),
-                            ("block-dirty-bitmap-merge",
-                             {"node": device, "target": frozen,
-                              "bitmaps": [bitmap]}),
-                            ("block-dirty-bitmap-clear",
-                             {"node": device, "name": bitmap}),
-                            ("block-dirty-bitmap-disable",
-                             {"node": device, "name": frozen})]
+                        actions += _frozen_copy(device, frozen, gran, bitmap)
+                        actions.append(("block-dirty-bitmap-clear",
+                                        {"node": device, "name": bitmap}))
                     else:
                         if mode == "new":
                             action = "new"
@@ -796,16 +800,9 @@ class PveQmpProxy(Started):
                                     {"node": device, "name": bitmap}))
                         if size not in fills:
                             fills[size] = self._fill_node(size)
-                        actions += [
-                            ("block-dirty-bitmap-add",
-                             {"node": device, "name": frozen,
-                              "granularity": gran, "persistent": False}),
-                            ("block-dirty-bitmap-merge",
-                             {"node": device, "target": frozen,
-                              "bitmaps": [{"node": fills[size],
-                                           "name": "all"}]}),
-                            ("block-dirty-bitmap-disable",
-                             {"node": device, "name": frozen})]
+                        actions += _frozen_copy(
+                            device, frozen, gran,
+                            {"node": fills[size], "name": "all"})
                         exported = self.export_new_bitmaps
                 job = "%sjob-%d" % (INTERNAL_PREFIX, next(self.n))
                 actions.append(("blockdev-backup", {
