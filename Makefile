@@ -20,7 +20,8 @@ DEB_PACKAGES = build-essential pkg-config perl \
   qemu-utils qemu-system-x86 qemu-block-extra procps bc \
   cppcheck clang-tidy
 
-LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/bitmap.c lib/qmp.c
+LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c \
+             lib/bitmap.c lib/qmp.c
 LIB_OBJS   = $(LIB_SRCS:.c=.o)
 LIB        = lib/libbackupaccess.a
 FILTER     = nbdkit-backupaccess-filter.so

@@ -44,7 +44,11 @@ static int64_t cluster_size = 65536;
 static bool discard = true;
 static bool clean_is_zero;
 static bool discard_clean;
-static int64_t trim_batch;      /* 0: trim what each request completes */
+/* Completed clusters are trimmed in batches of this many bytes (one
+ * trim per client read would cost an upstream round trip per read).
+ */
+static int64_t trim_batch = INT64_C (4) << 20;
+static int64_t discard_lag;     /* recent bytes kept readable */
 static unsigned params_seen;    /* bit per parameter, to refuse repeats */
 
 /* State, set up in .after_fork, then guarded by lock. */
@@ -55,13 +59,17 @@ static bool broken;             /* the snapshot failed: refuse all reads */
 static pthread_t status_thread;
 static bool status_running, status_stop;
 static pthread_cond_t status_cond = PTHREAD_COND_INITIALIZER;
-/* With backupaccess-trim-batch: completed clusters not yet trimmed,
- * merged as they come (reads complete out of order); a range is trimmed
- * once it reaches trim_batch bytes, all of them when there are more than
- * MAX_PENDING or when a connection ends.
+/* Completed clusters not yet trimmed: the batch and the lag. */
+static struct ba_discard_queue *queue;
+/* The flusher thread sends the batch every second through a plugin
+ * context of its own, so that the last discards of a slow or idle
+ * client (an nbdfuse mount) do not wait for its connection to end.
  */
-static struct ba_regions pending;
-#define MAX_PENDING 64
+static bool parallel_plugin;    /* the flusher's context may run beside */
+static nbdkit_next *flush_next;
+static pthread_t flush_thread;
+static bool flush_running, flush_stop;
+static pthread_cond_t flush_cond = PTHREAD_COND_INITIALIZER;
 static uint64_t disk_size;
 static bool disk_size_known;
 static struct ba_coverage *coverage;
@@ -83,8 +91,10 @@ static struct {
   "                            in extents (default hole).\n" \
   "backupaccess-discard-clean=BOOL  Discard the clean clusters at\n" \
   "                            start-up (default false).\n" \
-  "backupaccess-trim-batch=SIZE  Collect consecutive discards into\n" \
-  "                            trims of up to SIZE (default 0: none).\n" \
+  "backupaccess-trim-batch=SIZE  Send discards in batches of SIZE\n" \
+  "                            (default 4M; 0: after every read).\n" \
+  "backupaccess-discard-lag=SIZE  Keep the last SIZE bytes read\n" \
+  "                            readable until more is read (default 0).\n" \
   "backupaccess-status=FILE    Write the counters there as JSON, every\n" \
   "                            second while they change."
 
@@ -185,7 +195,7 @@ backupaccess_unload (void)
   }
   ba_coverage_free (coverage);
   ba_regions_free (&dirty);
-  ba_regions_free (&pending);
+  ba_discard_queue_free (queue);
   free (map_path);
   free (bitmap_name);
   free (bitmap_uri);
@@ -272,6 +282,18 @@ backupaccess_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
       return -1;
     if (trim_batch > INT64_C (1) << 30) {
       nbdkit_error ("backupaccess-trim-batch=%s: at most 1G", value);
+      return -1;
+    }
+    return 0;
+  }
+  if (strcmp (key, "backupaccess-discard-lag") == 0) {
+    if (seen_once (512, key) == -1)
+      return -1;
+    discard_lag = nbdkit_parse_size (value);
+    if (discard_lag == -1)
+      return -1;
+    if (discard_lag > INT64_C (1) << 30) {
+      nbdkit_error ("backupaccess-discard-lag=%s: at most 1G", value);
       return -1;
     }
     return 0;
@@ -367,6 +389,7 @@ backupaccess_get_ready (int thread_model)
   struct ba_regions none;
   int r;
 
+  parallel_plugin = thread_model == NBDKIT_THREAD_MODEL_PARALLEL;
   if (bitmap_name == NULL && uri == NULL && plugin_socket == NULL)
     return 0;                   /* the size comes in .after_fork */
   ba_regions_init (&none);
@@ -428,6 +451,41 @@ static int send_trims (nbdkit_next *next, const struct ba_regions *trims,
  * sync=none), it then stops copying them on guest writes, and the
  * fleecing image holds only what the backup reads.
  */
+/* Opens a writable plugin context of our own, ready to trim, or
+ * returns NULL (the plugin's errors are logged; a plugin that cannot
+ * trim is left to the caller to report).
+ */
+static nbdkit_next *
+open_trim_context (nbdkit_backend *backend)
+{
+  nbdkit_next *next;
+
+  next = nbdkit_next_context_open (backend, 0,
+                                   plugin_export ? plugin_export : "", 1);
+  if (next == NULL)
+    return NULL;
+  if (next->prepare (next) == -1)
+    goto close;
+  /* nbdkit checks every request against the size it was told. */
+  if (next->get_size (next) == -1)
+    goto finalize;
+  if (next->can_write (next) != 1 || next->can_trim (next) != 1)
+    goto finalize;
+  return next;
+ finalize:
+  next->finalize (next);
+ close:
+  nbdkit_next_context_close (next);
+  return NULL;
+}
+
+static void
+close_context (nbdkit_next *next)
+{
+  next->finalize (next);
+  nbdkit_next_context_close (next);
+}
+
 static int
 discard_clean_clusters (nbdkit_backend *backend)
 {
@@ -441,29 +499,92 @@ discard_clean_clusters (nbdkit_backend *backend)
     nbdkit_error ("backupaccess-discard-clean: %m");
     return -1;
   }
-  next = nbdkit_next_context_open (backend, 0,
-                                   plugin_export ? plugin_export : "", 1);
-  if (next == NULL)
-    goto out;
-  if (next->prepare (next) == -1)
-    goto close;
-  /* nbdkit checks every request against the size it was told. */
-  if (next->get_size (next) == -1)
-    goto finalize;
-  if (next->can_write (next) != 1 || next->can_trim (next) != 1) {
-    nbdkit_error ("backupaccess-discard-clean: the plugin cannot trim");
-    goto finalize;
+  next = open_trim_context (backend);
+  if (next) {
+    r = send_trims (next, &clean, &stats.clean_discarded, &err);
+    close_context (next);
   }
-  r = send_trims (next, &clean, &stats.clean_discarded, &err);
- finalize:
-  next->finalize (next);
- close:
-  nbdkit_next_context_close (next);
- out:
+  else
+    nbdkit_error ("backupaccess-discard-clean: the plugin cannot trim");
   nbdkit_debug ("backupaccess: discarded %zu clean ranges, %" PRIu64
                 " bytes", clean.n, stats.clean_discarded);
   ba_regions_free (&clean);
   return r;
+}
+
+/* The flusher thread: once a second, the batch goes out. */
+static void *
+flush_loop (void *arg)
+{
+  pthread_mutex_lock (&lock);
+  while (!flush_stop) {
+    struct timespec ts;
+    struct ba_regions due;
+    int err;
+
+    clock_gettime (CLOCK_REALTIME, &ts);
+    ts.tv_sec++;
+    pthread_cond_timedwait (&flush_cond, &lock, &ts);
+    if (flush_stop)
+      break;
+    ba_regions_init (&due);
+    if (ba_discard_queue_flush (queue, &due) == -1)
+      nbdkit_error ("backupaccess: out of memory sending discards");
+    pthread_mutex_unlock (&lock);
+    send_trims (flush_next, &due, &stats.bytes_discarded, &err);
+    ba_regions_free (&due);
+    pthread_mutex_lock (&lock);
+  }
+  pthread_mutex_unlock (&lock);
+  return NULL;
+}
+
+static int
+start_flusher (nbdkit_backend *backend)
+{
+  int e;
+
+  if (!parallel_plugin) {
+    nbdkit_debug ("backupaccess: the plugin is not parallel: discards "
+                  "are batched per connection only");
+    return 0;
+  }
+  flush_next = open_trim_context (backend);
+  if (flush_next == NULL) {
+    /* Connections then fail in .prepare with the whole story. */
+    nbdkit_debug ("backupaccess: no plugin context to trim in: discards "
+                  "are batched per connection only");
+    return 0;
+  }
+  e = pthread_create (&flush_thread, NULL, flush_loop, NULL);
+  if (e != 0) {
+    nbdkit_error ("backupaccess: pthread_create: %s", strerror (e));
+    close_context (flush_next);
+    flush_next = NULL;
+    return -1;
+  }
+  flush_running = true;
+  return 0;
+}
+
+/* After the last connection, before the plugin goes: every connection
+ * sent its batch at its end, so the flusher only has to stop.
+ */
+static void
+backupaccess_cleanup (nbdkit_backend *backend)
+{
+  if (flush_running) {
+    pthread_mutex_lock (&lock);
+    flush_stop = true;
+    pthread_cond_signal (&flush_cond);
+    pthread_mutex_unlock (&lock);
+    pthread_join (flush_thread, NULL);
+    flush_running = false;
+  }
+  if (flush_next) {
+    close_context (flush_next);
+    flush_next = NULL;
+  }
 }
 
 /* Sets up the state once, before any client is served, and checks the
@@ -496,8 +617,15 @@ backupaccess_after_fork (nbdkit_backend *backend)
     ba_coverage_get_stats (coverage, &cs);
     stats.peak_memory = cs.memory_bytes;
   }
+  queue = ba_discard_queue_new (trim_batch, discard_lag, cluster_size);
+  if (queue == NULL) {
+    nbdkit_error ("backupaccess: cannot set up the discard queue: %m");
+    return -1;
+  }
   if (discard_clean && have_dirty &&
       discard_clean_clusters (backend) == -1)
+    return -1;
+  if (discard && trim_batch > 0 && start_flusher (backend) == -1)
     return -1;
   if (status_path) {
     int e = pthread_create (&status_thread, NULL, status_loop, NULL);
@@ -514,13 +642,13 @@ backupaccess_after_fork (nbdkit_backend *backend)
   return 0;
 }
 
-static void flush_pending (nbdkit_next *next);
+static void flush_batch (nbdkit_next *next);
 
 static int
 backupaccess_finalize (nbdkit_next *next, void *handle)
 {
-  if (trim_batch > 0)
-    flush_pending (next);
+  if (discard)
+    flush_batch (next);
   return 0;
 }
 
@@ -638,47 +766,17 @@ send_trims (nbdkit_next *next, const struct ba_regions *trims,
   return r;
 }
 
-/* With backupaccess-trim-batch: moves the completed ranges into the
- * pending run, leaving in *trims only what is due now.  Called with the
- * lock held.
- */
-static int
-batch_trims (struct ba_regions *trims)
-{
-  struct ba_regions due;
-  int r = 0;
-
-  ba_regions_init (&due);
-  for (size_t i = 0; i < trims->n; i++)
-    if (ba_regions_insert (&pending, trims->r[i].start,
-                           trims->r[i].end) == -1 &&
-        ba_regions_append (&due, trims->r[i].start, trims->r[i].end) == -1)
-      r = -1;                   /* not recorded: never trimmed */
-  /* Due: the long ranges, or everything when there are too many. */
-  for (size_t i = 0, keep = 0; i < pending.n; i++) {
-    struct ba_range p = pending.r[i];
-    if (pending.n > MAX_PENDING || p.end - p.start >= (uint64_t) trim_batch)
-      ba_regions_insert (&due, p.start, p.end);
-    else
-      pending.r[keep++] = p;
-    if (i + 1 == pending.n)
-      pending.n = keep;
-  }
-  ba_regions_free (trims);
-  *trims = due;
-  return r;
-}
-
-/* Sends the pending run (at the end of a connection). */
+/* Sends the batch (at the end of a connection; the lag stays). */
 static void
-flush_pending (nbdkit_next *next)
+flush_batch (nbdkit_next *next)
 {
   struct ba_regions due;
   int err;
 
+  ba_regions_init (&due);
   pthread_mutex_lock (&lock);
-  due = pending;                /* all of it */
-  ba_regions_init (&pending);
+  if (ba_discard_queue_flush (queue, &due) == -1)
+    nbdkit_error ("backupaccess: out of memory sending the last discards");
   pthread_mutex_unlock (&lock);
   send_trims (next, &due, &stats.bytes_discarded, &err);
   ba_regions_free (&due);
@@ -688,20 +786,21 @@ flush_pending (nbdkit_next *next)
 static int
 consume (nbdkit_next *next, uint64_t offset, uint64_t count, int *err)
 {
-  struct ba_regions trims;
+  struct ba_regions completed, trims;
+  struct ba_coverage_stats cs;
   int r, r2;
 
-  struct ba_coverage_stats cs;
-
+  ba_regions_init (&completed);
   ba_regions_init (&trims);
   pthread_mutex_lock (&lock);
-  r = ba_coverage_consume (coverage, offset, offset + count, &trims);
+  r = ba_coverage_consume (coverage, offset, offset + count, &completed);
   ba_coverage_get_stats (coverage, &cs);
   if (cs.memory_bytes > stats.peak_memory)
     stats.peak_memory = cs.memory_bytes;
-  if (trim_batch > 0 && batch_trims (&trims) == -1 && r == 0)
+  if (ba_discard_queue_add (queue, &completed, &trims) == -1)
     r = -1;
   pthread_mutex_unlock (&lock);
+  ba_regions_free (&completed);
   if (r == -1) {
     nbdkit_error ("backupaccess: out of memory recording discarded "
                   "clusters near [%" PRIu64 ", +%" PRIu64 ")",
@@ -802,6 +901,24 @@ read_with_clean_zeroes (nbdkit_next *next, char *buf, uint32_t count,
   return 0;
 }
 
+/* Is every byte of [offset, end) dirty and either readable or in a
+ * cluster that was completed but is still held back by the discard lag,
+ * so not trimmed yet?  Called with the lock held.
+ */
+static bool
+readable_again (uint64_t offset, uint64_t end)
+{
+  struct ba_range bad;
+  bool discarded;
+
+  while (!ba_coverage_readable (coverage, offset, end, &bad, &discarded)) {
+    if (!discarded || !ba_discard_queue_lagging (queue, bad.start, bad.end))
+      return false;
+    offset = bad.end;
+  }
+  return true;
+}
+
 /* The read path. */
 static int
 backupaccess_pread (nbdkit_next *next, void *handle, void *buf,
@@ -814,6 +931,9 @@ backupaccess_pread (nbdkit_next *next, void *handle, void *buf,
   pthread_mutex_lock (&lock);
   ok = ba_coverage_readable (coverage, offset, offset + count,
                              &bad, &discarded);
+  /* A re-read of what was read but not trimmed yet: nothing changes. */
+  if (!ok && discarded && readable_again (offset, offset + count))
+    ok = true;
   is_broken = broken;
   pthread_mutex_unlock (&lock);
   if (!ok && (discarded || !clean_is_zero))
@@ -995,6 +1115,7 @@ static struct nbdkit_filter filter = {
   .thread_model       = backupaccess_thread_model,
   .get_ready          = backupaccess_get_ready,
   .after_fork         = backupaccess_after_fork,
+  .cleanup            = backupaccess_cleanup,
   .prepare            = backupaccess_prepare,
   .finalize           = backupaccess_finalize,
   .can_trim           = backupaccess_can_trim,

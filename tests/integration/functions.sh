@@ -98,6 +98,12 @@ start_filter () {
   start_nbdkit --filter="$FILTER" "$@"
 }
 
+# start_filter_unbatched [ARGS...]: the filter trimming after every read
+# (no batch), so that a test can check the trims each read causes.
+start_filter_unbatched () {
+  start_filter "$@" backupaccess-trim-batch=0
+}
+
 # stop_nbdkit [PID]: SIGTERM and wait, so that .unload (the summary
 # line) has run.  Default: the last one started.  Fails the test when
 # nbdkit does not exit within ~10 s or exits with a failure.

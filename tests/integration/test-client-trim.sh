@@ -78,7 +78,7 @@ note "scripted sequence"
 printf '1000 5000\n70000 130000\n300000 200000\n1040000 %d\n' $((size - 1040000)) \
   > "$tmp/dirty.map"
 cp "$tmp/src.img" "$tmp/snap.img"
-start_filter --filter=log file "$tmp/snap.img" logfile="$tmp/plugin.log" \
+start_filter_unbatched --filter=log file "$tmp/snap.img" logfile="$tmp/plugin.log" \
   backupaccess-map="$tmp/dirty.map"
 "$PY" - "$sock" "$tmp/src.img" "$tmp/plugin.log" "$nbdkit_log" "$tmp/dirty.map" <<'EOF'
 import sys
@@ -130,7 +130,7 @@ itlib.write_map(sys.argv[1], itlib.random_regions(random.Random(51), int(sys.arg
     printf '0 %d\n' $size > "$tmp/dirty.map"
     mapargs=()
   fi
-  start_filter --filter=log file "$tmp/snap.img" logfile="$tmp/plugin.log" \
+  start_filter_unbatched --filter=log file "$tmp/snap.img" logfile="$tmp/plugin.log" \
     "${mapargs[@]}" backupaccess-cluster=16384
   "$PY" - "$sock" "$tmp/src.img" "$tmp/plugin.log" "$nbdkit_log" "$tmp/dirty.map" <<'EOF'
 import random, sys

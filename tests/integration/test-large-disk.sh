@@ -11,7 +11,7 @@
 
 size=$((5 * 1073741824 + 12345))
 truncate -s $size "$tmp/snap.img"
-start_filter --filter=log file "$tmp/snap.img" logfile="$tmp/plugin.log"
+start_filter_unbatched --filter=log file "$tmp/snap.img" logfile="$tmp/plugin.log"
 "$PY" - "$sock" "$tmp/plugin.log" "$nbdkit_log" $size <<'EOF'
 import sys
 import itlib

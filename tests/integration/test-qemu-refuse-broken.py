@@ -114,9 +114,11 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
             "driver": "blkdebug",
             "inject-error": [{"event": "write_aio", "errno": 5}]})
         log = os.path.join(tmp, "log2.txt")
+        # Unbatched, so that the first read's trim comes before the break.
         with Nbdkit(tmp, filtered(["nbd", "socket=" + f.nbd_path,
                                    "export=snap"],
                                   "backupaccess-bitmap=frozen",
+                                  "backupaccess-trim-batch=0",
                                   log_below=log), "broken") as nk:
             h = nbd.NBD()
             h.connect_uri(nk.uri())

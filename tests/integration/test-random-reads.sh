@@ -30,7 +30,7 @@ regions[0] = (0, regions[0][1])
 regions[-1] = (regions[-1][0], size)
 itlib.write_map(path, regions)
 EOF
-  start_filter --filter=log file "$tmp/snap.img" logfile="$tmp/plugin.log" \
+  start_filter_unbatched --filter=log file "$tmp/snap.img" logfile="$tmp/plugin.log" \
     backupaccess-map="$tmp/dirty.map" backupaccess-cluster="$cluster"
   "$PY" - "$sock" "$tmp/src.img" "$tmp/dirty.map" "$tmp/plugin.log" \
     "$nbdkit_log" "$cluster" "$seed" "$maxpiece" "$tmp/counts" <<'EOF'

@@ -27,7 +27,7 @@ expected:     nbdkit: backupaccess: summary: $2" ;;
 
 note "a known sequence of reads"
 cp "$tmp/src.img" "$tmp/snap.img"
-start_filter file "$tmp/snap.img" backupaccess-map="$tmp/dirty.map"
+start_filter_unbatched file "$tmp/snap.img" backupaccess-map="$tmp/dirty.map"
 "$PY" - "$sock" <<'EOF'
 import sys
 import itlib
@@ -52,13 +52,13 @@ stop_nbdkit
 expect_summary "$nbdkit_log" "15001 bytes read in 3 reads, 262144 bytes discarded in 2 trims, 0 trim errors, 3 requests refused, 0 of 135000 readable bytes left"
 
 note "no client"
-start_filter file "$tmp/snap.img" backupaccess-map="$tmp/dirty.map"
+start_filter_unbatched file "$tmp/snap.img" backupaccess-map="$tmp/dirty.map"
 stop_nbdkit
 expect_summary "$nbdkit_log" "0 bytes read in 0 reads, 0 bytes discarded in 0 trims, 0 trim errors, 0 requests refused, 135000 of 135000 readable bytes left"
 
 note "trims fail in the plugin"
 cp "$tmp/src.img" "$tmp/snap.img"
-start_filter --filter=error file "$tmp/snap.img" backupaccess-map="$tmp/dirty.map" \
+start_filter_unbatched --filter=error file "$tmp/snap.img" backupaccess-map="$tmp/dirty.map" \
   error-trim=EIO error-trim-rate=1
 "$PY" - "$sock" "$tmp/src.img" <<'EOF'
 import sys

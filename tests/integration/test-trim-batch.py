@@ -1,8 +1,9 @@
 #!/usr/bin/python3
-"""backupaccess-trim-batch: completed clusters are trimmed in batches, out
-of order completions merged; every trim aligned, no cluster trimmed twice,
-every cluster trimmed by the time the client has gone, and fewer trims
-than reads.  Without it, one trim per completing read."""
+"""backupaccess-trim-batch: completed clusters are trimmed in batches (by
+default, and with an explicit size), out of order completions merged;
+every trim aligned, no cluster trimmed twice, every cluster trimmed by the
+time the client has gone, and fewer trims than reads.  With 0, one trim
+per completing read."""
 import os
 import sys
 import tempfile
@@ -14,14 +15,14 @@ SIZE = 64 << 20
 C = 65536
 
 with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
-    for batch, most in (("4M", 40), ("0", None)):
+    for batch, most in ((None, 40), ("4M", 40), ("0", None)):
         img = os.path.join(tmp, "disk.img")
         data = os.urandom(SIZE)
         with open(img, "wb") as f:
             f.write(data)
         log = os.path.join(tmp, "log-%s.txt" % batch)
-        with Nbdkit(tmp, filtered(["file", img],
-                                  "backupaccess-trim-batch=" + batch,
+        extra = ["backupaccess-trim-batch=" + batch] if batch else []
+        with Nbdkit(tmp, filtered(["file", img], *extra,
                                   log_below=log), "batch") as nk:
             out = os.path.join(tmp, "copy.raw")
             run(["nbdcopy", "--connections=4", nk.uri(), out])
