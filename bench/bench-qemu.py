@@ -2,9 +2,12 @@
 """make bench, the QEMU part: nbdcopy of a full backup straight from
 qemu-storage-daemon's snapshot-access export, through nbdkit's nbd
 plugin, and through the nbd plugin + backupaccess filter; same run, same
-image, rounds interleaved, medians, as shares of the direct path.  Then
-the fleecing image's peak while a guest writes during a full backup, with
-discard on and off."""
+image, rounds interleaved, medians, as shares of the direct path, with
+the CPU time of each of the three processes (QEMU, nbdkit, nbdcopy) per
+GiB.  On a machine with fewer cores than busy processes the copy is
+CPU-bound, and the CPU-bound ceiling of a path is the direct path's CPU
+over the path's total.  Then the fleecing image's peak while a guest
+writes during a full backup, with discard on and off."""
 import os
 import random
 import statistics
@@ -29,26 +32,47 @@ PATHS = [
     ("nbdkit nbd plugin + backupaccess filter", ["--filter=" + FILTER, "nbd"]),
     ("backupaccess plugin", [PLUGIN]),
     ("backupaccess plugin + filter", ["--filter=" + FILTER, PLUGIN]),
+    ("backupaccess plugin + filter, trim-batch=0",
+     ["--filter=" + FILTER, PLUGIN, "backupaccess-trim-batch=0"]),
 ]
 
 
+def proc_cpu(pid):
+    """User + system CPU seconds a process has used so far."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def copy_seconds(uri, conns, target="null:"):
+    """(wall seconds, nbdcopy CPU seconds) of one nbdcopy."""
     t0 = time.monotonic()
-    subprocess.run(["nbdcopy", "--connections=%d" % conns, uri, target],
-                   check=True)
-    return time.monotonic() - t0
+    p = subprocess.Popen(["nbdcopy", "--connections=%d" % conns, uri, target])
+    _pid, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError("nbdcopy failed: %d" % p.returncode)
+    return time.monotonic() - t0, ru.ru_utime + ru.ru_stime
 
 
-def measure(f, tmp, args, conns, extra=(), bitmap=False):
-    """(seconds, nbdkit CPU seconds) of one copy from a fresh snapshot."""
+def measure(f, tmp, args, conns, extra=(), bitmap=False, cpu=None):
+    """Seconds of one copy from a fresh snapshot; with a dict cpu, also
+    the CPU seconds of "qemu", "nbdkit" and "client" in it."""
     f.snapshot(bitmap=bitmap)
     try:
+        q0 = proc_cpu(f.proc.pid)
         if args is None:
-            return copy_seconds(f.snap_uri(), conns), 0
-        with Nbdkit(tmp, args + ["socket=" + f.nbd_path, "export=snap"]
-                    + list(extra), "bench") as nk:
-            secs = copy_seconds(nk.uri(), conns)
-            return secs, nk.cpu_seconds()
+            secs, client = copy_seconds(f.snap_uri(), conns)
+            nbdkit = 0
+        else:
+            with Nbdkit(tmp, args + ["socket=" + f.nbd_path, "export=snap"]
+                        + list(extra), "bench") as nk:
+                secs, client = copy_seconds(nk.uri(), conns)
+                nbdkit = nk.cpu_seconds()
+        if cpu is not None:
+            cpu.update(qemu=proc_cpu(f.proc.pid) - q0, nbdkit=nbdkit,
+                       client=client)
+        return secs
     finally:
         # An incremental run gives its bitmap back for the next one.
         f.release(success=not bitmap)
@@ -70,7 +94,7 @@ def incremental(f, tmp):
     for _ in range(ROUNDS):
         for name, args in rows:
             for conns in (1, 4):
-                t, _c = measure(f, tmp, args, conns, bitmap=True, extra=[
+                t = measure(f, tmp, args, conns, bitmap=True, extra=[
                     "backupaccess-bitmap=frozen", "backupaccess-clean=zero"])
                 res.setdefault((name, conns), []).append(t)
     print("Incremental: %d dirty regions, nbdcopy --destination-is-zero "
@@ -121,23 +145,34 @@ def main():
         for conns in (1, 4):
             for _ in range(ROUNDS):
                 for name, args in PATHS:
-                    t, c = measure(f, tmp, args, conns)
+                    c = {}
+                    t = measure(f, tmp, args, conns, cpu=c)
                     times.setdefault((name, conns), []).append(t)
-                    cpu.setdefault((name, conns), []).append(c)
+                    for k, v in c.items():
+                        cpu.setdefault((name, conns, k), []).append(v)
+        gib = SIZE / (1 << 30)
+
+        def cpu_per_gib(name, who):
+            return statistics.median(cpu[(name, 4, who)]) / gib
+
         print("nbdcopy of a %d MiB snapshot-access export (qcow2, page cache "
-              "warm) to null:, median of %d interleaved rounds"
-              % (SIZE // MiB, ROUNDS))
+              "warm) to null:, median of %d interleaved rounds; CPU "
+              "seconds per GiB with 4 connections" % (SIZE // MiB, ROUNDS))
         print("| path | 1 connection | share of direct | 4 connections "
-              "| share of direct | nbdkit CPU s/GiB (4) |")
-        print("|---|---|---|---|---|---|")
+              "| share of direct | CPU s/GiB: QEMU | nbdkit | nbdcopy "
+              "| CPU-bound ceiling |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        direct = PATHS[0][0]
+        direct_cpu = sum(cpu_per_gib(direct, w) for w in ("qemu", "client"))
         for name, _ in PATHS:
             row = "| %s |" % name
             for conns in (1, 4):
                 t = statistics.median(times[(name, conns)])
-                d = statistics.median(times[(PATHS[0][0], conns)])
+                d = statistics.median(times[(direct, conns)])
                 row += " %.3f s | %.0f%% |" % (t, 100 * d / t)
-            row += " %.2f |" % (statistics.median(cpu[(name, 4)])
-                                / (SIZE / (1 << 30)))
+            per = [cpu_per_gib(name, w) for w in ("qemu", "nbdkit", "client")]
+            row += " %.2f | %.2f | %.2f | %.0f%% |" % (
+                per[0], per[1], per[2], 100 * direct_cpu / sum(per))
             print(row)
         print()
         incremental(f, tmp)

@@ -197,10 +197,12 @@ uint64_t ba_trim_piece (uint64_t start, uint64_t end, uint64_t cluster_size,
  * lag_size > 0 keeps at least the newest lag_size bytes (less than a
  * cluster more), in completion order, untrimmed: a client whose connection
  * dropped right after a read can read them again.  batch_size > 0
- * collects what leaves the lag into a merged set that is handed out
- * once it holds batch_size bytes or more than 64 separate ranges; with
- * batch_size == 0 it is handed out at once.  So at most
- * lag_size + batch_size bytes (plus a cluster) wait untrimmed.
+ * collects what leaves the lag into a merged set (reads complete out
+ * of order): a range is handed out once it is batch_size long, all of
+ * them once they hold 4 x batch_size bytes or are more than 1024 separate
+ * ranges, or on ba_discard_queue_flush; with batch_size == 0 all is
+ * handed out at once.  So at most lag_size + 4 x batch_size bytes (plus
+ * a cluster) wait untrimmed.
  */
 struct ba_discard_queue;
 struct ba_discard_queue *ba_discard_queue_new (uint64_t batch_size,

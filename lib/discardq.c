@@ -13,8 +13,10 @@
 
 #include "backupaccess.h"
 
-/* Separate ranges in the batch before it is sent whatever its size. */
-#define MAX_BATCH_RANGES 64
+/* Separate ranges in the batch before all of it is sent. */
+#define MAX_BATCH_RANGES 1024
+/* Bytes in the batch, in batch_size units, before all of it is sent. */
+#define MAX_BATCH_UNITS 4
 
 struct ba_discard_queue {
   uint64_t batch_size, lag_size, cluster_size;
@@ -57,17 +59,27 @@ ba_discard_queue_free (struct ba_discard_queue *q)
   free (q);
 }
 
-/* Moves the whole batch into *due. */
+/* Moves into *due the ranges of the batch at least min_len long (all
+ * of them with 0).
+ */
 static int
-take_batch (struct ba_discard_queue *q, struct ba_regions *due)
+take_batch (struct ba_discard_queue *q, uint64_t min_len,
+            struct ba_regions *due)
 {
+  size_t keep = 0;
   int r = 0;
 
-  for (size_t i = 0; i < q->batch.n; i++)
-    if (ba_regions_insert (due, q->batch.r[i].start, q->batch.r[i].end) == -1)
-      r = -1;
-  ba_regions_clear (&q->batch);
-  q->batch_bytes = 0;
+  for (size_t i = 0; i < q->batch.n; i++) {
+    struct ba_range b = q->batch.r[i];
+    if (b.end - b.start < min_len)
+      q->batch.r[keep++] = b;
+    else {
+      if (ba_regions_insert (due, b.start, b.end) == -1)
+        r = -1;
+      q->batch_bytes -= b.end - b.start;
+    }
+  }
+  q->batch.n = keep;
   return r;
 }
 
@@ -166,17 +178,22 @@ ba_discard_queue_add (struct ba_discard_queue *q,
   }
   if (trim_lag (q, due) == -1)
     r = -1;
-  if (q->batch_size > 0 &&
-      (q->batch_bytes >= q->batch_size || q->batch.n > MAX_BATCH_RANGES) &&
-      take_batch (q, due) == -1)
-    r = -1;
+  if (q->batch_size > 0) {
+    /* Reads complete out of order: a range is sent once it is long,
+     * all of them when there are too many.
+     */
+    bool all = q->batch.n > MAX_BATCH_RANGES ||
+      q->batch_bytes >= MAX_BATCH_UNITS * q->batch_size;
+    if (take_batch (q, all ? 0 : q->batch_size, due) == -1)
+      r = -1;
+  }
   return r;
 }
 
 int
 ba_discard_queue_flush (struct ba_discard_queue *q, struct ba_regions *due)
 {
-  return take_batch (q, due);
+  return take_batch (q, 0, due);
 }
 
 bool
