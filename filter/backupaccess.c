@@ -61,15 +61,22 @@ static bool status_running, status_stop;
 static pthread_cond_t status_cond = PTHREAD_COND_INITIALIZER;
 /* Completed clusters not yet trimmed: the batch and the lag. */
 static struct ba_discard_queue *queue;
-/* The flusher thread sends the batch every second through a plugin
- * context of its own, so that the last discards of a slow or idle
- * client (an nbdfuse mount) do not wait for its connection to end.
+/* The flusher thread sends the batch every second, so that the last
+ * discards of a slow or idle client (an nbdfuse mount) do not wait for
+ * its connection to end.  It sends them through the plugin context of
+ * an open connection (there is a batch only while one is open): one of
+ * its own would be one more connection to QEMU, and the nbd plugin
+ * logs an error when opened outside a connection.  A connection waits
+ * in .finalize until the flusher no longer uses its context.
  */
-static bool parallel_plugin;    /* the flusher's context may run beside */
-static nbdkit_next *flush_next;
+static bool parallel_plugin;    /* the flusher may run beside requests */
+static nbdkit_next **open_nexts;        /* the open connections' contexts */
+static size_t nr_open_nexts;
+static nbdkit_next *flushing_via;       /* in use by the flusher */
 static pthread_t flush_thread;
 static bool flush_running, flush_stop;
 static pthread_cond_t flush_cond = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t flushed_cond = PTHREAD_COND_INITIALIZER;
 static uint64_t disk_size;
 static bool disk_size_known;
 static struct ba_coverage *coverage;
@@ -525,51 +532,45 @@ flush_loop (void *arg)
     clock_gettime (CLOCK_REALTIME, &ts);
     ts.tv_sec++;
     pthread_cond_timedwait (&flush_cond, &lock, &ts);
-    if (flush_stop)
-      break;
+    if (flush_stop || nr_open_nexts == 0)
+      continue;
     ba_regions_init (&due);
     if (ba_discard_queue_flush (queue, &due) == -1)
       nbdkit_error ("backupaccess: out of memory sending discards");
-    pthread_mutex_unlock (&lock);
-    send_trims (flush_next, &due, &stats.bytes_discarded, &err);
+    if (due.n > 0) {
+      flushing_via = open_nexts[0];
+      pthread_mutex_unlock (&lock);
+      send_trims (flushing_via, &due, &stats.bytes_discarded, &err);
+      pthread_mutex_lock (&lock);
+      flushing_via = NULL;
+      pthread_cond_broadcast (&flushed_cond);
+    }
     ba_regions_free (&due);
-    pthread_mutex_lock (&lock);
   }
   pthread_mutex_unlock (&lock);
   return NULL;
 }
 
 static int
-start_flusher (nbdkit_backend *backend)
+start_flusher (void)
 {
   int e;
 
   if (!parallel_plugin) {
-    nbdkit_debug ("backupaccess: the plugin is not parallel: discards "
-                  "are batched per connection only");
-    return 0;
-  }
-  flush_next = open_trim_context (backend);
-  if (flush_next == NULL) {
-    /* Connections then fail in .prepare with the whole story. */
-    nbdkit_debug ("backupaccess: no plugin context to trim in: discards "
-                  "are batched per connection only");
+    nbdkit_debug ("backupaccess: the plugin is not parallel: a batch of "
+                  "discards waits for its connection to fill it or end");
     return 0;
   }
   e = pthread_create (&flush_thread, NULL, flush_loop, NULL);
   if (e != 0) {
     nbdkit_error ("backupaccess: pthread_create: %s", strerror (e));
-    close_context (flush_next);
-    flush_next = NULL;
     return -1;
   }
   flush_running = true;
   return 0;
 }
 
-/* After the last connection, before the plugin goes: every connection
- * sent its batch at its end, so the flusher only has to stop.
- */
+/* After the last connection, before the plugin goes. */
 static void
 backupaccess_cleanup (nbdkit_backend *backend)
 {
@@ -581,10 +582,43 @@ backupaccess_cleanup (nbdkit_backend *backend)
     pthread_join (flush_thread, NULL);
     flush_running = false;
   }
-  if (flush_next) {
-    close_context (flush_next);
-    flush_next = NULL;
+  free (open_nexts);
+  open_nexts = NULL;
+}
+
+/* A connection's context becomes available to the flusher, or stops
+ * being so (waiting until the flusher is done with it).
+ */
+static int
+offer_to_flusher (nbdkit_next *next)
+{
+  nbdkit_next **n;
+
+  pthread_mutex_lock (&lock);
+  n = realloc (open_nexts, (nr_open_nexts + 1) * sizeof (nbdkit_next *));
+  if (n == NULL) {
+    pthread_mutex_unlock (&lock);
+    nbdkit_error ("realloc: %m");
+    return -1;
   }
+  open_nexts = n;
+  open_nexts[nr_open_nexts++] = next;
+  pthread_mutex_unlock (&lock);
+  return 0;
+}
+
+static void
+withdraw_from_flusher (nbdkit_next *next)
+{
+  pthread_mutex_lock (&lock);
+  for (size_t i = 0; i < nr_open_nexts; i++)
+    if (open_nexts[i] == next) {
+      open_nexts[i] = open_nexts[--nr_open_nexts];
+      break;
+    }
+  while (flushing_via == next)
+    pthread_cond_wait (&flushed_cond, &lock);
+  pthread_mutex_unlock (&lock);
 }
 
 /* Sets up the state once, before any client is served, and checks the
@@ -625,7 +659,7 @@ backupaccess_after_fork (nbdkit_backend *backend)
   if (discard_clean && have_dirty &&
       discard_clean_clusters (backend) == -1)
     return -1;
-  if (discard && trim_batch > 0 && start_flusher (backend) == -1)
+  if (discard && trim_batch > 0 && start_flusher () == -1)
     return -1;
   if (status_path) {
     int e = pthread_create (&status_thread, NULL, status_loop, NULL);
@@ -647,8 +681,11 @@ static void flush_batch (nbdkit_next *next);
 static int
 backupaccess_finalize (nbdkit_next *next, void *handle)
 {
-  if (discard)
+  if (discard) {
+    if (flush_running)
+      withdraw_from_flusher (next);
     flush_batch (next);
+  }
   return 0;
 }
 
@@ -676,6 +713,8 @@ backupaccess_prepare (nbdkit_next *next, void *handle, int readonly)
                   "backupaccess-discard=false");
     return -1;
   }
+  if (discard && flush_running)
+    return offer_to_flusher (next);
   return 0;
 }
 
