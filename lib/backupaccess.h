@@ -50,6 +50,12 @@ int ba_regions_append (struct ba_regions *set, uint64_t start, uint64_t end);
  */
 int ba_regions_insert (struct ba_regions *set, uint64_t start, uint64_t end);
 
+/* Makes room for one more range in set->r (for arrays of ranges kept
+ * in another order, such as the discard queue's lag).  Returns 0, or -1
+ * with errno = ENOMEM.
+ */
+int ba_regions_room_for_one (struct ba_regions *set);
+
 /* Total number of bytes in the set. */
 uint64_t ba_regions_total (const struct ba_regions *set);
 

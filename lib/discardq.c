@@ -112,14 +112,8 @@ to_lag (struct ba_discard_queue *q, uint64_t start, uint64_t end)
       l->n -= q->head;
       q->head = 0;
     }
-    if (l->n == l->cap) {
-      size_t cap = l->cap ? l->cap * 2 : 16;
-      struct ba_range *r = realloc (l->r, cap * sizeof *r);
-      if (r == NULL)
-        return -1;
-      l->r = r;
-      l->cap = cap;
-    }
+    if (ba_regions_room_for_one (l) == -1)
+      return -1;
     l->r[l->n].start = start;
     l->r[l->n].end = end;
     l->n++;

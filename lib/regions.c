@@ -25,9 +25,8 @@ ba_regions_clear (struct ba_regions *set)
   set->n = 0;
 }
 
-/* Makes room for one more range.  Returns 0, or -1 with errno = ENOMEM. */
-static int
-room_for_one (struct ba_regions *set)
+int
+ba_regions_room_for_one (struct ba_regions *set)
 {
   if (set->n == set->cap) {
     size_t cap = set->cap ? set->cap * 2 : 16;
@@ -61,7 +60,7 @@ ba_regions_append (struct ba_regions *set, uint64_t start, uint64_t end)
       return 0;
     }
   }
-  if (room_for_one (set) == -1)
+  if (ba_regions_room_for_one (set) == -1)
     return -1;
   set->r[set->n].start = start;
   set->r[set->n].end = end;
@@ -175,7 +174,7 @@ ba_regions_insert (struct ba_regions *set, uint64_t start, uint64_t end)
     if (set->r[j].end > end) end = set->r[j].end;
   }
   if (i == j) {
-    if (room_for_one (set) == -1)
+    if (ba_regions_room_for_one (set) == -1)
       return -1;
     memmove (&set->r[i + 1], &set->r[i], (set->n - i) * sizeof *set->r);
     set->n++;
