@@ -38,6 +38,8 @@
 #define WAIT_SECONDS 20
 
 static const char *progname = "backupaccess-helper";
+/* The caller's umask, given back to COMMAND in run. */
+static mode_t caller_umask;
 
 /* ------------------------------------------------------------------ */
 /* Errors and small utilities */
@@ -437,6 +439,20 @@ tail_of (const char *path)
   }
   buf[n] = '\0';
   return buf;
+}
+
+/* nbdkit sets its umask to 022 and nbdfuse writes its pidfile 0644:
+ * close what they made in the run directory to everyone but us (the
+ * directory's 0700 already did; this keeps it so if it is ever opened).
+ */
+static void
+make_private (const char *path)
+{
+  struct stat st;
+
+  if (lstat (path, &st) == 0 && !S_ISLNK (st.st_mode) &&
+      (st.st_mode & 077) != 0 && chmod (path, st.st_mode & 0700) == -1)
+    die ("chmod %s: %m", path);
 }
 
 /* Where the filter and the plugin are: beside this program (the build
@@ -1126,6 +1142,8 @@ serve_devices (int64_t bandwidth)
     sleep_ms (200);
     if (kill (read_pidfile (pidfile), 0) == -1)
       die ("device %s: nbdkit exited: %s", dev, tail_of (log));
+    make_private (pidfile);
+    make_private (sock);
     {
       char *uri = xasprintf ("nbd+unix:///?socket=%s", sock);
       set_str (d, "uri", uri);
@@ -1214,6 +1232,7 @@ mount_devices (json_object *out)
       }
       if (!read_pidfile (pidfile))
         die ("device %s: nbdfuse did not start: %s", dev, tail_of (log));
+      make_private (pidfile);
       set_str (d, "file", file);
       save_state ();
     }
@@ -1744,6 +1763,7 @@ do_run (struct opts *o, char **cmd)
   if (pid == 0) {
     signal (SIGINT, SIG_DFL);
     signal (SIGTERM, SIG_DFL);
+    umask (caller_umask);
     execvp (cmd[0], cmd);
     fprintf (stderr, "%s: cannot run %s: %m\n", progname, cmd[0]);
     _exit (127);
@@ -1773,6 +1793,11 @@ main (int argc, char **argv)
   struct opts o;
   const char *cmd;
 
+  /* Everything made here and by the children (state, logs, pidfiles,
+   * nbdkit's sockets, the filter's status files, fleecing images) is
+   * the caller's alone, whatever umask the caller has.
+   */
+  caller_umask = umask (077);
   if (argc < 2)
     usage (stderr, 2);
   cmd = argv[1];

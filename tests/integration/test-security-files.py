@@ -1,0 +1,97 @@
+#!/usr/bin/python3
+"""What backupaccess-helper leaves on disk is the caller's alone: under a
+permissive umask (022) the run directory, its state, logs, pidfiles,
+status files, nbdkit's sockets and the fleecing images are owned by the
+caller and closed to group and others; the nbdfuse mount has no
+allow_other and another user cannot open it; COMMAND in `run` gets the
+caller's umask back."""
+import json
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
+from harness import check, run_helper
+from pve_fixture import PveVm
+
+DEV = "drive-scsi0"
+NOBODY = 65534
+
+os.umask(0o022)
+
+
+def private(path, what):
+    st = os.lstat(path)
+    check(st.st_uid == os.geteuid(), "%s %s is owned by uid %d"
+          % (what, path, st.st_uid))
+    check(st.st_mode & 0o077 == 0, "%s %s has mode %o"
+          % (what, path, stat.S_IMODE(st.st_mode)))
+
+
+def wait_for(pred, what, timeout=30):
+    end = time.monotonic() + timeout
+    while not pred():
+        check(time.monotonic() < end, "timed out waiting for " + what)
+        time.sleep(0.05)
+
+
+with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
+     PveVm(size=8 << 20, devices=(DEV,)) as vm:
+    rd = os.path.join(tmp, "run")
+    fl = os.path.join(tmp, "fleece")
+    os.mkdir(fl, 0o700)
+    common = ["--qmp", vm.qmp_path, "--run-dir", rd, "--backend", "upstream",
+              "--device", DEV, "--fleecing-dir", fl, "--bitmap", "backup"]
+    try:
+        run_helper("setup", *common)
+        run_helper("serve", "--run-dir", rd)
+        mounts = json.loads(run_helper("mount", "--run-dir", rd).stdout)
+        vfile = mounts["mounts"][0]["file"]
+        mnt = os.path.dirname(vfile)
+        status = os.path.join(rd, DEV + ".status.json")
+        wait_for(lambda: os.path.exists(status), "the status file")
+
+        private(rd, "run directory")
+        check(stat.S_IMODE(os.stat(rd).st_mode) == 0o700, "run dir mode")
+        names = sorted(os.listdir(rd))
+        for want in ("state.json", DEV + ".sock", DEV + ".nbdkit.pid",
+                     DEV + ".nbdkit.log", DEV + ".status.json",
+                     DEV + ".nbdfuse.pid", DEV + ".nbdfuse.log",
+                     DEV + ".mnt"):
+            check(want in names, "%s missing from %s" % (want, names))
+        for name in names:
+            if name == "qemu-nbd.sock":
+                continue        # QEMU's: protected by the directory
+            if name.endswith(".mnt"):
+                continue        # the FUSE mount: below
+            private(os.path.join(rd, name), "run directory entry")
+        fleecing = os.listdir(fl)
+        check(len(fleecing) == 1, "fleecing images: %s" % fleecing)
+        private(os.path.join(fl, fleecing[0]), "fleecing image")
+
+        # The mount: no allow_other, and closed to another user.
+        with open("/proc/self/mountinfo") as f:
+            lines = [l for l in f if (" %s " % mnt) in l]
+        check(len(lines) == 1, "mount of %s not found" % mnt)
+        check("allow_other" not in lines[0], "mounted with allow_other: %s"
+              % lines[0])
+        r = subprocess.run(
+            [sys.executable, "-c", "import os,sys; os.open(sys.argv[1], "
+             "os.O_RDONLY)", vfile], user=NOBODY, group=NOBODY,
+            capture_output=True, text=True, timeout=60)
+        check(r.returncode != 0 and "PermissionError" in r.stderr,
+              "another user could open the file: %s" % r.stderr)
+    finally:
+        run_helper("teardown", "--run-dir", rd, "--failure", ok=False)
+    check(not os.path.exists(rd), "run directory left")
+
+    # run: COMMAND gets the caller's umask back.
+    out = os.path.join(tmp, "umask")
+    run_helper("run", *common, "--", "sh", "-c", 'umask > "$0"', out)
+    with open(out) as f:
+        check(f.read().strip() == "0022", "COMMAND's umask is not the "
+              "caller's")
+print("ok")
