@@ -167,6 +167,71 @@ load_state (void)
   return true;
 }
 
+/* A directory only root and the caller can change the entries of:
+ * owned by one of them, and not writable by others unless sticky (then
+ * only an entry's owner may rename or remove it).
+ */
+static bool
+dir_is_safe (const struct stat *st)
+{
+  return S_ISDIR (st->st_mode) &&
+    (st->st_uid == 0 || st->st_uid == geteuid ()) &&
+    ((st->st_mode & 022) == 0 || (st->st_mode & S_ISVTX) != 0);
+}
+
+/* The real path of a directory (or of one to be made, in an existing
+ * parent), used from then on: every directory above it must be safe,
+ * so that nobody else can swap a component of it for a symlink (to
+ * make us write or serve elsewhere) once it has been checked.  With
+ * check_self the directory itself must be safe too.
+ */
+static char *
+checked_dir_path (const char *what, const char *path, bool check_self)
+{
+  char *r = realpath (path, NULL);
+  struct stat st;
+
+  if (r == NULL) {
+    char *copy, *slash, *parent;
+    if (errno != ENOENT)
+      die ("%s %s: %m", what, path);
+    copy = strdup (path);
+    if (copy == NULL)
+      die ("out of memory");
+    for (size_t n = strlen (copy); n > 1 && copy[n - 1] == '/'; n--)
+      copy[n - 1] = '\0';
+    slash = strrchr (copy, '/');
+    if (slash == NULL || slash[1] == '\0')
+      die ("%s %s: not a directory name", what, path);
+    *slash = '\0';
+    parent = realpath (slash == copy ? "/" : copy, NULL);
+    if (parent == NULL)
+      die ("%s %s: %m", what, copy);
+    r = xasprintf ("%s/%s", strcmp (parent, "/") == 0 ? "" : parent,
+                   slash + 1);
+    free (parent);
+    free (copy);
+    check_self = false;         /* it does not exist yet */
+  }
+  /* Every ancestor: "/", "/a", "/a/b", ... */
+  for (char *p = r; p; p = strchr (p + 1, '/')) {
+    char *prefix = p == r ? strdup ("/") : strndup (r, p - r);
+    if (prefix == NULL)
+      die ("out of memory");
+    if (lstat (prefix, &st) == -1)
+      die ("%s %s: %s: %m", what, path, prefix);
+    if (!dir_is_safe (&st))
+      die ("%s %s: %s can be changed by another user (it must be owned "
+           "by root or you, and not writable by others unless sticky)",
+           what, path, prefix);
+    free (prefix);
+  }
+  if (check_self && (lstat (r, &st) == -1 || !dir_is_safe (&st)))
+    die ("%s %s: must be a directory of root's or yours, not writable by "
+         "others unless sticky", what, path);
+  return r;
+}
+
 /* Creates the run directory, private to the caller, or checks that an
  * existing one is.
  */
@@ -1501,11 +1566,18 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
   if (run_dir == NULL)
     die ("--run-dir DIR is required");
   /* Later commands may run from another directory. */
-  run_dir = absolute (run_dir);
+  {
+    char *abs = absolute (run_dir);
+    run_dir = checked_dir_path ("--run-dir", abs, false);
+    free (abs);
+  }
   if (o->setup.qmp)
     o->setup.qmp = absolute (o->setup.qmp);
-  if (o->setup.fleecing_dir)
-    o->setup.fleecing_dir = absolute (o->setup.fleecing_dir);
+  if (o->setup.fleecing_dir) {
+    char *abs = absolute (o->setup.fleecing_dir);
+    o->setup.fleecing_dir = checked_dir_path ("--fleecing-dir", abs, true);
+    free (abs);
+  }
   if (o->nbd_path)
     o->nbd_path = absolute (o->nbd_path);
 }

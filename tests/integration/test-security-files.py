@@ -4,7 +4,10 @@ permissive umask (022) the run directory, its state, logs, pidfiles,
 status files, nbdkit's sockets and the fleecing images are owned by the
 caller and closed to group and others; the nbdfuse mount has no
 allow_other and another user cannot open it; COMMAND in `run` gets the
-caller's umask back."""
+caller's umask back.  A run directory (or fleecing directory) below a
+directory another user can change (theirs, or writable by others and
+not sticky, also reached through a symlink) is refused before anything
+is done; below sticky /tmp-like directories it is accepted."""
 import json
 import os
 import stat
@@ -37,6 +40,52 @@ def wait_for(pred, what, timeout=30):
         check(time.monotonic() < end, "timed out waiting for " + what)
         time.sleep(0.05)
 
+
+def refused(rd, where, fleecing=None):
+    r = run_helper("setup", "--qmp", "/nonexistent/qmp", "--run-dir", rd,
+                   "--device", DEV, *(["--backend", "upstream",
+                                       "--fleecing-dir", fleecing]
+                                      if fleecing else []), ok=False)
+    check(r.returncode == 1 and where in r.stderr and
+          ("can be changed by another user" in r.stderr or
+           "not writable by others" in r.stderr),
+          "%s was accepted: %s" % (fleecing or rd, r.stderr))
+    check(not os.path.exists(rd), "%s was created" % rd)
+
+
+def accepted(rd, fleecing=None):
+    r = run_helper("setup", "--qmp", "/nonexistent/qmp", "--run-dir", rd,
+                   "--device", DEV, *(["--backend", "upstream",
+                                       "--fleecing-dir", fleecing]
+                                      if fleecing else []), ok=False)
+    check("cannot connect to QMP socket" in r.stderr,
+          "%s was refused: %s" % (fleecing or rd, r.stderr))
+
+
+with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
+    def d(name, mode, uid=0):
+        p = os.path.join(tmp, name)
+        os.mkdir(p)
+        os.chmod(p, mode)
+        os.chown(p, uid, uid)
+        return p
+    open_ = d("open", 0o777)                    # anyone may rename in it
+    theirs = d("theirs", 0o755, NOBODY)
+    sticky = d("sticky", 0o1777)
+    safe = d("safe", 0o700)
+    deep = os.path.join(theirs, "sub")
+    os.mkdir(deep, 0o700)                       # ours, in theirs
+    os.symlink(open_, os.path.join(safe, "to-open"))
+    os.symlink(safe, os.path.join(tmp, "to-safe"))
+
+    refused(os.path.join(open_, "run"), open_)
+    refused(os.path.join(theirs, "run"), theirs)
+    refused(os.path.join(deep, "run"), theirs)
+    refused(os.path.join(safe, "to-open", "run"), open_)
+    refused(os.path.join(safe, "run"), "--fleecing-dir", fleecing=open_)
+    refused(os.path.join(safe, "run"), "--fleecing-dir", fleecing=theirs)
+    accepted(os.path.join(sticky, "run"))
+    accepted(os.path.join(tmp, "to-safe", "run"), fleecing=sticky)
 
 with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
      PveVm(size=8 << 20, devices=(DEV,)) as vm:
