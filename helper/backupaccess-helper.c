@@ -300,11 +300,30 @@ devices (void)
 
 static struct ba_qmp *qmp;
 
+/* How long QEMU may take to answer a command: 60 s, or
+ * BACKUPACCESS_QMP_TIMEOUT seconds.
+ */
+static int
+qmp_timeout_ms (void)
+{
+  const char *s = getenv ("BACKUPACCESS_QMP_TIMEOUT");
+  char *end;
+  long v;
+
+  if (s == NULL || *s == '\0')
+    return QMP_TIMEOUT_MS;
+  errno = 0;
+  v = strtol (s, &end, 10);
+  if (errno || *end || v < 1 || v > 3600)
+    die ("BACKUPACCESS_QMP_TIMEOUT=%s: expected seconds, 1 to 3600", s);
+  return (int) v * 1000;
+}
+
 static void
 qmp_open (const char *path)
 {
   char err[1024];
-  qmp = ba_qmp_connect (path, QMP_TIMEOUT_MS, err, sizeof err);
+  qmp = ba_qmp_connect (path, qmp_timeout_ms (), err, sizeof err);
   if (qmp == NULL)
     die ("%s", err);
 }
@@ -1734,7 +1753,7 @@ do_teardown (bool success)
   if (strcmp (get_str (state, "backend") ?: "", "serve") != 0) {
     char err[1024];
     if (qmp == NULL)            /* else a roll-back: the same connection */
-      qmp = ba_qmp_connect (get_str (state, "qmp"), QMP_TIMEOUT_MS,
+      qmp = ba_qmp_connect (get_str (state, "qmp"), qmp_timeout_ms (),
                             err, sizeof err);
     if (qmp == NULL) {
       /* Nothing listens: QEMU is gone, and nothing is left in it to
