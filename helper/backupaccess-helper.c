@@ -284,6 +284,16 @@ set_str (json_object *o, const char *key, const char *value)
                           : NULL);
 }
 
+/* The length of a list QEMU (or the state file) gave us: 0 for
+ * anything that is not a list (json-c aborts on those).
+ */
+static size_t
+alen (json_object *a)
+{
+  return json_object_is_type (a, json_type_array)
+    ? json_object_array_length (a) : 0;
+}
+
 static json_object *
 devices (void)
 {
@@ -291,6 +301,14 @@ devices (void)
   if (!json_object_object_get_ex (state, "devices", &d)) {
     d = json_object_new_array ();
     json_object_object_add (state, "devices", d);
+  }
+  else {
+    bool ok = json_object_is_type (d, json_type_array);
+    for (size_t i = 0; ok && i < alen (d); i++)
+      ok = json_object_is_type (json_object_array_get_idx (d, i),
+                                json_type_object);
+    if (!ok)
+      die ("%s/state.json: \"devices\" is not a list of objects", run_dir);
   }
   return d;
 }
@@ -347,6 +365,17 @@ qmp_run (bool ok_errors, const char *cmd, json_object *args)
   return r;
 }
 
+/* Runs a QMP command that returns a list; anything else is an error. */
+static json_object *
+qmp_list (const char *cmd, json_object *args)
+{
+  json_object *r = qmp_run (false, cmd, args);
+
+  if (!json_object_is_type (r, json_type_array))
+    die ("QMP %s: QEMU's answer is not a list", cmd);
+  return r;
+}
+
 /* Builds a JSON object from "key", json_object* pairs, ended by END (a
  * typed null: a bare NULL in a variadic list need not be a pointer).
  */
@@ -373,7 +402,7 @@ obj (const char *key, ...)
 static json_object *
 find_node (json_object *nodes, const char *name)
 {
-  for (size_t i = 0; i < json_object_array_length (nodes); i++) {
+  for (size_t i = 0; i < alen (nodes); i++) {
     json_object *n = json_object_array_get_idx (nodes, i);
     const char *nn = get_str (n, "node-name");
     if (nn && strcmp (nn, name) == 0)
@@ -385,8 +414,8 @@ find_node (json_object *nodes, const char *name)
 static json_object *
 named_nodes (void)
 {
-  return qmp_run (false, "query-named-block-nodes",
-                  obj ("flat", json_object_new_boolean (1), END));
+  return qmp_list ("query-named-block-nodes",
+                   obj ("flat", json_object_new_boolean (1), END));
 }
 
 static int64_t
@@ -406,9 +435,9 @@ static void
 wait_gone (const char *query, const char *key, const char *value)
 {
   for (int i = 0; i < WAIT_SECONDS * 10; i++) {
-    json_object *list = qmp_run (false, query, NULL);
+    json_object *list = qmp_list (query, NULL);
     bool found = false;
-    for (size_t j = 0; j < json_object_array_length (list); j++)
+    for (size_t j = 0; j < alen (list); j++)
       if (strcmp (get_str (json_object_array_get_idx (list, j), key) ?: "",
                   value) == 0)
         found = true;
@@ -609,9 +638,9 @@ proxmox_api_available (void)
 static const char *
 proxmox_setup_form (void)
 {
-  json_object *schema = qmp_run (false, "query-qmp-schema", NULL);
+  json_object *schema = qmp_list ("query-qmp-schema", NULL);
   const char *arg_type = NULL, *form = NULL;
-  size_t n = json_object_array_length (schema);
+  size_t n = alen (schema);
 
   for (size_t i = 0; i < n; i++) {
     json_object *e = json_object_array_get_idx (schema, i);
@@ -624,7 +653,7 @@ proxmox_setup_form (void)
     if (strcmp (get_str (e, "name") ?: "", arg_type) != 0 ||
         !json_object_object_get_ex (e, "members", &members))
       continue;
-    for (size_t j = 0; j < json_object_array_length (members); j++) {
+    for (size_t j = 0; j < alen (members); j++) {
       const char *m = get_str (json_object_array_get_idx (members, j),
                                "name");
       if (m && (strcmp (m, "devices") == 0 || strcmp (m, "devlist") == 0))
@@ -711,9 +740,9 @@ setup_proxmox (const struct setup_opts *o, const char *form)
   json_object_object_add (state, "proxmox-setup",
                           json_object_new_boolean (1));
   save_state ();
-  result = qmp_run (false, "backup-access-setup", args);
+  result = qmp_list ("backup-access-setup", args);
 
-  for (size_t i = 0; i < json_object_array_length (result); i++) {
+  for (size_t i = 0; i < alen (result); i++) {
     json_object *r = json_object_array_get_idx (result, i);
     json_object *d = json_object_new_object ();
     const char *dev = get_str (r, "device");
@@ -751,7 +780,7 @@ static char *
 resolve_device (const char *dev)
 {
   json_object *nodes = named_nodes ();
-  json_object *blk = qmp_run (false, "query-block", NULL);
+  json_object *blk = qmp_list ("query-block", NULL);
   const char *source = NULL;
   char *r;
 
@@ -759,7 +788,7 @@ resolve_device (const char *dev)
     die ("no device given");
   if (find_node (nodes, dev))
     source = dev;
-  for (size_t j = 0; source == NULL && j < json_object_array_length (blk);
+  for (size_t j = 0; source == NULL && j < alen (blk);
        j++) {
     json_object *b = json_object_array_get_idx (blk, j), *ins;
     if ((strcmp (get_str (b, "device") ?: "", dev) == 0 ||
@@ -857,7 +886,7 @@ setup_upstream (const struct setup_opts *o)
       json_object *dirty;
       bool exists = false;
       if (json_object_object_get_ex (node, "dirty-bitmaps", &dirty))
-        for (size_t j = 0; j < json_object_array_length (dirty); j++)
+        for (size_t j = 0; j < alen (dirty); j++)
           if (strcmp (get_str (json_object_array_get_idx (dirty, j), "name")
                       ?: "", o->bitmap) == 0)
             exists = true;
@@ -973,7 +1002,7 @@ start_exports (void)
     }
     json_object_put (r);
   }
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
     json_object *args = obj ("type", S ("nbd"), "id", S (get_str (d, "export")),
                              "node-name", S (get_str (d, "node")),
@@ -1019,7 +1048,7 @@ teardown_qemu (bool success)
   /* Exports first: an exported bitmap is busy, and merging it back
    * would fail (or abort QEMU).
    */
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
     if (get_bool (d, "exported")) {
       json_object *r = qmp_run (true, "block-export-del",
@@ -1048,7 +1077,7 @@ teardown_qemu (bool success)
     return true;
   }
 
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
     const char *source = get_str (d, "source-node");
     const char *frozen = get_str (d, "frozen-bitmap");
@@ -1070,7 +1099,7 @@ teardown_qemu (bool success)
       json_object *n = find_node (nodes, source), *bm;
       bool have = false;
       if (n && json_object_object_get_ex (n, "dirty-bitmaps", &bm))
-        for (size_t j = 0; j < json_object_array_length (bm); j++)
+        for (size_t j = 0; j < alen (bm); j++)
           if (strcmp (get_str (json_object_array_get_idx (bm, j), "name")
                       ?: "", frozen) == 0)
             have = true;
@@ -1115,7 +1144,7 @@ stop_local (void)
 {
   json_object *devs = devices ();
 
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
     const char *mnt = get_str (d, "mount");
     if (mnt) {
@@ -1155,7 +1184,7 @@ serve_devices (int64_t bandwidth)
                               "nbdkit-backupaccess-plugin.so",
                               "backupaccess");
 
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
     const char *dev = get_str (d, "device");
     char *sock = xasprintf ("%s/%s.sock", run_dir, dev);
@@ -1288,7 +1317,7 @@ mount_devices (json_object *out)
 {
   json_object *devs = devices (), *list = json_object_new_array ();
 
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i), *o;
     const char *dev = get_str (d, "device");
     char *mnt = xasprintf ("%s/%s.mnt", run_dir, dev);
@@ -1349,7 +1378,7 @@ describe (void)
 
   set_str (out, "run-dir", run_dir);
   set_str (out, "backend", get_str (state, "backend"));
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
     json_object *o = json_object_new_object ();
     set_str (o, "device", get_str (d, "device"));
@@ -1396,7 +1425,7 @@ status_command (void)
   if (get_str (state, "qmp") &&
       strcmp (get_str (state, "backend") ?: "", "serve") != 0)
     qmp_open (get_str (state, "qmp"));
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
     json_object *o = json_object_new_object (), *st = NULL;
     const char *sf = get_str (d, "status-file");
@@ -1771,7 +1800,7 @@ do_teardown (bool success)
   {
     char *p = state_path ();
     json_object *devs = devices ();
-    for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    for (size_t i = 0; i < alen (devs); i++) {
       json_object *d = json_object_array_get_idx (devs, i);
       const char *f = get_str (d, "fleece-file");
       if (!ok && f)
@@ -1836,7 +1865,7 @@ do_run (struct opts *o, char **cmd)
   setenv ("BACKUPACCESS_RUN_DIR", run_dir, 1);
   {
     json_object *devs = devices ();
-    for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    for (size_t i = 0; i < alen (devs); i++) {
       char *k = xasprintf ("BACKUPACCESS_URI_%zu", i);
       setenv (k, get_str (json_object_array_get_idx (devs, i), "uri"), 1);
       free (k);

@@ -5,7 +5,10 @@ that never ends, events without end, a reply dripping a byte at a time,
 no answer, no greeting, garbage, JSON nested 100000 deep.  Each time the
 helper fails with a clear message and exit status 1 within its QMP
 timeout (BACKUPACCESS_QMP_TIMEOUT=3 here; the test allows 60 s), holds
-at most about 16 MiB for a reply, and leaves nothing behind."""
+at most about 16 MiB for a reply, and leaves nothing behind.
+A peer playing Proxmox's backup-access API answers with the wrong JSON
+types (an object for a list, a string for a schema's members): a clear
+error, never an abort, and what was set up is torn down."""
 import os
 import resource
 import subprocess
@@ -95,6 +98,66 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
             kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             print("peak memory of the helper: %d KiB" % kib)
             check(kib < 48 << 10, "the helper used %d KiB" % kib)
+
+    # Wrong types, from a peer that otherwise plays Proxmox's API.
+    SCHEMA = [{"name": "backup-access-setup", "meta-type": "command",
+               "arg-type": "A"},
+              {"name": "A", "meta-type": "object",
+               "members": [{"name": "target-id"}, {"name": "devices"}]}]
+    GOOD = {
+        "query-proxmox-support": {"backup-access-api": True},
+        "query-qmp-schema": SCHEMA,
+        "query-named-block-nodes": [{"node-name": "drive-scsi0-fleecing",
+                                     "image": {"cluster-size": 65536}}],
+        "backup-access-setup": [{"device": "drive-scsi0",
+                                 "node-name": "drive-scsi0-snapshot",
+                                 "size": 1 << 20}],
+        "query-block-exports": [],
+        "query-block-jobs": [],
+    }
+
+    def scripted(answers):
+        def handler(peer, conn, cmd, args):
+            peer.reply(conn, answers.get(cmd, {}))
+        return handler
+
+    def proxmox(changes, message, torn_down):
+        answers = dict(GOOD, **changes)
+        with FakeQmp(sock, scripted(answers)) as peer:
+            r, secs = setup(sock, rd)
+            if message is None:
+                t = subprocess.run(
+                    [HELPER, "teardown", "--run-dir", rd, "--failure"],
+                    env=dict(os.environ, BACKUPACCESS_QMP_TIMEOUT="3"),
+                    capture_output=True, text=True, timeout=LIMIT)
+                check(t.returncode == 0, "teardown: %s" % t.stderr)
+        calls = [c for c, a in peer.calls]
+        print("%-12s exit %d after %.1f s: %s" % (
+            "+".join(changes) or "good", r.returncode, secs,
+            r.stderr.strip()))
+        if message is None:
+            check(r.returncode == 0, r.stderr)
+            return
+        check(r.returncode == 1, "exit %d: %s" % (r.returncode, r.stderr))
+        check(message in r.stderr, "expected %r in %r" % (message, r.stderr))
+        check(("backup-access-teardown" in calls) == torn_down,
+              "calls: %s" % calls)
+        check(not os.path.exists(rd), "the run directory was left")
+
+    proxmox({}, None, False)                    # the script itself works
+    for changes, message, torn_down in [
+            ({"query-qmp-schema": {"name": "x"}},
+             "query-qmp-schema: QEMU's answer is not a list", False),
+            ({"query-qmp-schema": [dict(SCHEMA[0]),
+                                   dict(SCHEMA[1], members="devices")]},
+             "its schema has no backup-access-setup", False),
+            ({"query-named-block-nodes": {"node-name": "x"}},
+             "query-named-block-nodes: QEMU's answer is not a list", False),
+            ({"backup-access-setup": {"device": "drive-scsi0"}},
+             "backup-access-setup: QEMU's answer is not a list", True),
+            ({"backup-access-setup": ["drive-scsi0"]},
+             "without device/node-name", True)]:
+        proxmox(changes, message, torn_down)
 
     r, _ = setup(sock, rd, env=dict(os.environ, BACKUPACCESS_QMP_TIMEOUT="0"))
     check(r.returncode == 1 and "BACKUPACCESS_QMP_TIMEOUT=0" in r.stderr,
