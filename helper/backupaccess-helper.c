@@ -748,9 +748,22 @@ setup_proxmox (const struct setup_opts *o, const char *form)
     const char *dev = get_str (r, "device");
     char *fl = xasprintf ("%s-fleecing", dev ? dev : "");
 
+    bool asked = false;
+
     if (dev == NULL || get_str (r, "node-name") == NULL)
       die ("backup-access-setup returned an entry without device/node-name");
+    /* The device names file names and nbdkit's export=, the bitmap name
+     * nbdkit's backupaccess-bitmap=: both as plain as the user's.
+     */
     check_name ("device returned by QEMU", dev, false);
+    for (int j = 0; j < o->ndevs; j++)
+      asked |= strcmp (o->devs[j], dev) == 0;
+    if (!asked)
+      die ("backup-access-setup returned device '%s', which was not asked "
+           "for", dev);
+    if (get_str (r, "bitmap-name"))
+      check_name ("bitmap name returned by QEMU", get_str (r, "bitmap-name"),
+                  true);
     set_str (d, "device", dev);
     set_str (d, "export", dev);
     set_str (d, "node", get_str (r, "node-name"));

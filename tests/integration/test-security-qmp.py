@@ -7,8 +7,10 @@ helper fails with a clear message and exit status 1 within its QMP
 timeout (BACKUPACCESS_QMP_TIMEOUT=3 here; the test allows 60 s), holds
 at most about 16 MiB for a reply, and leaves nothing behind.
 A peer playing Proxmox's backup-access API answers with the wrong JSON
-types (an object for a list, a string for a schema's members): a clear
-error, never an abort, and what was set up is torn down."""
+types (an object for a list, a string for a schema's members), or
+names the helper did not ask for or that are not plain (a device
+"../../etc", a bitmap name with a newline and "="): a clear error,
+never an abort, and what was set up is torn down."""
 import os
 import resource
 import subprocess
@@ -156,7 +158,20 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
             ({"backup-access-setup": {"device": "drive-scsi0"}},
              "backup-access-setup: QEMU's answer is not a list", True),
             ({"backup-access-setup": ["drive-scsi0"]},
-             "without device/node-name", True)]:
+             "without device/node-name", True),
+            # Names that would end up in paths and nbdkit's arguments.
+            ({"backup-access-setup": [dict(GOOD["backup-access-setup"][0],
+                                           device="../../etc")]},
+             "device returned by QEMU '../../etc'", True),
+            ({"backup-access-setup": [dict(GOOD["backup-access-setup"][0],
+                                           device="drive-virtio9")]},
+             "device 'drive-virtio9', which was not asked for", True),
+            ({"backup-access-setup": [dict(
+                GOOD["backup-access-setup"][0], **{
+                    "bitmap-name": "x\nbackupaccess-map=/etc/passwd",
+                    "bitmap-node-name": "drive-scsi0",
+                    "bitmap-action": "used"})]},
+             "bitmap name returned by QEMU", True)]:
         proxmox(changes, message, torn_down)
 
     r, _ = setup(sock, rd, env=dict(os.environ, BACKUPACCESS_QMP_TIMEOUT="0"))
