@@ -1185,6 +1185,29 @@ stop_local (void)
 
 /* ------------------------------------------------------------------ */
 /* serve, mount, status */
+/* A path as a URI query value: '&', '#', '%', spaces, anything not
+ * plain is percent-encoded (libnbd decodes it), so that a directory's
+ * name can neither break the URI nor add parameters to it.
+ */
+static char *
+uri_escape (const char *s)
+{
+  char *out = malloc (strlen (s) * 3 + 1), *p = out;
+
+  if (out == NULL)
+    die ("out of memory");
+  for (; *s; s++) {
+    unsigned char c = *s;
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+        (c >= '0' && c <= '9') || strchr ("-._~/", c))
+      *p++ = c;
+    else
+      p += sprintf (p, "%%%02X", c);
+  }
+  *p = '\0';
+  return out;
+}
+
 
 static void
 serve_devices (int64_t bandwidth)
@@ -1271,7 +1294,9 @@ serve_devices (int64_t bandwidth)
     make_private (pidfile);
     make_private (sock);
     {
-      char *uri = xasprintf ("nbd+unix:///?socket=%s", sock);
+      char *esc = uri_escape (sock);
+      char *uri = xasprintf ("nbd+unix:///?socket=%s", esc);
+      free (esc);
       set_str (d, "uri", uri);
       free (uri);
     }

@@ -7,7 +7,9 @@ allow_other and another user cannot open it; COMMAND in `run` gets the
 caller's umask back.  A run directory (or fleecing directory) below a
 directory another user can change (theirs, or writable by others and
 not sticky, also reached through a symlink) is refused before anything
-is done; below sticky /tmp-like directories it is accepted."""
+is done; below sticky /tmp-like directories it is accepted.  A run
+directory named with URI syntax ("r un&tls=require#%41") still gives
+a working URI."""
 import json
 import os
 import stat
@@ -143,4 +145,20 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
     with open(out) as f:
         check(f.read().strip() == "0022", "COMMAND's umask is not the "
               "caller's")
+
+    # A run directory whose name has URI syntax in it: the URI still
+    # names the socket, and nothing else.
+    odd = os.path.join(tmp, "r un&tls=require#%41")
+    args = [a if a != rd else odd for a in common]
+    try:
+        run_helper("setup", *args)
+        uri = json.loads(run_helper("serve", "--run-dir", odd).stdout)[
+            "devices"][0]["uri"]
+        r = subprocess.run(["nbdinfo", "--size", uri], capture_output=True,
+                           text=True, timeout=60)
+        check(r.returncode == 0 and r.stdout.strip() == str(8 << 20),
+              "%s: %s" % (uri, r.stderr))
+    finally:
+        run_helper("teardown", "--run-dir", odd, "--failure", ok=False)
+    check(not os.path.exists(odd), "run directory left")
 print("ok")
