@@ -1209,10 +1209,140 @@ uri_escape (const char *s)
 }
 
 
+/* How serve exposes nbdkit: a unix socket in the run directory, or TCP
+ * (--listen), with TLS (--tls-psk) unless --insecure-no-tls.
+ */
+struct serve_opts {
+  int64_t bandwidth;
+  const char *listen;           /* HOST:PORT, or NULL */
+  const char *tls_psk;          /* PSK file, or NULL */
+  bool insecure_no_tls;
+};
+
+/* The user name of a PSK file ("USER:HEXKEY" lines, as psktool(1)
+ * writes them), after checking that only its owner (root or the caller)
+ * can read it and that its first key is long enough.
+ */
+static char *
+psk_user (const char *path)
+{
+  int fd = open (path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+  struct stat st;
+  char line[1024], *colon, *user;
+  FILE *fp;
+  size_t i, hex;
+
+  if (fd == -1)
+    die ("--tls-psk %s: %m", path);
+  if (fstat (fd, &st) == -1)
+    die ("--tls-psk %s: %m", path);
+  if (!S_ISREG (st.st_mode))
+    die ("--tls-psk %s: not a regular file", path);
+  if ((st.st_uid != 0 && st.st_uid != geteuid ()) || (st.st_mode & 077))
+    die ("--tls-psk %s: must be owned by root or you and readable by its "
+         "owner only (chmod 600)", path);
+  fp = fdopen (fd, "r");
+  if (fp == NULL)
+    die ("--tls-psk %s: %m", path);
+  if (fgets (line, sizeof line, fp) == NULL)
+    line[0] = '\0';
+  fclose (fp);
+  line[strcspn (line, "\r\n")] = '\0';
+  colon = strchr (line, ':');
+  for (i = 0; colon && line + i < colon; i++)
+    if (!((line[i] >= 'a' && line[i] <= 'z') ||
+          (line[i] >= 'A' && line[i] <= 'Z') ||
+          (line[i] >= '0' && line[i] <= '9') || strchr ("-._", line[i])))
+      break;
+  for (hex = 0; colon && colon[1 + hex] &&
+         strchr ("0123456789abcdefABCDEF", colon[1 + hex]); hex++)
+    ;
+  if (colon == NULL || colon == line || line + i != colon ||
+      colon[1 + hex] != '\0' || hex % 2 != 0 || hex < 32)
+    die ("--tls-psk %s: the first line must be USER:HEXKEY (a user name of "
+         "letters, digits, '-', '.', '_' and a key of at least 16 bytes), "
+         "as 'psktool -u USER -p FILE' writes it", path);
+  user = strndup (line, colon - line);
+  if (user == NULL)
+    die ("out of memory");
+  return user;
+}
+
+/* HOST:PORT, [IPV6]:PORT. */
 static void
-serve_devices (int64_t bandwidth)
+parse_listen (const char *listen, char **host, int *port, int ndevs)
+{
+  const char *colon = strrchr (listen, ':');
+  char *end;
+  long p;
+  size_t n;
+
+  if (colon == NULL || colon == listen)
+    die ("--listen %s: expected HOST:PORT", listen);
+  errno = 0;
+  p = strtol (colon + 1, &end, 10);
+  if (errno || end == colon + 1 || *end || p < 1 || p + ndevs - 1 > 65535)
+    die ("--listen %s: the port must be 1 to 65535, and one more per "
+         "further device", listen);
+  n = colon - listen;
+  if (listen[0] == '[' && n > 2 && listen[n - 1] == ']')
+    *host = strndup (listen + 1, n - 2);
+  else
+    *host = strndup (listen, n);
+  if (*host == NULL)
+    die ("out of memory");
+  for (const char *c = *host; *c; c++)
+    if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
+          (*c >= '0' && *c <= '9') || strchr ("-.:", *c)))
+      die ("--listen %s: not a host name or an IP address", listen);
+  *port = (int) p;
+}
+
+/* Checks serve's options (also before run sets anything up); returns
+ * the host, port and PSK user when asked for them.
+ */
+static void
+serve_preflight (const struct serve_opts *so, int ndevs,
+                 char **host, int *port, char **user)
+{
+  char *h = NULL, *u = NULL;
+  int p = 0;
+
+  if (so->listen && !so->tls_psk && !so->insecure_no_tls)
+    die ("--listen %s: TCP is served with TLS only: give --tls-psk FILE "
+         "(or, on a network where anyone may read the disks, "
+         "--insecure-no-tls)", so->listen);
+  if (so->insecure_no_tls && (!so->listen || so->tls_psk))
+    die ("--insecure-no-tls goes with --listen, and without --tls-psk");
+  if (so->bandwidth > INT64_MAX / 8)
+    die ("--bandwidth-limit: too large");
+  if (so->listen)
+    parse_listen (so->listen, &h, &p, ndevs > 0 ? ndevs : 1);
+  if (so->tls_psk)
+    u = psk_user (so->tls_psk);
+  if (host)
+    *host = h;
+  else
+    free (h);
+  if (port)
+    *port = p;
+  if (user)
+    *user = u;
+  else
+    free (u);
+}
+
+static void
+serve_devices (const struct serve_opts *so)
 {
   json_object *devs = devices ();
+  int64_t bandwidth = so->bandwidth;
+  char *host = NULL, *user = NULL, *psk_esc = NULL;
+  int port = 0;
+
+  serve_preflight (so, (int) alen (devs), &host, &port, &user);
+  if (so->tls_psk)
+    psk_esc = uri_escape (so->tls_psk);
   char *filter = module_path ("BACKUPACCESS_FILTER",
                               "nbdkit-backupaccess-filter.so",
                               "backupaccess");
@@ -1240,7 +1370,10 @@ serve_devices (int64_t bandwidth)
       : NULL;
     char *rate_arg = bandwidth > 0
       ? xasprintf ("rate=%" PRIi64, bandwidth * 8) : NULL;
-    char *argv[20];
+    char *port_arg = xasprintf ("%d", port + (int) i);
+    char *psk_arg = so->tls_psk ? xasprintf ("--tls-psk=%s", so->tls_psk)
+      : NULL;
+    char *argv[24];
     int a = 0, rc;
 
     if (get_str (d, "pidfile") && read_pidfile (get_str (d, "pidfile")) &&
@@ -1250,8 +1383,20 @@ serve_devices (int64_t bandwidth)
     argv[a++] = "--log=stderr";
     argv[a++] = "--pidfile";
     argv[a++] = pidfile;
-    argv[a++] = "-U";
-    argv[a++] = sock;
+    if (host) {
+      argv[a++] = "-i";
+      argv[a++] = host;
+      argv[a++] = "-p";
+      argv[a++] = port_arg;
+    }
+    else {
+      argv[a++] = "-U";
+      argv[a++] = sock;
+    }
+    if (psk_arg) {
+      argv[a++] = "--tls=require";
+      argv[a++] = psk_arg;
+    }
     if (rate_arg)
       argv[a++] = "--filter=rate";
     argv[a++] = filter_arg;
@@ -1274,7 +1419,7 @@ serve_devices (int64_t bandwidth)
     argv[a] = NULL;
 
     set_str (d, "pidfile", pidfile);
-    set_str (d, "socket", sock);
+    set_str (d, "socket", host ? NULL : sock);
     set_str (d, "status-file", status);
     set_str (d, "nbdkit-log", log);
     save_state ();
@@ -1292,10 +1437,20 @@ serve_devices (int64_t bandwidth)
     if (kill (read_pidfile (pidfile), 0) == -1)
       die ("device %s: nbdkit exited: %s", dev, tail_of (log));
     make_private (pidfile);
-    make_private (sock);
+    if (!host)
+      make_private (sock);
     {
       char *esc = uri_escape (sock);
-      char *uri = xasprintf ("nbd+unix:///?socket=%s", esc);
+      /* IPv6 addresses in brackets; the PSK's user before the host. */
+      bool v6 = host && strchr (host, ':');
+      char *uri = host
+        ? xasprintf ("nbd%s://%s%s%s%s%s:%s/%s%s", psk_esc ? "s" : "",
+                     user ? user : "", user ? "@" : "", v6 ? "[" : "", host,
+                     v6 ? "]" : "", port_arg, psk_esc ? "?tls-psk-file=" : "",
+                     psk_esc ? psk_esc : "")
+        : xasprintf ("nbd%s+unix://%s%s/?socket=%s%s%s", psk_esc ? "s" : "",
+                     user ? user : "", user ? "@" : "", esc,
+                     psk_esc ? "&tls-psk-file=" : "", psk_esc ? psk_esc : "");
       free (esc);
       set_str (d, "uri", uri);
       free (uri);
@@ -1314,9 +1469,14 @@ serve_devices (int64_t bandwidth)
     free (status_arg);
     free (bitmap_arg);
     free (rate_arg);
+    free (port_arg);
+    free (psk_arg);
   }
   free (filter);
   free (plugin);
+  free (host);
+  free (user);
+  free (psk_esc);
 }
 
 static json_object *
@@ -1502,9 +1662,11 @@ status_command (void)
 #define SERVE_USAGE \
   "  serve --run-dir DIR [--nbd-path SOCKET --device DEV[:BITMAP] ...\n" \
   "        [--cluster-size SIZE]] [--bandwidth-limit BYTES_PER_S]\n" \
+  "        [--listen HOST:PORT] [--tls-psk FILE] [--insecure-no-tls]\n" \
   "      Start nbdkit with the backupaccess filter per device, on\n" \
-  "      DIR/DEV.sock; prints the client URIs as JSON.  Without\n" \
-  "      --nbd-path it serves what 'setup' exported.\n"
+  "      DIR/DEV.sock (or TCP HOST:PORT, PORT+1, ..., with TLS); prints\n" \
+  "      the client URIs as JSON.  Without --nbd-path it serves what\n" \
+  "      'setup' exported.\n"
 #define MOUNT_USAGE \
   "  mount --run-dir DIR\n" \
   "      nbdfuse per served device (DIR/DEV.mnt/DEV); prints the files\n" \
@@ -1539,6 +1701,7 @@ enum {
   OPT_QMP = 256, OPT_RUN_DIR, OPT_DEVICE, OPT_BITMAP, OPT_BITMAP_MODE,
   OPT_FLEECING_DIR, OPT_CLUSTER, OPT_BACKEND, OPT_TARGET_ID, OPT_NBD_PATH,
   OPT_BANDWIDTH, OPT_SUCCESS, OPT_FAILURE, OPT_MOUNT, OPT_HELP,
+  OPT_LISTEN, OPT_TLS_PSK, OPT_INSECURE_NO_TLS,
 };
 
 static const struct option long_options[] = {
@@ -1556,6 +1719,9 @@ static const struct option long_options[] = {
   { "success", no_argument, NULL, OPT_SUCCESS },
   { "failure", no_argument, NULL, OPT_FAILURE },
   { "mount", no_argument, NULL, OPT_MOUNT },
+  { "listen", required_argument, NULL, OPT_LISTEN },
+  { "tls-psk", required_argument, NULL, OPT_TLS_PSK },
+  { "insecure-no-tls", no_argument, NULL, OPT_INSECURE_NO_TLS },
   { "help", no_argument, NULL, OPT_HELP },
   { NULL, 0, NULL, 0 },
 };
@@ -1563,7 +1729,7 @@ static const struct option long_options[] = {
 struct opts {
   struct setup_opts setup;
   const char *nbd_path;
-  int64_t bandwidth;
+  struct serve_opts serve;
   int success;                  /* -1 unset, 0 failure, 1 success */
   bool mount;
 };
@@ -1636,8 +1802,11 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
     case OPT_TARGET_ID: o->setup.target_id = optarg; break;
     case OPT_NBD_PATH: o->nbd_path = optarg; break;
     case OPT_BANDWIDTH:
-      o->bandwidth = parse_size ("--bandwidth-limit", optarg);
+      o->serve.bandwidth = parse_size ("--bandwidth-limit", optarg);
       break;
+    case OPT_LISTEN: o->serve.listen = optarg; break;
+    case OPT_TLS_PSK: o->serve.tls_psk = optarg; break;
+    case OPT_INSECURE_NO_TLS: o->serve.insecure_no_tls = true; break;
     case OPT_SUCCESS: o->success = 1; break;
     case OPT_FAILURE: o->success = 0; break;
     case OPT_MOUNT: o->mount = true; break;
@@ -1666,6 +1835,8 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
   }
   if (o->nbd_path)
     o->nbd_path = absolute (o->nbd_path);
+  if (o->serve.tls_psk)         /* nbdkit changes to / */
+    o->serve.tls_psk = absolute (o->serve.tls_psk);
 }
 
 /* setup, from parsed options. */
@@ -1889,12 +2060,13 @@ do_run (struct opts *o, char **cmd)
   int status, rc;
   struct sigaction sa = { .sa_handler = on_signal };
 
+  serve_preflight (&o->serve, o->setup.ndevs, NULL, NULL, NULL);
   if (o->setup.qmp)
     do_setup (o);
   else
     do_serve_state (o);
   roll_back_on_error = true;
-  serve_devices (o->bandwidth);
+  serve_devices (&o->serve);
   out = describe ();
   if (o->mount)
     mount_devices (out);
@@ -1972,8 +2144,9 @@ main (int argc, char **argv)
   }
   else if (strcmp (cmd, "serve") == 0) {
     parse_options (argc, argv, &o, SERVE_USAGE);
+    serve_preflight (&o.serve, o.setup.ndevs, NULL, NULL, NULL);
     do_serve_state (&o);
-    serve_devices (o.bandwidth);
+    serve_devices (&o.serve);
     print_json (describe ());
   }
   else if (strcmp (cmd, "mount") == 0) {
