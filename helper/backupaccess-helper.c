@@ -135,7 +135,8 @@ save_state (void)
 {
   char *path = state_path ();
   char *tmp = xasprintf ("%s.tmp", path);
-  int fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  int fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC,
+                 0600);
   const char *text = json_object_to_json_string_ext (state,
                                                      JSON_C_TO_STRING_PRETTY);
 
@@ -153,14 +154,21 @@ load_state (void)
 {
   char *path = state_path ();
   struct stat st;
+  /* Never through a symlink: the state names files to delete. */
+  int fd = open (path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
 
-  if (stat (path, &st) == -1 && errno == ENOENT) {
+  if (fd == -1 && errno == ENOENT) {
     free (path);
     return false;
   }
+  if (fd == -1 || fstat (fd, &st) == -1)
+    die ("%s: %m", path);
+  if (!S_ISREG (st.st_mode))
+    die ("%s: not a regular file", path);
   if (st.st_size > 16L * 1024 * 1024)
     die ("%s: too large to be a state file", path);
-  state = json_object_from_file (path);
+  state = json_object_from_fd (fd);
+  close (fd);
   if (state == NULL || !json_object_is_type (state, json_type_object))
     die ("%s: not a valid state file: %s", path, json_util_get_last_err ());
   free (path);

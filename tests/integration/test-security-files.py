@@ -9,7 +9,7 @@ directory another user can change (theirs, or writable by others and
 not sticky, also reached through a symlink) is refused before anything
 is done; below sticky /tmp-like directories it is accepted.  A run
 directory named with URI syntax ("r un&tls=require#%41") still gives
-a working URI."""
+a working URI.  state.json is never read or written through a symlink."""
 import json
 import os
 import stat
@@ -19,7 +19,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
-from harness import check, run_helper
+from harness import Nbdkit, check, run_helper
 from pve_fixture import PveVm
 
 DEV = "drive-scsi0"
@@ -88,6 +88,28 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
     refused(os.path.join(safe, "run"), "--fleecing-dir", fleecing=theirs)
     accepted(os.path.join(sticky, "run"))
     accepted(os.path.join(tmp, "to-safe", "run"), fleecing=sticky)
+
+    # state.json is never read, nor its temporary file written, through
+    # a symlink (in a run directory only its owner can write to).
+    elsewhere = os.path.join(tmp, "elsewhere.json")
+    with open(elsewhere, "w") as f:
+        json.dump({"backend": "serve", "devices": []}, f)
+    links = d("links", 0o700)
+    os.symlink(elsewhere, os.path.join(links, "state.json"))
+    r = run_helper("status", "--run-dir", links, ok=False)
+    check(r.returncode == 1 and "state.json: Too many levels of symbolic "
+          "links" in r.stderr, "state.json read through a symlink: %s"
+          % r.stderr)
+    os.unlink(os.path.join(links, "state.json"))
+    os.symlink(elsewhere, os.path.join(links, "state.json.tmp"))
+    with Nbdkit(tmp, ["memory", "1M"], name="export") as export:
+        r = run_helper("serve", "--run-dir", links, "--nbd-path",
+                       export.sock, "--device", DEV, ok=False)
+    check(r.returncode == 1 and "state.json: Too many levels of symbolic "
+          "links" in r.stderr, "state.json.tmp written through a symlink: "
+          "%s" % r.stderr)
+    with open(elsewhere) as f:
+        check(json.load(f)["devices"] == [], "the symlink's target changed")
 
 with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
      PveVm(size=8 << 20, devices=(DEV,)) as vm:
