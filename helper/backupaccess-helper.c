@@ -1428,6 +1428,7 @@ serve_devices (const struct serve_opts *so)
 
     set_str (d, "pidfile", pidfile);
     set_str (d, "socket", host ? NULL : sock);
+    set_str (d, "tls-psk", so->tls_psk);
     set_str (d, "status-file", status);
     set_str (d, "nbdkit-log", log);
     save_state ();
@@ -1533,6 +1534,10 @@ mount_devices (json_object *out)
 
     if (get_str (d, "uri") == NULL)
       die ("device %s is not served: run 'serve' first", dev);
+    if (get_str (d, "tls-psk"))
+      die ("device %s is served with TLS, which nbdfuse cannot use (libnbd "
+           "1.14 takes no PSK file from its URI): serve it without "
+           "--tls-psk to mount it", dev);
     if (get_str (d, "mount") == NULL) {
       /* No allow_other: only the caller can open the file. */
       char *argv[] = { "nbdfuse", "-P", pidfile, file,
@@ -2069,6 +2074,9 @@ do_run (struct opts *o, char **cmd)
   struct sigaction sa = { .sa_handler = on_signal };
 
   serve_preflight (&o->serve, o->setup.ndevs, NULL, NULL, NULL);
+  if (o->mount && o->serve.tls_psk)
+    die ("--mount: nbdfuse cannot use TLS (libnbd 1.14 takes no PSK file "
+         "from its URI): give no --tls-psk to mount");
   if (o->setup.qmp)
     do_setup (o);
   else

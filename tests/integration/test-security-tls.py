@@ -7,7 +7,8 @@ client with the right key copies the snapshot byte for byte; a client
 without TLS, one with a wrong key, and one with another user name are
 refused.  --tls-psk without --listen puts TLS on the unix socket too;
 --insecure-no-tls serves plain TCP; `run` checks the options before it
-sets anything up."""
+sets anything up.  mount refuses a device served with TLS (nbdfuse
+cannot take a PSK file) instead of failing half-way."""
 import json
 import os
 import shutil
@@ -73,6 +74,8 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
     # run checks before it sets anything up.
     refused(run_helper("run", *q, "--listen", listen, "--", "true",
                        ok=False), "TCP is served with TLS only")
+    refused(run_helper("run", *q, "--tls-psk", keys, "--mount", "--", "true",
+                       ok=False), "nbdfuse cannot use TLS")
     check(vm.proxy.targets() == [] and not os.path.exists(rd),
           "run set up before it checked --listen")
 
@@ -125,6 +128,8 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
         check(uri == "nbds+unix://backup@/?socket=%s&tls-psk-file=%s"
               % (sock, keys), "uri %s" % uri)
         refused(nbdinfo("nbd+unix:///?socket=" + sock), "requires TLS")
+        refused(run_helper("mount", "--run-dir", rd, ok=False),
+                "served with TLS, which nbdfuse cannot use")
         r = nbdinfo(uri)
         check(r.returncode == 0 and r.stdout.strip() == str(SIZE), r.stderr)
     finally:
