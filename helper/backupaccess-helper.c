@@ -499,15 +499,18 @@ run_wait (char **argv, const char *log)
   return WIFEXITED (status) ? WEXITSTATUS (status) : 128 + WTERMSIG (status);
 }
 
-/* The pid in a pidfile, if that process still runs one of our
- * programs (a pid may have been reused since the file was written).
+/* The pid in a pidfile, if that process is still the nbdkit or
+ * nbdfuse we started with that pidfile: a pid may have been reused
+ * since, even by another nbdkit, which is not ours to stop.
  */
 static pid_t
 read_pidfile (const char *path)
 {
   FILE *fp = fopen (path, "r");
   long pid = 0;
-  char comm[64] = "";
+  static char cmdline[65536];
+  size_t n = 0;
+  bool ours = false;
   char *proc;
 
   if (fp) {
@@ -517,17 +520,27 @@ read_pidfile (const char *path)
   }
   if (pid <= 1)
     return 0;
-  proc = xasprintf ("/proc/%ld/comm", pid);
+  proc = xasprintf ("/proc/%ld/cmdline", pid);
   fp = fopen (proc, "r");
   free (proc);
   if (fp == NULL)
     return 0;
-  if (fgets (comm, sizeof comm, fp) == NULL)
-    comm[0] = '\0';
+  n = fread (cmdline, 1, sizeof cmdline - 1, fp);
   fclose (fp);
-  if (strncmp (comm, "nbdkit", 6) != 0 && strncmp (comm, "nbdfuse", 7) != 0)
-    return 0;
-  return (pid_t) pid;
+  cmdline[n] = '\0';
+  /* argv[0] is nbdkit or nbdfuse, and the pidfile is one of its
+   * arguments (nbdkit --pidfile PATH, nbdfuse -P PATH).
+   */
+  {
+    const char *base = strrchr (cmdline, '/') ? strrchr (cmdline, '/') + 1
+      : cmdline;
+    if (strcmp (base, "nbdkit") != 0 && strcmp (base, "nbdfuse") != 0)
+      return 0;
+  }
+  for (size_t i = strlen (cmdline) + 1; i < n; i += strlen (cmdline + i) + 1)
+    if (strcmp (cmdline + i, path) == 0)
+      ours = true;
+  return ours ? (pid_t) pid : 0;
 }
 
 /* Sends SIGTERM, waits, then SIGKILL. */

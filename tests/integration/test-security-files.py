@@ -9,7 +9,9 @@ directory another user can change (theirs, or writable by others and
 not sticky, also reached through a symlink) is refused before anything
 is done; below sticky /tmp-like directories it is accepted.  A run
 directory named with URI syntax ("r un&tls=require#%41") still gives
-a working URI.  state.json is never read or written through a symlink."""
+a working URI.  state.json is never read or written through a symlink.
+teardown never stops an nbdkit that is not the one it started (a
+reused pid)."""
 import json
 import os
 import stat
@@ -110,6 +112,21 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
           "%s" % r.stderr)
     with open(elsewhere) as f:
         check(json.load(f)["devices"] == [], "the symlink's target changed")
+
+    # A pidfile whose pid now belongs to another nbdkit (pids are
+    # reused): teardown must not stop it.
+    stale = d("stale", 0o700)
+    with Nbdkit(tmp, ["memory", "1M"], name="unrelated") as other:
+        pidfile = os.path.join(stale, DEV + ".nbdkit.pid")
+        with open(pidfile, "w") as f:
+            f.write("%d\n" % other.proc.pid)
+        with open(os.path.join(stale, "state.json"), "w") as f:
+            json.dump({"backend": "serve", "devices": [
+                {"device": DEV, "export": DEV, "pidfile": pidfile}]}, f)
+        r = run_helper("teardown", "--run-dir", stale, "--failure", ok=False)
+        check(r.returncode == 0, "teardown: %s" % r.stderr)
+        check(other.proc.poll() is None, "teardown stopped an nbdkit that "
+              "was not its own")
 
 with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
      PveVm(size=8 << 20, devices=(DEV,)) as vm:
