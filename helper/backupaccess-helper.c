@@ -312,9 +312,13 @@ devices (void)
   }
   else {
     bool ok = json_object_is_type (d, json_type_array);
-    for (size_t i = 0; ok && i < alen (d); i++)
-      ok = json_object_is_type (json_object_array_get_idx (d, i),
-                                json_type_object);
+    for (size_t i = 0; ok && i < alen (d); i++) {
+      json_object *e = json_object_array_get_idx (d, i);
+      ok = json_object_is_type (e, json_type_object);
+      /* Device names are joined into paths in the run directory. */
+      if (ok && get_str (e, "device"))
+        check_name ("device in the state file", get_str (e, "device"), false);
+    }
     if (!ok)
       die ("%s/state.json: \"devices\" is not a list of objects", run_dir);
   }

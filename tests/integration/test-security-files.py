@@ -11,7 +11,7 @@ is done; below sticky /tmp-like directories it is accepted.  A run
 directory named with URI syntax ("r un&tls=require#%41") still gives
 a working URI.  state.json is never read or written through a symlink.
 teardown never stops an nbdkit that is not the one it started (a
-reused pid)."""
+reused pid), and never follows a device name out of the run directory."""
 import json
 import os
 import stat
@@ -127,6 +127,23 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
         check(r.returncode == 0, "teardown: %s" % r.stderr)
         check(other.proc.poll() is None, "teardown stopped an nbdkit that "
               "was not its own")
+
+    # A device name in the state file that would lead out of the run
+    # directory (teardown removes DIR/DEVICE.nbdkit.log): refused.
+    outer = d("outer", 0o700)
+    bad = os.path.join(outer, "run")
+    os.mkdir(bad, 0o700)
+    victim = os.path.join(outer, "victim.nbdkit.log")
+    open(victim, "w").close()
+    with open(os.path.join(bad, "state.json"), "w") as f:
+        json.dump({"backend": "serve", "devices": [{"device": "../victim"}]},
+                  f)
+    for cmd in (["status"], ["teardown", "--failure"]):
+        r = run_helper(cmd[0], "--run-dir", bad, *cmd[1:], ok=False)
+        check(r.returncode == 1 and "device in the state file" in r.stderr,
+              "%s: %s" % (cmd[0], r.stderr))
+    check(os.path.exists(victim), "teardown removed a file outside the run "
+          "directory")
 
 with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
      PveVm(size=8 << 20, devices=(DEV,)) as vm:
