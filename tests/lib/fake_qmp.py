@@ -39,6 +39,7 @@ class FakeQmp:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(self.path)
         self.sock.listen(4)
+        self.sock.settimeout(0.1)       # so that accept sees stopping
         t = threading.Thread(target=self._accept, daemon=True)
         t.start()
         self.threads.append(t)
@@ -62,8 +63,11 @@ class FakeQmp:
         while not self.stopping:
             try:
                 conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
             except OSError:
                 return
+            conn.settimeout(None)
             self.conns.append(conn)
             t = threading.Thread(target=self._client, args=(conn,),
                                  daemon=True)
