@@ -105,8 +105,15 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
     os.unlink(os.path.join(links, "state.json"))
     os.symlink(elsewhere, os.path.join(links, "state.json.tmp"))
     with Nbdkit(tmp, ["memory", "1M"], name="export") as export:
-        r = run_helper("serve", "--run-dir", links, "--nbd-path",
-                       export.sock, "--device", DEV, ok=False)
+        try:
+            r = run_helper("serve", "--run-dir", links, "--nbd-path",
+                           export.sock, "--device", DEV, ok=False)
+        finally:
+            # Had serve gone on, its nbdkit would outlive the test.
+            started = os.path.join(links, DEV + ".nbdkit.pid")
+            if os.path.exists(started):
+                with open(started) as f:
+                    os.kill(int(f.read()), 15)
     check(r.returncode == 1 and "state.json: Too many levels of symbolic "
           "links" in r.stderr, "state.json.tmp written through a symlink: "
           "%s" % r.stderr)
