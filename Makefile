@@ -17,7 +17,7 @@ ALL_CFLAGS = $(CFLAGS) $(WARNFLAGS) -std=gnu11 -fPIC -Ilib \
 DEB_PACKAGES = build-essential pkg-config perl \
   nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin python3-libnbd \
   libjson-c-dev libfuse3-dev fuse3 libcmocka-dev \
-  qemu-utils qemu-system-x86 qemu-block-extra procps bc \
+  qemu-utils qemu-system-x86 qemu-block-extra procps bc gnutls-bin \
   cppcheck clang-tidy
 
 LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c \

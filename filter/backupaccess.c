@@ -14,6 +14,7 @@
  */
 #define _GNU_SOURCE             /* asprintf */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -137,12 +138,23 @@ write_status (void)
   json_object_object_add (o, "broken", json_object_new_boolean (broken));
   json_object_object_add (o, "pid", json_object_new_int (getpid ()));
   json_object_object_add (o, "time", json_object_new_int64 (time (NULL)));
-  if (asprintf (&tmp, "%s.tmp", status_path) != -1 &&
-      (fp = fopen (tmp, "w")) != NULL) {
-    fprintf (fp, "%s\n", json_object_to_json_string_ext
-             (o, JSON_C_TO_STRING_PLAIN));
-    if (fclose (fp) == 0)
-      rename (tmp, status_path);
+  /* A new file of a name nobody can guess (mkstemp: O_EXCL, mode
+   * 0600 whatever nbdkit's umask), so that in a shared directory the
+   * write never follows a symlink planted there, and only the owner
+   * can read the counters.
+   */
+  if (asprintf (&tmp, "%s.XXXXXX", status_path) != -1) {
+    int fd = mkostemp (tmp, O_CLOEXEC);
+    if (fd != -1) {
+      fp = fdopen (fd, "w");
+      if (fp == NULL)
+        close (fd);
+      else
+        fprintf (fp, "%s\n", json_object_to_json_string_ext
+                 (o, JSON_C_TO_STRING_PLAIN));
+      if (fp == NULL || fclose (fp) != 0 || rename (tmp, status_path) == -1)
+        unlink (tmp);
+    }
   }
   free (tmp);
   json_object_put (o);

@@ -38,6 +38,8 @@
 #define WAIT_SECONDS 20
 
 static const char *progname = "backupaccess-helper";
+/* The caller's umask, given back to COMMAND in run. */
+static mode_t caller_umask;
 
 /* ------------------------------------------------------------------ */
 /* Errors and small utilities */
@@ -133,7 +135,8 @@ save_state (void)
 {
   char *path = state_path ();
   char *tmp = xasprintf ("%s.tmp", path);
-  int fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  int fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC,
+                 0600);
   const char *text = json_object_to_json_string_ext (state,
                                                      JSON_C_TO_STRING_PRETTY);
 
@@ -151,18 +154,90 @@ load_state (void)
 {
   char *path = state_path ();
   struct stat st;
+  /* Never through a symlink: the state names files to delete. */
+  int fd = open (path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
 
-  if (stat (path, &st) == -1 && errno == ENOENT) {
+  if (fd == -1 && errno == ENOENT) {
     free (path);
     return false;
   }
+  if (fd == -1 || fstat (fd, &st) == -1)
+    die ("%s: %m", path);
+  if (!S_ISREG (st.st_mode))
+    die ("%s: not a regular file", path);
   if (st.st_size > 16L * 1024 * 1024)
     die ("%s: too large to be a state file", path);
-  state = json_object_from_file (path);
+  state = json_object_from_fd (fd);
+  close (fd);
   if (state == NULL || !json_object_is_type (state, json_type_object))
     die ("%s: not a valid state file: %s", path, json_util_get_last_err ());
   free (path);
   return true;
+}
+
+/* A directory only root and the caller can change the entries of:
+ * owned by one of them, and not writable by others unless sticky (then
+ * only an entry's owner may rename or remove it).
+ */
+static bool
+dir_is_safe (const struct stat *st)
+{
+  return S_ISDIR (st->st_mode) &&
+    (st->st_uid == 0 || st->st_uid == geteuid ()) &&
+    ((st->st_mode & 022) == 0 || (st->st_mode & S_ISVTX) != 0);
+}
+
+/* The real path of a directory (or of one to be made, in an existing
+ * parent), used from then on: every directory above it must be safe,
+ * so that nobody else can swap a component of it for a symlink (to
+ * make us write or serve elsewhere) once it has been checked.  With
+ * check_self the directory itself must be safe too.
+ */
+static char *
+checked_dir_path (const char *what, const char *path, bool check_self)
+{
+  char *r = realpath (path, NULL);
+  struct stat st;
+
+  if (r == NULL) {
+    char *copy, *slash, *parent;
+    if (errno != ENOENT)
+      die ("%s %s: %m", what, path);
+    copy = strdup (path);
+    if (copy == NULL)
+      die ("out of memory");
+    for (size_t n = strlen (copy); n > 1 && copy[n - 1] == '/'; n--)
+      copy[n - 1] = '\0';
+    slash = strrchr (copy, '/');
+    if (slash == NULL || slash[1] == '\0')
+      die ("%s %s: not a directory name", what, path);
+    *slash = '\0';
+    parent = realpath (slash == copy ? "/" : copy, NULL);
+    if (parent == NULL)
+      die ("%s %s: %m", what, copy);
+    r = xasprintf ("%s/%s", strcmp (parent, "/") == 0 ? "" : parent,
+                   slash + 1);
+    free (parent);
+    free (copy);
+    check_self = false;         /* it does not exist yet */
+  }
+  /* Every ancestor: "/", "/a", "/a/b", ... */
+  for (char *p = r; p; p = strchr (p + 1, '/')) {
+    char *prefix = p == r ? strdup ("/") : strndup (r, p - r);
+    if (prefix == NULL)
+      die ("out of memory");
+    if (lstat (prefix, &st) == -1)
+      die ("%s %s: %s: %m", what, path, prefix);
+    if (!dir_is_safe (&st))
+      die ("%s %s: %s can be changed by another user (it must be owned "
+           "by root or you, and not writable by others unless sticky)",
+           what, path, prefix);
+    free (prefix);
+  }
+  if (check_self && (lstat (r, &st) == -1 || !dir_is_safe (&st)))
+    die ("%s %s: must be a directory of root's or yours, not writable by "
+         "others unless sticky", what, path);
+  return r;
 }
 
 /* Creates the run directory, private to the caller, or checks that an
@@ -217,6 +292,16 @@ set_str (json_object *o, const char *key, const char *value)
                           : NULL);
 }
 
+/* The length of a list QEMU (or the state file) gave us: 0 for
+ * anything that is not a list (json-c aborts on those).
+ */
+static size_t
+alen (json_object *a)
+{
+  return json_object_is_type (a, json_type_array)
+    ? json_object_array_length (a) : 0;
+}
+
 static json_object *
 devices (void)
 {
@@ -224,6 +309,18 @@ devices (void)
   if (!json_object_object_get_ex (state, "devices", &d)) {
     d = json_object_new_array ();
     json_object_object_add (state, "devices", d);
+  }
+  else {
+    bool ok = json_object_is_type (d, json_type_array);
+    for (size_t i = 0; ok && i < alen (d); i++) {
+      json_object *e = json_object_array_get_idx (d, i);
+      ok = json_object_is_type (e, json_type_object);
+      /* Device names are joined into paths in the run directory. */
+      if (ok && get_str (e, "device"))
+        check_name ("device in the state file", get_str (e, "device"), false);
+    }
+    if (!ok)
+      die ("%s/state.json: \"devices\" is not a list of objects", run_dir);
   }
   return d;
 }
@@ -233,11 +330,30 @@ devices (void)
 
 static struct ba_qmp *qmp;
 
+/* How long QEMU may take to answer a command: 60 s, or
+ * BACKUPACCESS_QMP_TIMEOUT seconds.
+ */
+static int
+qmp_timeout_ms (void)
+{
+  const char *s = getenv ("BACKUPACCESS_QMP_TIMEOUT");
+  char *end;
+  long v;
+
+  if (s == NULL || *s == '\0')
+    return QMP_TIMEOUT_MS;
+  errno = 0;
+  v = strtol (s, &end, 10);
+  if (errno || *end || v < 1 || v > 3600)
+    die ("BACKUPACCESS_QMP_TIMEOUT=%s: expected seconds, 1 to 3600", s);
+  return (int) v * 1000;
+}
+
 static void
 qmp_open (const char *path)
 {
   char err[1024];
-  qmp = ba_qmp_connect (path, QMP_TIMEOUT_MS, err, sizeof err);
+  qmp = ba_qmp_connect (path, qmp_timeout_ms (), err, sizeof err);
   if (qmp == NULL)
     die ("%s", err);
 }
@@ -258,6 +374,17 @@ qmp_run (bool ok_errors, const char *cmd, json_object *args)
       die ("QMP %s: %s", cmd, err);
     warn ("QMP %s: %s (ignored)", cmd, err);
   }
+  return r;
+}
+
+/* Runs a QMP command that returns a list; anything else is an error. */
+static json_object *
+qmp_list (const char *cmd, json_object *args)
+{
+  json_object *r = qmp_run (false, cmd, args);
+
+  if (!json_object_is_type (r, json_type_array))
+    die ("QMP %s: QEMU's answer is not a list", cmd);
   return r;
 }
 
@@ -287,7 +414,7 @@ obj (const char *key, ...)
 static json_object *
 find_node (json_object *nodes, const char *name)
 {
-  for (size_t i = 0; i < json_object_array_length (nodes); i++) {
+  for (size_t i = 0; i < alen (nodes); i++) {
     json_object *n = json_object_array_get_idx (nodes, i);
     const char *nn = get_str (n, "node-name");
     if (nn && strcmp (nn, name) == 0)
@@ -299,8 +426,8 @@ find_node (json_object *nodes, const char *name)
 static json_object *
 named_nodes (void)
 {
-  return qmp_run (false, "query-named-block-nodes",
-                  obj ("flat", json_object_new_boolean (1), END));
+  return qmp_list ("query-named-block-nodes",
+                   obj ("flat", json_object_new_boolean (1), END));
 }
 
 static int64_t
@@ -320,9 +447,9 @@ static void
 wait_gone (const char *query, const char *key, const char *value)
 {
   for (int i = 0; i < WAIT_SECONDS * 10; i++) {
-    json_object *list = qmp_run (false, query, NULL);
+    json_object *list = qmp_list (query, NULL);
     bool found = false;
-    for (size_t j = 0; j < json_object_array_length (list); j++)
+    for (size_t j = 0; j < alen (list); j++)
       if (strcmp (get_str (json_object_array_get_idx (list, j), key) ?: "",
                   value) == 0)
         found = true;
@@ -376,15 +503,18 @@ run_wait (char **argv, const char *log)
   return WIFEXITED (status) ? WEXITSTATUS (status) : 128 + WTERMSIG (status);
 }
 
-/* The pid in a pidfile, if that process still runs one of our
- * programs (a pid may have been reused since the file was written).
+/* The pid in a pidfile, if that process is still the nbdkit or
+ * nbdfuse we started with that pidfile: a pid may have been reused
+ * since, even by another nbdkit, which is not ours to stop.
  */
 static pid_t
 read_pidfile (const char *path)
 {
   FILE *fp = fopen (path, "r");
   long pid = 0;
-  char comm[64] = "";
+  static char cmdline[65536];
+  size_t n = 0;
+  bool ours = false;
   char *proc;
 
   if (fp) {
@@ -394,17 +524,27 @@ read_pidfile (const char *path)
   }
   if (pid <= 1)
     return 0;
-  proc = xasprintf ("/proc/%ld/comm", pid);
+  proc = xasprintf ("/proc/%ld/cmdline", pid);
   fp = fopen (proc, "r");
   free (proc);
   if (fp == NULL)
     return 0;
-  if (fgets (comm, sizeof comm, fp) == NULL)
-    comm[0] = '\0';
+  n = fread (cmdline, 1, sizeof cmdline - 1, fp);
   fclose (fp);
-  if (strncmp (comm, "nbdkit", 6) != 0 && strncmp (comm, "nbdfuse", 7) != 0)
-    return 0;
-  return (pid_t) pid;
+  cmdline[n] = '\0';
+  /* argv[0] is nbdkit or nbdfuse, and the pidfile is one of its
+   * arguments (nbdkit --pidfile PATH, nbdfuse -P PATH).
+   */
+  {
+    const char *base = strrchr (cmdline, '/') ? strrchr (cmdline, '/') + 1
+      : cmdline;
+    if (strcmp (base, "nbdkit") != 0 && strcmp (base, "nbdfuse") != 0)
+      return 0;
+  }
+  for (size_t i = strlen (cmdline) + 1; i < n; i += strlen (cmdline + i) + 1)
+    if (strcmp (cmdline + i, path) == 0)
+      ours = true;
+  return ours ? (pid_t) pid : 0;
 }
 
 /* Sends SIGTERM, waits, then SIGKILL. */
@@ -437,6 +577,20 @@ tail_of (const char *path)
   }
   buf[n] = '\0';
   return buf;
+}
+
+/* nbdkit sets its umask to 022 and nbdfuse writes its pidfile 0644:
+ * close what they made in the run directory to everyone but us (the
+ * directory's 0700 already did; this keeps it so if it is ever opened).
+ */
+static void
+make_private (const char *path)
+{
+  struct stat st;
+
+  if (lstat (path, &st) == 0 && !S_ISLNK (st.st_mode) &&
+      (st.st_mode & 077) != 0 && chmod (path, st.st_mode & 0700) == -1)
+    die ("chmod %s: %m", path);
 }
 
 /* Where the filter and the plugin are: beside this program (the build
@@ -509,9 +663,9 @@ proxmox_api_available (void)
 static const char *
 proxmox_setup_form (void)
 {
-  json_object *schema = qmp_run (false, "query-qmp-schema", NULL);
+  json_object *schema = qmp_list ("query-qmp-schema", NULL);
   const char *arg_type = NULL, *form = NULL;
-  size_t n = json_object_array_length (schema);
+  size_t n = alen (schema);
 
   for (size_t i = 0; i < n; i++) {
     json_object *e = json_object_array_get_idx (schema, i);
@@ -524,7 +678,7 @@ proxmox_setup_form (void)
     if (strcmp (get_str (e, "name") ?: "", arg_type) != 0 ||
         !json_object_object_get_ex (e, "members", &members))
       continue;
-    for (size_t j = 0; j < json_object_array_length (members); j++) {
+    for (size_t j = 0; j < alen (members); j++) {
       const char *m = get_str (json_object_array_get_idx (members, j),
                                "name");
       if (m && (strcmp (m, "devices") == 0 || strcmp (m, "devlist") == 0))
@@ -611,17 +765,30 @@ setup_proxmox (const struct setup_opts *o, const char *form)
   json_object_object_add (state, "proxmox-setup",
                           json_object_new_boolean (1));
   save_state ();
-  result = qmp_run (false, "backup-access-setup", args);
+  result = qmp_list ("backup-access-setup", args);
 
-  for (size_t i = 0; i < json_object_array_length (result); i++) {
+  for (size_t i = 0; i < alen (result); i++) {
     json_object *r = json_object_array_get_idx (result, i);
     json_object *d = json_object_new_object ();
     const char *dev = get_str (r, "device");
     char *fl = xasprintf ("%s-fleecing", dev ? dev : "");
 
+    bool asked = false;
+
     if (dev == NULL || get_str (r, "node-name") == NULL)
       die ("backup-access-setup returned an entry without device/node-name");
+    /* The device names file names and nbdkit's export=, the bitmap name
+     * nbdkit's backupaccess-bitmap=: both as plain as the user's.
+     */
     check_name ("device returned by QEMU", dev, false);
+    for (int j = 0; j < o->ndevs; j++)
+      asked |= strcmp (o->devs[j], dev) == 0;
+    if (!asked)
+      die ("backup-access-setup returned device '%s', which was not asked "
+           "for", dev);
+    if (get_str (r, "bitmap-name"))
+      check_name ("bitmap name returned by QEMU", get_str (r, "bitmap-name"),
+                  true);
     set_str (d, "device", dev);
     set_str (d, "export", dev);
     set_str (d, "node", get_str (r, "node-name"));
@@ -651,7 +818,7 @@ static char *
 resolve_device (const char *dev)
 {
   json_object *nodes = named_nodes ();
-  json_object *blk = qmp_run (false, "query-block", NULL);
+  json_object *blk = qmp_list ("query-block", NULL);
   const char *source = NULL;
   char *r;
 
@@ -659,7 +826,7 @@ resolve_device (const char *dev)
     die ("no device given");
   if (find_node (nodes, dev))
     source = dev;
-  for (size_t j = 0; source == NULL && j < json_object_array_length (blk);
+  for (size_t j = 0; source == NULL && j < alen (blk);
        j++) {
     json_object *b = json_object_array_get_idx (blk, j), *ins;
     if ((strcmp (get_str (b, "device") ?: "", dev) == 0 ||
@@ -757,7 +924,7 @@ setup_upstream (const struct setup_opts *o)
       json_object *dirty;
       bool exists = false;
       if (json_object_object_get_ex (node, "dirty-bitmaps", &dirty))
-        for (size_t j = 0; j < json_object_array_length (dirty); j++)
+        for (size_t j = 0; j < alen (dirty); j++)
           if (strcmp (get_str (json_object_array_get_idx (dirty, j), "name")
                       ?: "", o->bitmap) == 0)
             exists = true;
@@ -873,7 +1040,7 @@ start_exports (void)
     }
     json_object_put (r);
   }
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
     json_object *args = obj ("type", S ("nbd"), "id", S (get_str (d, "export")),
                              "node-name", S (get_str (d, "node")),
@@ -919,7 +1086,7 @@ teardown_qemu (bool success)
   /* Exports first: an exported bitmap is busy, and merging it back
    * would fail (or abort QEMU).
    */
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
     if (get_bool (d, "exported")) {
       json_object *r = qmp_run (true, "block-export-del",
@@ -948,7 +1115,7 @@ teardown_qemu (bool success)
     return true;
   }
 
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
     const char *source = get_str (d, "source-node");
     const char *frozen = get_str (d, "frozen-bitmap");
@@ -970,7 +1137,7 @@ teardown_qemu (bool success)
       json_object *n = find_node (nodes, source), *bm;
       bool have = false;
       if (n && json_object_object_get_ex (n, "dirty-bitmaps", &bm))
-        for (size_t j = 0; j < json_object_array_length (bm); j++)
+        for (size_t j = 0; j < alen (bm); j++)
           if (strcmp (get_str (json_object_array_get_idx (bm, j), "name")
                       ?: "", frozen) == 0)
             have = true;
@@ -1015,7 +1182,7 @@ stop_local (void)
 {
   json_object *devs = devices ();
 
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
     const char *mnt = get_str (d, "mount");
     if (mnt) {
@@ -1043,11 +1210,164 @@ stop_local (void)
 
 /* ------------------------------------------------------------------ */
 /* serve, mount, status */
+/* A path as a URI query value: '&', '#', '%', spaces, anything not
+ * plain is percent-encoded (libnbd decodes it), so that a directory's
+ * name can neither break the URI nor add parameters to it.
+ */
+static char *
+uri_escape (const char *s)
+{
+  char *out = malloc (strlen (s) * 3 + 1), *p = out;
+
+  if (out == NULL)
+    die ("out of memory");
+  for (; *s; s++) {
+    unsigned char c = *s;
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+        (c >= '0' && c <= '9') || strchr ("-._~/", c))
+      *p++ = c;
+    else
+      p += sprintf (p, "%%%02X", c);
+  }
+  *p = '\0';
+  return out;
+}
+
+
+/* How serve exposes nbdkit: a unix socket in the run directory, or TCP
+ * (--listen), with TLS (--tls-psk) unless --insecure-no-tls.
+ */
+struct serve_opts {
+  int64_t bandwidth;
+  const char *listen;           /* HOST:PORT, or NULL */
+  const char *tls_psk;          /* PSK file, or NULL */
+  bool insecure_no_tls;
+};
+
+/* The user name of a PSK file ("USER:HEXKEY" lines, as psktool(1)
+ * writes them), after checking that only its owner (root or the caller)
+ * can read it and that its first key is long enough.
+ */
+static char *
+psk_user (const char *path)
+{
+  int fd = open (path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+  struct stat st;
+  char line[1024], *colon, *user;
+  FILE *fp;
+  size_t i, hex;
+
+  if (fd == -1)
+    die ("--tls-psk %s: %m", path);
+  if (fstat (fd, &st) == -1)
+    die ("--tls-psk %s: %m", path);
+  if (!S_ISREG (st.st_mode))
+    die ("--tls-psk %s: not a regular file", path);
+  if ((st.st_uid != 0 && st.st_uid != geteuid ()) || (st.st_mode & 077))
+    die ("--tls-psk %s: must be owned by root or you and readable by its "
+         "owner only (chmod 600)", path);
+  fp = fdopen (fd, "r");
+  if (fp == NULL)
+    die ("--tls-psk %s: %m", path);
+  if (fgets (line, sizeof line, fp) == NULL)
+    line[0] = '\0';
+  fclose (fp);
+  line[strcspn (line, "\r\n")] = '\0';
+  colon = strchr (line, ':');
+  for (i = 0; colon && line + i < colon; i++)
+    if (!((line[i] >= 'a' && line[i] <= 'z') ||
+          (line[i] >= 'A' && line[i] <= 'Z') ||
+          (line[i] >= '0' && line[i] <= '9') || strchr ("-._", line[i])))
+      break;
+  for (hex = 0; colon && colon[1 + hex] &&
+         strchr ("0123456789abcdefABCDEF", colon[1 + hex]); hex++)
+    ;
+  if (colon == NULL || colon == line || line + i != colon ||
+      colon[1 + hex] != '\0' || hex % 2 != 0 || hex < 32)
+    die ("--tls-psk %s: the first line must be USER:HEXKEY (a user name of "
+         "letters, digits, '-', '.', '_' and a key of at least 16 bytes), "
+         "as 'psktool -u USER -p FILE' writes it", path);
+  user = strndup (line, colon - line);
+  if (user == NULL)
+    die ("out of memory");
+  return user;
+}
+
+/* HOST:PORT, [IPV6]:PORT. */
+static void
+parse_listen (const char *listen, char **host, int *port, int ndevs)
+{
+  const char *colon = strrchr (listen, ':');
+  char *end;
+  long p;
+  size_t n;
+
+  if (colon == NULL || colon == listen)
+    die ("--listen %s: expected HOST:PORT", listen);
+  errno = 0;
+  p = strtol (colon + 1, &end, 10);
+  if (errno || end == colon + 1 || *end || p < 1 || p + ndevs - 1 > 65535)
+    die ("--listen %s: the port must be 1 to 65535, and one more per "
+         "further device", listen);
+  n = colon - listen;
+  if (listen[0] == '[' && n > 2 && listen[n - 1] == ']')
+    *host = strndup (listen + 1, n - 2);
+  else
+    *host = strndup (listen, n);
+  if (*host == NULL)
+    die ("out of memory");
+  for (const char *c = *host; *c; c++)
+    if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
+          (*c >= '0' && *c <= '9') || strchr ("-.:", *c)))
+      die ("--listen %s: not a host name or an IP address", listen);
+  *port = (int) p;
+}
+
+/* Checks serve's options (also before run sets anything up); returns
+ * the host, port and PSK user when asked for them.
+ */
+static void
+serve_preflight (const struct serve_opts *so, int ndevs,
+                 char **host, int *port, char **user)
+{
+  char *h = NULL, *u = NULL;
+  int p = 0;
+
+  if (so->listen && !so->tls_psk && !so->insecure_no_tls)
+    die ("--listen %s: TCP is served with TLS only: give --tls-psk FILE "
+         "(or, on a network where anyone may read the disks, "
+         "--insecure-no-tls)", so->listen);
+  if (so->insecure_no_tls && (!so->listen || so->tls_psk))
+    die ("--insecure-no-tls goes with --listen, and without --tls-psk");
+  if (so->bandwidth > INT64_MAX / 8)
+    die ("--bandwidth-limit: too large");
+  if (so->listen)
+    parse_listen (so->listen, &h, &p, ndevs > 0 ? ndevs : 1);
+  if (so->tls_psk)
+    u = psk_user (so->tls_psk);
+  if (host)
+    *host = h;
+  else
+    free (h);
+  if (port)
+    *port = p;
+  if (user)
+    *user = u;
+  else
+    free (u);
+}
 
 static void
-serve_devices (int64_t bandwidth)
+serve_devices (const struct serve_opts *so)
 {
   json_object *devs = devices ();
+  int64_t bandwidth = so->bandwidth;
+  char *host = NULL, *user = NULL, *psk_esc = NULL;
+  int port = 0;
+
+  serve_preflight (so, (int) alen (devs), &host, &port, &user);
+  if (so->tls_psk)
+    psk_esc = uri_escape (so->tls_psk);
   char *filter = module_path ("BACKUPACCESS_FILTER",
                               "nbdkit-backupaccess-filter.so",
                               "backupaccess");
@@ -1055,7 +1375,7 @@ serve_devices (int64_t bandwidth)
                               "nbdkit-backupaccess-plugin.so",
                               "backupaccess");
 
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
     const char *dev = get_str (d, "device");
     char *sock = xasprintf ("%s/%s.sock", run_dir, dev);
@@ -1075,7 +1395,10 @@ serve_devices (int64_t bandwidth)
       : NULL;
     char *rate_arg = bandwidth > 0
       ? xasprintf ("rate=%" PRIi64, bandwidth * 8) : NULL;
-    char *argv[20];
+    char *port_arg = xasprintf ("%d", port + (int) i);
+    char *psk_arg = so->tls_psk ? xasprintf ("--tls-psk=%s", so->tls_psk)
+      : NULL;
+    char *argv[24];
     int a = 0, rc;
 
     if (get_str (d, "pidfile") && read_pidfile (get_str (d, "pidfile")) &&
@@ -1085,8 +1408,20 @@ serve_devices (int64_t bandwidth)
     argv[a++] = "--log=stderr";
     argv[a++] = "--pidfile";
     argv[a++] = pidfile;
-    argv[a++] = "-U";
-    argv[a++] = sock;
+    if (host) {
+      argv[a++] = "-i";
+      argv[a++] = host;
+      argv[a++] = "-p";
+      argv[a++] = port_arg;
+    }
+    else {
+      argv[a++] = "-U";
+      argv[a++] = sock;
+    }
+    if (psk_arg) {
+      argv[a++] = "--tls=require";
+      argv[a++] = psk_arg;
+    }
     if (rate_arg)
       argv[a++] = "--filter=rate";
     argv[a++] = filter_arg;
@@ -1109,7 +1444,8 @@ serve_devices (int64_t bandwidth)
     argv[a] = NULL;
 
     set_str (d, "pidfile", pidfile);
-    set_str (d, "socket", sock);
+    set_str (d, "socket", host ? NULL : sock);
+    set_str (d, "tls-psk", so->tls_psk);
     set_str (d, "status-file", status);
     set_str (d, "nbdkit-log", log);
     save_state ();
@@ -1126,8 +1462,22 @@ serve_devices (int64_t bandwidth)
     sleep_ms (200);
     if (kill (read_pidfile (pidfile), 0) == -1)
       die ("device %s: nbdkit exited: %s", dev, tail_of (log));
+    make_private (pidfile);
+    if (!host)
+      make_private (sock);
     {
-      char *uri = xasprintf ("nbd+unix:///?socket=%s", sock);
+      char *esc = uri_escape (sock);
+      /* IPv6 addresses in brackets; the PSK's user before the host. */
+      bool v6 = host && strchr (host, ':');
+      char *uri = host
+        ? xasprintf ("nbd%s://%s%s%s%s%s:%s/%s%s", psk_esc ? "s" : "",
+                     user ? user : "", user ? "@" : "", v6 ? "[" : "", host,
+                     v6 ? "]" : "", port_arg, psk_esc ? "?tls-psk-file=" : "",
+                     psk_esc ? psk_esc : "")
+        : xasprintf ("nbd%s+unix://%s%s/?socket=%s%s%s", psk_esc ? "s" : "",
+                     user ? user : "", user ? "@" : "", esc,
+                     psk_esc ? "&tls-psk-file=" : "", psk_esc ? psk_esc : "");
+      free (esc);
       set_str (d, "uri", uri);
       free (uri);
     }
@@ -1145,9 +1495,14 @@ serve_devices (int64_t bandwidth)
     free (status_arg);
     free (bitmap_arg);
     free (rate_arg);
+    free (port_arg);
+    free (psk_arg);
   }
   free (filter);
   free (plugin);
+  free (host);
+  free (user);
+  free (psk_esc);
 }
 
 static json_object *
@@ -1186,7 +1541,7 @@ mount_devices (json_object *out)
 {
   json_object *devs = devices (), *list = json_object_new_array ();
 
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i), *o;
     const char *dev = get_str (d, "device");
     char *mnt = xasprintf ("%s/%s.mnt", run_dir, dev);
@@ -1196,6 +1551,10 @@ mount_devices (json_object *out)
 
     if (get_str (d, "uri") == NULL)
       die ("device %s is not served: run 'serve' first", dev);
+    if (get_str (d, "tls-psk"))
+      die ("device %s is served with TLS, which nbdfuse cannot use (libnbd "
+           "1.14 takes no PSK file from its URI): serve it without "
+           "--tls-psk to mount it", dev);
     if (get_str (d, "mount") == NULL) {
       /* No allow_other: only the caller can open the file. */
       char *argv[] = { "nbdfuse", "-P", pidfile, file,
@@ -1214,6 +1573,7 @@ mount_devices (json_object *out)
       }
       if (!read_pidfile (pidfile))
         die ("device %s: nbdfuse did not start: %s", dev, tail_of (log));
+      make_private (pidfile);
       set_str (d, "file", file);
       save_state ();
     }
@@ -1246,7 +1606,7 @@ describe (void)
 
   set_str (out, "run-dir", run_dir);
   set_str (out, "backend", get_str (state, "backend"));
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
     json_object *o = json_object_new_object ();
     set_str (o, "device", get_str (d, "device"));
@@ -1293,7 +1653,7 @@ status_command (void)
   if (get_str (state, "qmp") &&
       strcmp (get_str (state, "backend") ?: "", "serve") != 0)
     qmp_open (get_str (state, "qmp"));
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+  for (size_t i = 0; i < alen (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
     json_object *o = json_object_new_object (), *st = NULL;
     const char *sf = get_str (d, "status-file");
@@ -1332,9 +1692,11 @@ status_command (void)
 #define SERVE_USAGE \
   "  serve --run-dir DIR [--nbd-path SOCKET --device DEV[:BITMAP] ...\n" \
   "        [--cluster-size SIZE]] [--bandwidth-limit BYTES_PER_S]\n" \
+  "        [--listen HOST:PORT] [--tls-psk FILE] [--insecure-no-tls]\n" \
   "      Start nbdkit with the backupaccess filter per device, on\n" \
-  "      DIR/DEV.sock; prints the client URIs as JSON.  Without\n" \
-  "      --nbd-path it serves what 'setup' exported.\n"
+  "      DIR/DEV.sock (or TCP HOST:PORT, PORT+1, ..., with TLS); prints\n" \
+  "      the client URIs as JSON.  Without --nbd-path it serves what\n" \
+  "      'setup' exported.\n"
 #define MOUNT_USAGE \
   "  mount --run-dir DIR\n" \
   "      nbdfuse per served device (DIR/DEV.mnt/DEV); prints the files\n" \
@@ -1369,6 +1731,7 @@ enum {
   OPT_QMP = 256, OPT_RUN_DIR, OPT_DEVICE, OPT_BITMAP, OPT_BITMAP_MODE,
   OPT_FLEECING_DIR, OPT_CLUSTER, OPT_BACKEND, OPT_TARGET_ID, OPT_NBD_PATH,
   OPT_BANDWIDTH, OPT_SUCCESS, OPT_FAILURE, OPT_MOUNT, OPT_HELP,
+  OPT_LISTEN, OPT_TLS_PSK, OPT_INSECURE_NO_TLS,
 };
 
 static const struct option long_options[] = {
@@ -1386,6 +1749,9 @@ static const struct option long_options[] = {
   { "success", no_argument, NULL, OPT_SUCCESS },
   { "failure", no_argument, NULL, OPT_FAILURE },
   { "mount", no_argument, NULL, OPT_MOUNT },
+  { "listen", required_argument, NULL, OPT_LISTEN },
+  { "tls-psk", required_argument, NULL, OPT_TLS_PSK },
+  { "insecure-no-tls", no_argument, NULL, OPT_INSECURE_NO_TLS },
   { "help", no_argument, NULL, OPT_HELP },
   { NULL, 0, NULL, 0 },
 };
@@ -1393,7 +1759,7 @@ static const struct option long_options[] = {
 struct opts {
   struct setup_opts setup;
   const char *nbd_path;
-  int64_t bandwidth;
+  struct serve_opts serve;
   int success;                  /* -1 unset, 0 failure, 1 success */
   bool mount;
 };
@@ -1466,8 +1832,11 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
     case OPT_TARGET_ID: o->setup.target_id = optarg; break;
     case OPT_NBD_PATH: o->nbd_path = optarg; break;
     case OPT_BANDWIDTH:
-      o->bandwidth = parse_size ("--bandwidth-limit", optarg);
+      o->serve.bandwidth = parse_size ("--bandwidth-limit", optarg);
       break;
+    case OPT_LISTEN: o->serve.listen = optarg; break;
+    case OPT_TLS_PSK: o->serve.tls_psk = optarg; break;
+    case OPT_INSECURE_NO_TLS: o->serve.insecure_no_tls = true; break;
     case OPT_SUCCESS: o->success = 1; break;
     case OPT_FAILURE: o->success = 0; break;
     case OPT_MOUNT: o->mount = true; break;
@@ -1482,13 +1851,22 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
   if (run_dir == NULL)
     die ("--run-dir DIR is required");
   /* Later commands may run from another directory. */
-  run_dir = absolute (run_dir);
+  {
+    char *abs = absolute (run_dir);
+    run_dir = checked_dir_path ("--run-dir", abs, false);
+    free (abs);
+  }
   if (o->setup.qmp)
     o->setup.qmp = absolute (o->setup.qmp);
-  if (o->setup.fleecing_dir)
-    o->setup.fleecing_dir = absolute (o->setup.fleecing_dir);
+  if (o->setup.fleecing_dir) {
+    char *abs = absolute (o->setup.fleecing_dir);
+    o->setup.fleecing_dir = checked_dir_path ("--fleecing-dir", abs, true);
+    free (abs);
+  }
   if (o->nbd_path)
     o->nbd_path = absolute (o->nbd_path);
+  if (o->serve.tls_psk)         /* nbdkit changes to / */
+    o->serve.tls_psk = absolute (o->serve.tls_psk);
 }
 
 /* setup, from parsed options. */
@@ -1643,7 +2021,7 @@ do_teardown (bool success)
   if (strcmp (get_str (state, "backend") ?: "", "serve") != 0) {
     char err[1024];
     if (qmp == NULL)            /* else a roll-back: the same connection */
-      qmp = ba_qmp_connect (get_str (state, "qmp"), QMP_TIMEOUT_MS,
+      qmp = ba_qmp_connect (get_str (state, "qmp"), qmp_timeout_ms (),
                             err, sizeof err);
     if (qmp == NULL) {
       /* Nothing listens: QEMU is gone, and nothing is left in it to
@@ -1661,7 +2039,7 @@ do_teardown (bool success)
   {
     char *p = state_path ();
     json_object *devs = devices ();
-    for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    for (size_t i = 0; i < alen (devs); i++) {
       json_object *d = json_object_array_get_idx (devs, i);
       const char *f = get_str (d, "fleece-file");
       if (!ok && f)
@@ -1712,12 +2090,16 @@ do_run (struct opts *o, char **cmd)
   int status, rc;
   struct sigaction sa = { .sa_handler = on_signal };
 
+  serve_preflight (&o->serve, o->setup.ndevs, NULL, NULL, NULL);
+  if (o->mount && o->serve.tls_psk)
+    die ("--mount: nbdfuse cannot use TLS (libnbd 1.14 takes no PSK file "
+         "from its URI): give no --tls-psk to mount");
   if (o->setup.qmp)
     do_setup (o);
   else
     do_serve_state (o);
   roll_back_on_error = true;
-  serve_devices (o->bandwidth);
+  serve_devices (&o->serve);
   out = describe ();
   if (o->mount)
     mount_devices (out);
@@ -1726,7 +2108,7 @@ do_run (struct opts *o, char **cmd)
   setenv ("BACKUPACCESS_RUN_DIR", run_dir, 1);
   {
     json_object *devs = devices ();
-    for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    for (size_t i = 0; i < alen (devs); i++) {
       char *k = xasprintf ("BACKUPACCESS_URI_%zu", i);
       setenv (k, get_str (json_object_array_get_idx (devs, i), "uri"), 1);
       free (k);
@@ -1744,6 +2126,7 @@ do_run (struct opts *o, char **cmd)
   if (pid == 0) {
     signal (SIGINT, SIG_DFL);
     signal (SIGTERM, SIG_DFL);
+    umask (caller_umask);
     execvp (cmd[0], cmd);
     fprintf (stderr, "%s: cannot run %s: %m\n", progname, cmd[0]);
     _exit (127);
@@ -1773,6 +2156,11 @@ main (int argc, char **argv)
   struct opts o;
   const char *cmd;
 
+  /* Everything made here and by the children (state, logs, pidfiles,
+   * nbdkit's sockets, the filter's status files, fleecing images) is
+   * the caller's alone, whatever umask the caller has.
+   */
+  caller_umask = umask (077);
   if (argc < 2)
     usage (stderr, 2);
   cmd = argv[1];
@@ -1789,8 +2177,9 @@ main (int argc, char **argv)
   }
   else if (strcmp (cmd, "serve") == 0) {
     parse_options (argc, argv, &o, SERVE_USAGE);
+    serve_preflight (&o.serve, o.setup.ndevs, NULL, NULL, NULL);
     do_serve_state (&o);
-    serve_devices (o.bandwidth);
+    serve_devices (&o.serve);
     print_json (describe ());
   }
   else if (strcmp (cmd, "mount") == 0) {

@@ -71,19 +71,26 @@ ms_left (const struct timespec *deadline)
     + (deadline->tv_nsec - now.tv_nsec) / 1000000;
 }
 
-/* Reads one line (without the newline) into a malloc'd string. */
-static char *
-read_line (struct ba_qmp *q, char *errbuf, size_t errlen)
+static void
+deadline_in (struct timespec *deadline, int ms)
 {
-  struct timespec deadline;
-
-  clock_gettime (CLOCK_MONOTONIC, &deadline);
-  deadline.tv_sec += q->timeout_ms / 1000;
-  deadline.tv_nsec += (q->timeout_ms % 1000) * 1000000L;
-  if (deadline.tv_nsec >= 1000000000L) {
-    deadline.tv_sec++;
-    deadline.tv_nsec -= 1000000000L;
+  clock_gettime (CLOCK_MONOTONIC, deadline);
+  deadline->tv_sec += ms / 1000;
+  deadline->tv_nsec += (ms % 1000) * 1000000L;
+  if (deadline->tv_nsec >= 1000000000L) {
+    deadline->tv_sec++;
+    deadline->tv_nsec -= 1000000000L;
   }
+}
+
+/* Reads one line (without the newline) into a malloc'd string, by the
+ * deadline: one for a whole command, so that a peer sending events (or
+ * anything else) without end cannot hold us past it.
+ */
+static char *
+read_line (struct ba_qmp *q, const struct timespec *deadline,
+           char *errbuf, size_t errlen)
+{
   for (;;) {
     char *nl = q->len ? memchr (q->buf, '\n', q->len) : NULL;
     struct pollfd pfd = { .fd = q->fd, .events = POLLIN };
@@ -114,7 +121,7 @@ read_line (struct ba_qmp *q, char *errbuf, size_t errlen)
       q->buf = b;
       q->cap = cap;
     }
-    left = ms_left (&deadline);
+    left = ms_left (deadline);
     if (left > 0) {
       int r = poll (&pfd, 1, (int) left);
       if (r == -1 && errno == EINTR)
@@ -165,6 +172,7 @@ ba_qmp_cmd (struct ba_qmp *q, const char *command, json_object *args,
   json_object *msg = json_object_new_object ();
   const char *text;
   int dummy;
+  struct timespec deadline;
 
   if (qemu_error == NULL)
     qemu_error = &dummy;
@@ -181,9 +189,10 @@ ba_qmp_cmd (struct ba_qmp *q, const char *command, json_object *args,
     return NULL;
   }
   json_object_put (msg);
+  deadline_in (&deadline, q->timeout_ms);
   for (;;) {
     json_object *result;
-    char *line = read_line (q, errbuf, errlen);
+    char *line = read_line (q, &deadline, errbuf, errlen);
     int r;
 
     if (line == NULL)
@@ -207,6 +216,7 @@ ba_qmp_connect (const char *path, int timeout_ms, char *errbuf, size_t errlen)
   struct ba_qmp *q;
   json_object *r;
   char *greeting;
+  struct timespec deadline;
 
   if (strlen (path) >= sizeof addr.sun_path) {
     snprintf (errbuf, errlen, "%s: socket path too long", path);
@@ -230,9 +240,8 @@ ba_qmp_connect (const char *path, int timeout_ms, char *errbuf, size_t errlen)
     return NULL;
   }
   /* QEMU greets a client at once, unless another one is connected. */
-  q->timeout_ms = timeout_ms < 10000 ? timeout_ms : 10000;
-  greeting = read_line (q, errbuf, errlen);
-  q->timeout_ms = timeout_ms;
+  deadline_in (&deadline, timeout_ms < 10000 ? timeout_ms : 10000);
+  greeting = read_line (q, &deadline, errbuf, errlen);
   if (greeting == NULL || strstr (greeting, "\"QMP\"") == NULL) {
     if (greeting)
       snprintf (errbuf, errlen, "%s: not a QMP socket", path);

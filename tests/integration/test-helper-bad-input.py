@@ -65,6 +65,10 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
     fails(helper("setup", "--qmp", notqmp, "--run-dir", rd, "--device", DEV),
           "not a QMP socket")
     check(not os.path.exists(rd), "run dir created")
+    # bytes/s * 8 for nbdkit's rate filter must not overflow.
+    fails(helper("serve", "--run-dir", rd, "--nbd-path", notqmp, "--device",
+                 DEV, "--bandwidth-limit", "9223372036854775807"),
+          "--bandwidth-limit: too large")
 
     with PveVm(size=8 << 20, devices=(DEV,), fleecing=True) as vm:
         vm.qmp.cmd("block-dirty-bitmap-add", node=DEV, name="backup")
