@@ -340,24 +340,31 @@ wait_gone (const char *query, const char *key, const char *value)
 static pid_t
 spawn (char **argv, const char *log, bool background)
 {
+  pid_t parent = getpid ();
   pid_t pid = fork ();
 
   if (pid == -1)
     die ("fork: %m");
   if (pid == 0) {
-    int fd = open (log ? log : "/dev/null",
-                   O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-    int null = open ("/dev/null", O_RDONLY | O_CLOEXEC);
+    int fd, null;
+    if (!background) {
+      /* A helper killed half-way takes qemu-img with it: teardown must
+       * not race with it over the fleecing file.  First thing, before
+       * any file is touched; and if the helper was killed even before
+       * that, nobody else would stop us.
+       */
+      prctl (PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid () != parent)
+        _exit (127);
+    }
+    fd = open (log ? log : "/dev/null",
+               O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    null = open ("/dev/null", O_RDONLY | O_CLOEXEC);
     if (fd == -1 || null == -1 || dup2 (null, 0) == -1 ||
         dup2 (fd, 1) == -1 || dup2 (fd, 2) == -1)
       _exit (127);
     if (background)
       setsid ();
-    else
-      /* A helper killed half-way takes qemu-img with it: teardown must
-       * not race with it over the fleecing file.
-       */
-      prctl (PR_SET_PDEATHSIG, SIGKILL);
     execvp (argv[0], argv);
     fprintf (stderr, "%s: cannot run %s: %s\n", progname, argv[0],
              strerror (errno));
