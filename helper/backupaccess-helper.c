@@ -296,6 +296,20 @@ find_node (json_object *nodes, const char *name)
   return NULL;
 }
 
+/* Whether a node (from query-named-block-nodes) has this bitmap. */
+static bool
+node_has_bitmap (json_object *nodes, const char *node, const char *bitmap)
+{
+  json_object *n = find_node (nodes, node), *bm;
+
+  if (n && json_object_object_get_ex (n, "dirty-bitmaps", &bm))
+    for (size_t j = 0; j < json_object_array_length (bm); j++)
+      if (strcmp (get_str (json_object_array_get_idx (bm, j), "name") ?: "",
+                  bitmap) == 0)
+        return true;
+  return false;
+}
+
 static json_object *
 named_nodes (void)
 {
@@ -682,6 +696,92 @@ resolve_device (const char *dev)
   return r;
 }
 
+/* The bitmaps of a source node that matter to a new backup: the live
+ * one, and what unfinished backups left behind.  Those are ours
+ * ("ba-TAG-N-frozen": the changes frozen for a backup; "ba-TAG-N-full":
+ * the live bitmap was made by a full backup) and belong to no running
+ * backup job "ba-TAG-N": QEMU stopped during that backup, saved them,
+ * and was started again.
+ */
+struct bitmaps_seen {
+  bool live, live_inconsistent, live_recording, live_persistent;
+  bool full_left, inconsistent_left;
+  char **left;                  /* leftover bitmaps */
+  bool *left_frozen;            /* ... a frozen copy (else a marker) */
+  size_t nleft;
+};
+
+static bool
+has_suffix (const char *s, const char *suffix)
+{
+  size_t n = strlen (s), m = strlen (suffix);
+  return n >= m && strcmp (s + n - m, suffix) == 0;
+}
+
+static void
+scan_bitmaps (json_object *node, const char *live, struct bitmaps_seen *b)
+{
+  json_object *dirty, *jobs = qmp_run (false, "query-block-jobs", NULL);
+  size_t n = 0;
+
+  memset (b, 0, sizeof *b);
+  if (node == NULL || !json_object_object_get_ex (node, "dirty-bitmaps",
+                                                  &dirty)) {
+    json_object_put (jobs);
+    return;
+  }
+  n = json_object_array_length (dirty);
+  b->left = calloc (n + 1, sizeof *b->left);
+  b->left_frozen = calloc (n + 1, sizeof *b->left_frozen);
+  if (b->left == NULL || b->left_frozen == NULL)
+    die ("out of memory");
+  for (size_t j = 0; j < n; j++) {
+    json_object *bm = json_object_array_get_idx (dirty, j);
+    const char *name = get_str (bm, "name");
+    bool frozen, running = false;
+    size_t len;
+
+    if (name == NULL)
+      continue;
+    if (strcmp (name, live) == 0) {
+      b->live = true;
+      b->live_inconsistent = get_bool (bm, "inconsistent");
+      b->live_recording = get_bool (bm, "recording");
+      b->live_persistent = get_bool (bm, "persistent");
+      continue;
+    }
+    frozen = has_suffix (name, "-frozen");
+    if (strncmp (name, "ba-", 3) != 0 ||
+        !(frozen || has_suffix (name, "-full")) || get_bool (bm, "busy"))
+      continue;
+    len = strlen (name) - strlen (frozen ? "-frozen" : "-full");
+    for (size_t k = 0; k < json_object_array_length (jobs); k++) {
+      const char *job = get_str (json_object_array_get_idx (jobs, k),
+                                 "device");
+      if (job && strlen (job) == len && strncmp (job, name, len) == 0)
+        running = true;
+    }
+    if (running)
+      continue;
+    if (get_bool (bm, "inconsistent"))
+      b->inconsistent_left = true;
+    if (!frozen)
+      b->full_left = true;
+    b->left_frozen[b->nleft] = frozen && !get_bool (bm, "inconsistent");
+    b->left[b->nleft++] = strdup (name);
+  }
+  json_object_put (jobs);
+}
+
+static void
+free_bitmaps_seen (struct bitmaps_seen *b)
+{
+  for (size_t j = 0; j < b->nleft; j++)
+    free (b->left[j]);
+  free (b->left);
+  free (b->left_frozen);
+}
+
 /* Upstream QEMU (7.2 and later), by hand: fleecing image, a frozen copy
  * of the bitmap and copy-before-write inserted in one transaction, then
  * snapshot-access with discard.
@@ -711,6 +811,8 @@ setup_upstream (const struct setup_opts *o)
     char *cbw_node = xasprintf ("ba-%s-%d-cbw", tag, i);
     char *snap_node = xasprintf ("ba-%s-%d-snapshot", tag, i);
     char *frozen = NULL, *job = xasprintf ("ba-%s-%d", tag, i);
+    char *marker = NULL;
+    bool persistent = false;
     int64_t size;
 
     node = find_node (nodes, source);
@@ -760,47 +862,96 @@ setup_upstream (const struct setup_opts *o)
 
     actions = json_object_new_array ();
     if (o->bitmap) {
-      /* An existing live bitmap makes this incremental. */
-      json_object *dirty;
-      bool exists = false;
-      if (json_object_object_get_ex (node, "dirty-bitmaps", &dirty))
-        for (size_t j = 0; j < json_object_array_length (dirty); j++)
-          if (strcmp (get_str (json_object_array_get_idx (dirty, j), "name")
-                      ?: "", o->bitmap) == 0)
-            exists = true;
-      if (!exists) {
-        /* Recorded first: if this backup fails, the bitmap must go, or
-         * the next run would take it for the base of an incremental.
-         */
-        set_str (d, "created-bitmap", o->bitmap);
-        save_state ();
-        /* Persistent where the format allows, so that it outlives QEMU. */
+      struct bitmaps_seen b;
+      const char *why = NULL;
+
+      scan_bitmaps (node, o->bitmap, &b);
+      /* The live bitmap cannot be trusted: start again with a full
+       * backup rather than make an incremental that misses changes.
+       */
+      if (b.live && b.live_inconsistent)
+        why = "is inconsistent: QEMU stopped without saving it (killed?), "
+          "so the changes since the last backup are unknown";
+      else if (b.live && !b.live_recording)
+        why = "is disabled: it did not record every change";
+      else if (b.live && b.full_left)
+        why = "was made by a full backup that never finished (QEMU "
+          "stopped during it)";
+      else if (b.live && b.inconsistent_left)
+        why = "lacks the changes frozen for an unfinished backup, which "
+          "QEMU did not save (killed?)";
+      if (why) {
+        warn ("device %s: bitmap '%s' %s: it is made again, and this "
+              "backup is a full one (bitmap-mode new)", dev, o->bitmap, why);
+        json_object_put (qmp_run (false, "block-dirty-bitmap-remove", obj (
+          "node", S (source), "name", S (o->bitmap), END)));
+        b.live = false;
+      }
+      if (!b.live) {
         char err[1024];
         int qe;
-        json_object *args = obj ("node", S (source), "name", S (o->bitmap),
-                                 "persistent", json_object_new_boolean (1),
-                                 END);
-        json_object *r = ba_qmp_cmd (qmp, "block-dirty-bitmap-add", args,
-                                     &qe, err, sizeof err);
-        json_object_put (args);
-        if (r == NULL)
-          json_object_put (qmp_run (false, "block-dirty-bitmap-add",
-                                    obj ("node", S (source),
-                                         "name", S (o->bitmap), END)));
-        json_object_put (r);
+        json_object *r;
+        /* A full backup: the frozen copies of unfinished backups add
+         * nothing to it.
+         */
+        for (size_t j = 0; j < b.nleft; j++)
+          json_object_put (qmp_run (true, "block-dirty-bitmap-remove", obj (
+            "node", S (source), "name", S (b.left[j]), END)));
+        /* Recorded first: if this backup fails, the bitmap must go, or
+         * the next run would take it for the base of an incremental.
+         * The marker says the same to a QEMU restarted after a clean
+         * shutdown (which saves persistent bitmaps): it is added first,
+         * and removed at teardown.
+         */
+        marker = xasprintf ("ba-%s-%d-full", tag, i);
+        set_str (d, "created-bitmap", o->bitmap);
+        set_str (d, "marker-bitmap", marker);
+        save_state ();
+        {
+          json_object *args = obj ("node", S (source), "name", S (marker),
+                                   "persistent", json_object_new_boolean (1),
+                                   "disabled", json_object_new_boolean (1),
+                                   END);
+          r = ba_qmp_cmd (qmp, "block-dirty-bitmap-add", args, &qe,
+                          err, sizeof err);
+          json_object_put (args);
+          persistent = r != NULL;
+          json_object_put (r);
+          if (!persistent) {
+            if (!qe)
+              die ("QMP block-dirty-bitmap-add: %s", err);
+            set_str (d, "marker-bitmap", NULL);
+            save_state ();
+          }
+        }
+        /* Persistent where the format allows, so that it outlives QEMU. */
+        json_object_put (qmp_run (false, "block-dirty-bitmap-add", obj (
+          "node", S (source), "name", S (o->bitmap),
+          "persistent", json_object_new_boolean (persistent), END)));
         mode = "new";
       }
       else {
         /* Freeze: a disabled copy holds the changes up to now, the live
          * bitmap restarts; atomic with the copy-before-write insertion.
+         * The copy is persistent like the live bitmap, so that a QEMU
+         * that shuts down during the backup saves it; what such
+         * unfinished backups left is merged in here.
          */
         json_object *merge = json_object_new_array ();
         json_object_array_add (merge, S (o->bitmap));
+        for (size_t j = 0; j < b.nleft; j++)
+          if (b.left_frozen[j])
+            json_object_array_add (merge, S (b.left[j]));
+        if (b.nleft)
+          warn ("device %s: adding the changes of %zu unfinished "
+                "backup(s) to this one", dev, b.nleft);
         mode = "reuse";
         frozen = xasprintf ("ba-%s-%d-frozen", tag, i);
         json_object_array_add (actions, obj (
           "type", S ("block-dirty-bitmap-add"), "data",
-          obj ("node", S (source), "name", S (frozen), END), END));
+          obj ("node", S (source), "name", S (frozen),
+               "persistent", json_object_new_boolean (b.live_persistent),
+               END), END));
         json_object_array_add (actions, obj (
           "type", S ("block-dirty-bitmap-merge"), "data",
           obj ("node", S (source), "target", S (frozen), "bitmaps", merge,
@@ -811,7 +962,12 @@ setup_upstream (const struct setup_opts *o)
         json_object_array_add (actions, obj (
           "type", S ("block-dirty-bitmap-disable"), "data",
           obj ("node", S (source), "name", S (frozen), END), END));
+        for (size_t j = 0; j < b.nleft; j++)
+          json_object_array_add (actions, obj (
+            "type", S ("block-dirty-bitmap-remove"), "data",
+            obj ("node", S (source), "name", S (b.left[j]), END), END));
       }
+      free_bitmaps_seen (&b);
       set_str (d, "live-bitmap", o->bitmap);
     }
     json_object_array_add (actions, obj (
@@ -846,6 +1002,7 @@ setup_upstream (const struct setup_opts *o)
     free (cbw_node);
     free (snap_node);
     free (frozen);
+    free (marker);
     free (job);
     free (source);
     json_object_put (nodes);
@@ -974,14 +1131,7 @@ teardown_qemu (bool success)
       wait_gone ("query-block-jobs", "device", get_str (d, "job"));
     }
     if (frozen && source) {
-      json_object *n = find_node (nodes, source), *bm;
-      bool have = false;
-      if (n && json_object_object_get_ex (n, "dirty-bitmaps", &bm))
-        for (size_t j = 0; j < json_object_array_length (bm); j++)
-          if (strcmp (get_str (json_object_array_get_idx (bm, j), "name")
-                      ?: "", frozen) == 0)
-            have = true;
-      if (have) {
+      if (node_has_bitmap (nodes, source, frozen)) {
         /* On failure the next incremental must still see every change. */
         if (!success && live) {
           json_object *list = json_object_new_array ();
@@ -1000,6 +1150,12 @@ teardown_qemu (bool success)
         "node", S (source), "name", S (get_str (d, "created-bitmap")),
         END)));
     }
+    /* Only now, after that: the live bitmap can be trusted. */
+    if (source && get_str (d, "marker-bitmap") &&
+        node_has_bitmap (nodes, source, get_str (d, "marker-bitmap")))
+      json_object_put (qmp_run (true, "block-dirty-bitmap-remove", obj (
+        "node", S (source), "name", S (get_str (d, "marker-bitmap")),
+        END)));
     if (get_str (d, "fleece-node") && find_node (nodes,
                                                  get_str (d, "fleece-node")))
       json_object_put (qmp_run (true, "blockdev-del", obj (
@@ -1010,6 +1166,7 @@ teardown_qemu (bool success)
       warn ("removing %s: %m", get_str (d, "fleece-file"));
     json_object_object_add (d, "job", NULL);
     json_object_object_add (d, "frozen-bitmap", NULL);
+    json_object_object_add (d, "marker-bitmap", NULL);
     json_object_object_add (d, "node", NULL);
     json_object_object_add (d, "fleece-node", NULL);
     save_state ();
@@ -1623,6 +1780,34 @@ do_serve_state (struct opts *o)
   save_state ();
 }
 
+/* What QEMU's going away during a backup means for the next one. */
+static void
+explain_qemu_gone (void)
+{
+  json_object *devs = devices ();
+  bool proxmox = strcmp (get_str (state, "backend") ?: "", "proxmox") == 0;
+
+  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    json_object *d = json_object_array_get_idx (devs, i);
+    const char *dev = get_str (d, "device") ?: "?";
+    const char *live = get_str (d, "live-bitmap");
+    const char *frozen = get_str (d, "frozen-bitmap");
+
+    if (proxmox)
+      warn ("device %s: QEMU keeps its dirty bitmaps in memory: the next "
+            "backup is a full one", dev);
+    else if (live && frozen)
+      warn ("device %s: if QEMU shut down cleanly, it saved the changes "
+            "of this backup in bitmap '%s', and the next setup with "
+            "--bitmap %s adds them back; if it was killed, bitmap '%s' is "
+            "inconsistent and the next setup makes a full backup",
+            dev, frozen, live, live);
+    else if (live)
+      warn ("device %s: this full backup did not finish: the next setup "
+            "with --bitmap %s makes a full backup again", dev, live);
+  }
+}
+
 static void
 do_teardown (bool success)
 {
@@ -1660,6 +1845,7 @@ do_teardown (bool success)
       if (errno != ENOENT && errno != ECONNREFUSED)
         die ("%s: nothing was torn down; try again", err);
       warn ("%s (QEMU is gone: only local state is cleaned up)", err);
+      explain_qemu_gone ();
       ok = false;
     }
     else
@@ -1687,6 +1873,14 @@ do_teardown (bool success)
     p = xasprintf ("%s/qemu-img.log", run_dir);
     unlink (p);
     free (p);
+    /* QEMU removes its NBD server's socket when told to stop the
+     * server, not when it dies or quits.
+     */
+    if (!ok && get_bool (state, "nbd-server-started")) {
+      p = xasprintf ("%s/qemu-nbd.sock", run_dir);
+      unlink (p);
+      free (p);
+    }
     if (rmdir (run_dir) == -1 && errno != ENOTEMPTY)
       warn ("rmdir %s: %m", run_dir);
   }
