@@ -397,6 +397,28 @@ run_wait (char **argv, const char *log)
   return WIFEXITED (status) ? WEXITSTATUS (status) : 128 + WTERMSIG (status);
 }
 
+/* Whether a process exists and is not a zombie: a daemon that died
+ * stays one until its parent (often init) reaps it.
+ */
+static bool
+process_running (pid_t pid)
+{
+  char *path = xasprintf ("/proc/%ld/stat", (long) pid);
+  char buf[512];
+  FILE *fp = fopen (path, "r");
+  size_t n = 0;
+  const char *paren;
+
+  free (path);
+  if (fp == NULL)
+    return false;
+  n = fread (buf, 1, sizeof buf - 1, fp);
+  fclose (fp);
+  buf[n] = '\0';
+  paren = strrchr (buf, ')');
+  return paren && paren[1] == ' ' && paren[2] != 'Z' && paren[2] != 'X';
+}
+
 /* The pid in a pidfile, if that process still runs one of our
  * programs (a pid may have been reused since the file was written).
  */
@@ -425,7 +447,7 @@ read_pidfile (const char *path)
   fclose (fp);
   if (strncmp (comm, "nbdkit", 6) != 0 && strncmp (comm, "nbdfuse", 7) != 0)
     return 0;
-  return (pid_t) pid;
+  return process_running ((pid_t) pid) ? (pid_t) pid : 0;
 }
 
 /* Sends SIGTERM, waits, then SIGKILL. */
@@ -436,7 +458,7 @@ stop_pid (pid_t pid)
     return;
   for (int i = 0; i < WAIT_SECONDS * 10; i++) {
     waitpid (pid, NULL, WNOHANG);
-    if (kill (pid, 0) == -1)
+    if (kill (pid, 0) == -1 || !process_running (pid))
       return;
     sleep_ms (100);
   }
@@ -1174,6 +1196,27 @@ teardown_qemu (bool success)
   return true;
 }
 
+/* Whether a directory is a mount point, from /proc/self/mounts. */
+static bool
+is_mounted (const char *dir)
+{
+  FILE *fp = fopen ("/proc/self/mounts", "r");
+  char line[4096];
+  bool found = false;
+
+  if (fp == NULL)
+    return true;                /* cannot tell: try to unmount */
+  while (!found && fgets (line, sizeof line, fp)) {
+    char *sp = strchr (line, ' ');
+    size_t n = strlen (dir);
+    /* Field 2; our paths have no characters that mounts escapes. */
+    if (sp && strncmp (sp + 1, dir, n) == 0 && sp[1 + n] == ' ')
+      found = true;
+  }
+  fclose (fp);
+  return found;
+}
+
 static void
 stop_local (void)
 {
@@ -1184,9 +1227,17 @@ stop_local (void)
     const char *mnt = get_str (d, "mount");
     if (mnt) {
       char *argv[] = { "fusermount3", "-u", (char *) mnt, NULL };
+      char *lazy[] = { "fusermount3", "-u", "-z", (char *) mnt, NULL };
       pid_t pid = get_str (d, "mount-pidfile")
         ? read_pidfile (get_str (d, "mount-pidfile")) : 0;
-      run_wait (argv, NULL);
+      if (run_wait (argv, NULL) != 0 && is_mounted (mnt)) {
+        /* Busy: a process still has the file open.  Detached now, gone
+         * when it closes the file; its reads fail once nbdfuse stops.
+         */
+        warn ("device %s: %s is busy (a process has the file open): "
+              "unmounted lazily", get_str (d, "device"), mnt);
+        run_wait (lazy, NULL);
+      }
       stop_pid (pid);
       if (get_str (d, "mount-pidfile"))
         unlink (get_str (d, "mount-pidfile"));
@@ -1245,6 +1296,11 @@ serve_devices (int64_t bandwidth)
     if (get_str (d, "pidfile") && read_pidfile (get_str (d, "pidfile")) &&
         kill (read_pidfile (get_str (d, "pidfile")), 0) == 0)
       goto next;                /* already served */
+    if (get_str (d, "uri"))
+      die ("device %s: its nbdkit has gone: what it read is discarded in "
+           "QEMU, and a new one would take that for a broken snapshot; this "
+           "backup cannot go on: tear it down with --failure (the bitmap "
+           "keeps every change) and start again", dev);
     argv[a++] = "nbdkit";
     argv[a++] = "--log=stderr";
     argv[a++] = "--pidfile";
@@ -1277,7 +1333,9 @@ serve_devices (int64_t bandwidth)
     set_str (d, "status-file", status);
     set_str (d, "nbdkit-log", log);
     save_state ();
+    /* Left by an nbdkit that died: ours, in our directory. */
     unlink (pidfile);
+    unlink (sock);
     /* nbdkit forks into the background once it listens. */
     rc = run_wait (argv, log);
     if (rc != 0)
@@ -1288,7 +1346,7 @@ serve_devices (int64_t bandwidth)
       die ("device %s: nbdkit did not start: %s", dev, tail_of (log));
     /* .after_fork errors end the daemon just after it forked. */
     sleep_ms (200);
-    if (kill (read_pidfile (pidfile), 0) == -1)
+    if (!read_pidfile (pidfile))
       die ("device %s: nbdkit exited: %s", dev, tail_of (log));
     {
       char *uri = xasprintf ("nbd+unix:///?socket=%s", sock);
@@ -1881,7 +1939,7 @@ do_teardown (bool success)
       unlink (p);
       free (p);
     }
-    if (rmdir (run_dir) == -1 && errno != ENOTEMPTY)
+    if (rmdir (run_dir) == -1)
       warn ("rmdir %s: %m", run_dir);
   }
   if (!ok)
