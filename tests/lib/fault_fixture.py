@@ -222,10 +222,10 @@ class UpstreamVm(Started):
 def no_leftovers(vm, rd, fleecing_dir):
     """Everything the helper made is gone (QEMU checks only while the
     daemon runs)."""
-    check(not os.path.exists(rd), "the run directory is still there: %s"
-          % (os.listdir(rd) if os.path.isdir(rd) else rd))
     left = [m for m in mounts() if m.startswith(rd)]
     check(not left, "mounts left: %s" % left)
+    check(not os.path.exists(rd), "the run directory is still there: %s"
+          % (os.listdir(rd) if os.path.isdir(rd) else rd))
     procs = processes_under(rd + "/")
     check(not procs, "processes left: %s" % procs)
     fl = [f for f in os.listdir(fleecing_dir) if "fleecing" in f]
@@ -344,13 +344,23 @@ def helper_cmd(*args):
 # told to go on (so that a fault lands in the middle of a backup, at a
 # known point): prints "paused <bytes>" after pause_after bytes, waits for
 # a line on stdin, then reads the rest.  A failed read ends it with
-# status 3 and "read error: <errno> <message>" on stderr.
+# status 3 and "read error: <errno> <message>" on stderr.  It reads an
+# NBD URI, or a file (an nbdfuse mount) with O_DIRECT.
 READER = r'''
-import json, sys, nbd
+import errno, json, mmap, os, sys, nbd
 uri, regions, pause_after, chunk = (sys.argv[1], json.loads(sys.argv[2]),
                                     int(sys.argv[3]), int(sys.argv[4]))
-h = nbd.NBD()
-h.connect_uri(uri)
+if uri.startswith("/"):             # a file (nbdfuse), read with O_DIRECT
+    fd = os.open(uri, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, chunk)
+    def pread(n, off):
+        got = os.preadv(fd, [memoryview(buf)[:n]], off)
+        if got != n:
+            raise OSError(errno.EIO, "short read: %d of %d" % (got, n))
+else:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    pread = h.pread
 done = 0
 paused = False
 try:
@@ -362,11 +372,15 @@ try:
                 sys.stdin.readline()
                 paused = True
             n = min(chunk, e - pos)
-            h.pread(n, pos)
+            pread(n, pos)
             pos += n
             done += n
 except nbd.Error as err:
     print("read error: %s %s" % (err.errno, err.string), file=sys.stderr)
+    sys.exit(3)
+except OSError as err:
+    print("read error: %s %s" % (errno.errorcode.get(err.errno), err),
+          file=sys.stderr)
     sys.exit(3)
 print("done %d" % done, flush=True)
 '''
