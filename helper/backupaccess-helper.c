@@ -15,6 +15,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <dirent.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -419,6 +420,29 @@ process_running (pid_t pid)
   return paren && paren[1] == ' ' && paren[2] != 'Z' && paren[2] != 'X';
 }
 
+/* Whether a process is one of ours (nbdkit or nbdfuse), running. */
+static bool
+our_program (long pid)
+{
+  char comm[64] = "";
+  char *proc;
+  FILE *fp;
+
+  if (pid <= 1)
+    return false;
+  proc = xasprintf ("/proc/%ld/comm", pid);
+  fp = fopen (proc, "r");
+  free (proc);
+  if (fp == NULL)
+    return false;
+  if (fgets (comm, sizeof comm, fp) == NULL)
+    comm[0] = '\0';
+  fclose (fp);
+  if (strncmp (comm, "nbdkit", 6) != 0 && strncmp (comm, "nbdfuse", 7) != 0)
+    return false;
+  return process_running ((pid_t) pid);
+}
+
 /* The pid in a pidfile, if that process still runs one of our
  * programs (a pid may have been reused since the file was written).
  */
@@ -427,27 +451,13 @@ read_pidfile (const char *path)
 {
   FILE *fp = fopen (path, "r");
   long pid = 0;
-  char comm[64] = "";
-  char *proc;
 
   if (fp) {
     if (fscanf (fp, "%ld", &pid) != 1)
       pid = 0;
     fclose (fp);
   }
-  if (pid <= 1)
-    return 0;
-  proc = xasprintf ("/proc/%ld/comm", pid);
-  fp = fopen (proc, "r");
-  free (proc);
-  if (fp == NULL)
-    return 0;
-  if (fgets (comm, sizeof comm, fp) == NULL)
-    comm[0] = '\0';
-  fclose (fp);
-  if (strncmp (comm, "nbdkit", 6) != 0 && strncmp (comm, "nbdfuse", 7) != 0)
-    return 0;
-  return process_running ((pid_t) pid) ? (pid_t) pid : 0;
+  return our_program (pid) ? (pid_t) pid : 0;
 }
 
 /* Sends SIGTERM, waits, then SIGKILL. */
@@ -1217,6 +1227,90 @@ is_mounted (const char *dir)
   return found;
 }
 
+/* Whether the command line of a process has an argument containing
+ * text.
+ */
+static bool
+cmdline_mentions (const char *pid, const char *text)
+{
+  char *path = xasprintf ("/proc/%s/cmdline", pid);
+  FILE *fp = fopen (path, "r");
+  static char buf[65536];
+  size_t n = 0;
+
+  free (path);
+  if (fp == NULL)
+    return false;
+  n = fread (buf, 1, sizeof buf - 1, fp);
+  fclose (fp);
+  buf[n] = '\0';
+  for (size_t i = 0; i < n; i += strlen (buf + i) + 1)
+    if (strstr (buf + i, text))
+      return true;
+  return false;
+}
+
+/* What a helper killed while it started nbdkit or nbdfuse may have left
+ * without a record: such processes with an argument in the run
+ * directory (private to us, so they are ours), and mounts in it.
+ */
+static void
+stop_strays (void)
+{
+  char *prefix = xasprintf ("%s/", run_dir);
+  DIR *dir = opendir ("/proc");
+  FILE *fp;
+  struct dirent *e;
+  char line[4096];
+
+  while (dir && (e = readdir (dir)) != NULL) {
+    long pid = strtol (e->d_name, NULL, 10);
+    if (our_program (pid) && cmdline_mentions (e->d_name, prefix)) {
+      warn ("stopping %ld, left by a helper that was killed", pid);
+      stop_pid ((pid_t) pid);
+    }
+  }
+  if (dir)
+    closedir (dir);
+  fp = fopen ("/proc/self/mounts", "r");
+  while (fp && fgets (line, sizeof line, fp)) {
+    char *mnt = strchr (line, ' '), *end;
+    if (mnt == NULL || strncmp (mnt + 1, prefix, strlen (prefix)) != 0 ||
+        (end = strchr (mnt + 1, ' ')) == NULL)
+      continue;
+    *end = '\0';
+    {
+      char *argv[] = { "fusermount3", "-u", "-z", mnt + 1, NULL };
+      warn ("unmounting %s, left by a helper that was killed", mnt + 1);
+      run_wait (argv, NULL);
+      rmdir (mnt + 1);
+    }
+  }
+  if (fp)
+    fclose (fp);
+  free (prefix);
+}
+
+/* Sockets left in the run directory by processes stop_strays ended
+ * (they do not remove them): nothing else listens there.
+ */
+static void
+remove_stray_sockets (void)
+{
+  DIR *dir = opendir (run_dir);
+  struct dirent *e;
+  struct stat st;
+
+  while (dir && (e = readdir (dir)) != NULL) {
+    char *p = xasprintf ("%s/%s", run_dir, e->d_name);
+    if (lstat (p, &st) == 0 && S_ISSOCK (st.st_mode))
+      unlink (p);
+    free (p);
+  }
+  if (dir)
+    closedir (dir);
+}
+
 static void
 stop_local (void)
 {
@@ -1254,6 +1348,7 @@ stop_local (void)
       save_state ();
     }
   }
+  stop_strays ();
 }
 
 /* ------------------------------------------------------------------ */
@@ -1422,12 +1517,13 @@ mount_devices (json_object *out)
       /* No allow_other: only the caller can open the file. */
       char *argv[] = { "nbdfuse", "-P", pidfile, file,
                        (char *) get_str (d, "uri"), NULL };
-      if (mkdir (mnt, 0700) == -1 && errno != EEXIST)
-        die ("mkdir %s: %m", mnt);
-      unlink (pidfile);
+      /* Recorded first, so that teardown removes it. */
       set_str (d, "mount", mnt);
       set_str (d, "mount-pidfile", pidfile);
       save_state ();
+      if (mkdir (mnt, 0700) == -1 && errno != EEXIST)
+        die ("mkdir %s: %m", mnt);
+      unlink (pidfile);
       pid_t pid = spawn (argv, log, true);
       for (int w = 0; w < WAIT_SECONDS * 10 && !read_pidfile (pidfile); w++) {
         if (waitpid (pid, NULL, WNOHANG) == pid)
@@ -1939,6 +2035,7 @@ do_teardown (bool success)
       unlink (p);
       free (p);
     }
+    remove_stray_sockets ();
     if (rmdir (run_dir) == -1)
       warn ("rmdir %s: %m", run_dir);
   }
@@ -1997,15 +2094,24 @@ do_run (struct opts *o, char **cmd)
 
   sigaction (SIGINT, &sa, NULL);
   sigaction (SIGTERM, &sa, NULL);
-  pid = fork ();
-  if (pid == -1)
-    die ("fork: %m");
-  if (pid == 0) {
-    signal (SIGINT, SIG_DFL);
-    signal (SIGTERM, SIG_DFL);
-    execvp (cmd[0], cmd);
-    fprintf (stderr, "%s: cannot run %s: %m\n", progname, cmd[0]);
-    _exit (127);
+  {
+    pid_t parent = getpid ();
+    pid = fork ();
+    if (pid == -1)
+      die ("fork: %m");
+    if (pid == 0) {
+      signal (SIGINT, SIG_DFL);
+      signal (SIGTERM, SIG_DFL);
+      /* The backup lives as long as we do: a helper killed (SIGKILL,
+       * no teardown) ends the command too.
+       */
+      prctl (PR_SET_PDEATHSIG, SIGTERM);
+      if (getppid () != parent)
+        _exit (128 + SIGTERM);
+      execvp (cmd[0], cmd);
+      fprintf (stderr, "%s: cannot run %s: %m\n", progname, cmd[0]);
+      _exit (127);
+    }
   }
   while (waitpid (pid, &status, 0) == -1) {
     if (errno != EINTR)
