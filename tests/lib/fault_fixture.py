@@ -219,25 +219,27 @@ class UpstreamVm(Started):
         return self.qmp.cmd("query-block-exports")
 
 
-def no_leftovers(vm, rd, fleecing_dir):
+def no_leftovers(vm, rd, fleecing_dir, what="after teardown"):
     """Everything the helper made is gone (QEMU checks only while the
     daemon runs)."""
+    def ok(cond, msg):
+        check(cond, "%s: %s" % (what, msg))
     left = [m for m in mounts() if m.startswith(rd)]
-    check(not left, "mounts left: %s" % left)
-    check(not os.path.exists(rd), "the run directory is still there: %s"
-          % (os.listdir(rd) if os.path.isdir(rd) else rd))
+    ok(not left, "mounts left: %s" % left)
+    ok(not os.path.exists(rd), "the run directory is still there: %s"
+       % (os.listdir(rd) if os.path.isdir(rd) else rd))
     procs = processes_under(rd + "/")
-    check(not procs, "processes left: %s" % procs)
+    ok(not procs, "processes left: %s" % procs)
     fl = [f for f in os.listdir(fleecing_dir) if "fleecing" in f]
-    check(not fl, "fleecing images left: %s" % fl)
+    ok(not fl, "fleecing images left: %s" % fl)
     if vm.alive():
         ex = [e["id"] for e in vm.exports() if e["id"] != "guest"]
-        check(not ex, "QEMU exports left: %s" % ex)
+        ok(not ex, "QEMU exports left: %s" % ex)
         nodes = [n for n in vm.nodes() if n.startswith("ba-")]
-        check(not nodes, "block nodes left: %s" % nodes)
-        check(vm.block_jobs() == [], "block jobs left: %s" % vm.block_jobs())
+        ok(not nodes, "block nodes left: %s" % nodes)
+        ok(vm.block_jobs() == [], "block jobs left: %s" % vm.block_jobs())
         frozen = [b for b in vm.bitmaps() if b.startswith("ba-")]
-        check(not frozen, "frozen bitmaps left: %s" % frozen)
+        ok(not frozen, "frozen bitmaps left: %s" % frozen)
 
 
 class HelperSetup:
