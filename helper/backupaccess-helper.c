@@ -398,6 +398,62 @@ run_wait (char **argv, const char *log)
   return WIFEXITED (status) ? WEXITSTATUS (status) : 128 + WTERMSIG (status);
 }
 
+/* Starts a program that outlives us, in a session of its own, with
+ * its output to log, and returns its pid.  It is a grandchild whose
+ * parent has gone before it runs: nbdkit -f ties its life to its
+ * parent's (PR_SET_PDEATHSIG), and nbdkit in the background sends its
+ * errors to /dev/null, so this is how it runs in the foreground,
+ * logging, without dying with us.  It waits to be told to go on *go
+ * (one byte, then close it): record the pid first.  If we die before,
+ * it never runs.
+ */
+static pid_t
+spawn_detached (char **argv, const char *log, int *go)
+{
+  int pfd[2], gfd[2];
+  pid_t mid, pid = -1;
+
+  if (pipe2 (pfd, O_CLOEXEC) == -1 || pipe2 (gfd, O_CLOEXEC) == -1)
+    die ("pipe: %m");
+  mid = fork ();
+  if (mid == -1)
+    die ("fork: %m");
+  if (mid == 0) {
+    pid_t child;
+    int fd, null;
+    char c;
+
+    setsid ();
+    child = fork ();
+    if (child != 0) {
+      ssize_t r = write (pfd[1], &child, sizeof child);
+      _exit (child == -1 || r != sizeof child);
+    }
+    close (gfd[1]);
+    if (read (gfd[0], &c, 1) != 1)
+      _exit (127);              /* the helper died */
+    fd = open (log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    null = open ("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (fd == -1 || null == -1 || dup2 (null, 0) == -1 ||
+        dup2 (fd, 1) == -1 || dup2 (fd, 2) == -1)
+      _exit (127);
+    execvp (argv[0], argv);
+    fprintf (stderr, "%s: cannot run %s: %s\n", progname, argv[0],
+             strerror (errno));
+    _exit (127);
+  }
+  close (pfd[1]);
+  close (gfd[0]);
+  if (read (pfd[0], &pid, sizeof pid) != sizeof pid)
+    pid = -1;
+  close (pfd[0]);
+  waitpid (mid, NULL, 0);       /* the grandchild now has another parent */
+  if (pid <= 0)
+    die ("cannot start %s", argv[0]);
+  *go = gfd[1];
+  return pid;
+}
+
 /* Whether a process exists and is not a zombie: a daemon that died
  * stays one until its parent (often init) reaps it.
  */
@@ -1206,6 +1262,34 @@ teardown_qemu (bool success)
   return true;
 }
 
+/* What nbdkit's log says, before teardown removes it: the filter's
+ * summary, and the last errors.
+ */
+static void
+report_log (const char *dev, const char *log)
+{
+  FILE *fp = fopen (log, "r");
+  char line[1024], last[3][1024];
+  unsigned errors = 0;
+
+  if (fp == NULL)
+    return;
+  while (fgets (line, sizeof line, fp)) {
+    line[strcspn (line, "\n")] = '\0';
+    if (strstr (line, "backupaccess: summary:"))
+      warn ("device %s: %s", dev, line);
+    else if (strstr (line, " error: ")) {
+      snprintf (last[errors % 3], sizeof last[0], "%s", line);
+      errors++;
+    }
+  }
+  fclose (fp);
+  if (errors)
+    warn ("device %s: nbdkit logged %u error(s), the last:", dev, errors);
+  for (unsigned i = errors > 3 ? errors - 3 : 0; i < errors; i++)
+    warn ("  %s", last[i % 3]);
+}
+
 /* Whether a directory is a mount point, from /proc/self/mounts. */
 static bool
 is_mounted (const char *dir)
@@ -1231,9 +1315,9 @@ is_mounted (const char *dir)
  * text.
  */
 static bool
-cmdline_mentions (const char *pid, const char *text)
+cmdline_mentions (long pid, const char *text)
 {
-  char *path = xasprintf ("/proc/%s/cmdline", pid);
+  char *path = xasprintf ("/proc/%ld/cmdline", pid);
   FILE *fp = fopen (path, "r");
   static char buf[65536];
   size_t n = 0;
@@ -1265,7 +1349,7 @@ stop_strays (void)
 
   while (dir && (e = readdir (dir)) != NULL) {
     long pid = strtol (e->d_name, NULL, 10);
-    if (our_program (pid) && cmdline_mentions (e->d_name, prefix)) {
+    if (our_program (pid) && cmdline_mentions (pid, prefix)) {
       warn ("stopping %ld, left by a helper that was killed", pid);
       stop_pid ((pid_t) pid);
     }
@@ -1340,7 +1424,15 @@ stop_local (void)
       save_state ();
     }
     if (get_str (d, "pidfile")) {
-      stop_pid (read_pidfile (get_str (d, "pidfile")));
+      pid_t pid = read_pidfile (get_str (d, "pidfile"));
+      long started = (long) get_int (d, "nbdkit-pid", 0);
+      /* Not listening yet, or never told to go on. */
+      if (pid == 0 && process_running ((pid_t) started) &&
+          cmdline_mentions (started, run_dir))
+        pid = (pid_t) started;
+      stop_pid (pid);
+      if (get_str (d, "nbdkit-log"))
+        report_log (get_str (d, "device"), get_str (d, "nbdkit-log"));
       unlink (get_str (d, "pidfile"));
       if (get_str (d, "socket"))
         unlink (get_str (d, "socket"));
@@ -1385,8 +1477,9 @@ serve_devices (int64_t bandwidth)
       : NULL;
     char *rate_arg = bandwidth > 0
       ? xasprintf ("rate=%" PRIi64, bandwidth * 8) : NULL;
-    char *argv[20];
-    int a = 0, rc;
+    char *argv[21];
+    int a = 0, go;
+    pid_t pid;
 
     if (get_str (d, "pidfile") && read_pidfile (get_str (d, "pidfile")) &&
         kill (read_pidfile (get_str (d, "pidfile")), 0) == 0)
@@ -1397,6 +1490,7 @@ serve_devices (int64_t bandwidth)
            "backup cannot go on: tear it down with --failure (the bitmap "
            "keeps every change) and start again", dev);
     argv[a++] = "nbdkit";
+    argv[a++] = "-f";           /* so that its errors reach the log */
     argv[a++] = "--log=stderr";
     argv[a++] = "--pidfile";
     argv[a++] = pidfile;
@@ -1431,15 +1525,23 @@ serve_devices (int64_t bandwidth)
     /* Left by an nbdkit that died: ours, in our directory. */
     unlink (pidfile);
     unlink (sock);
-    /* nbdkit forks into the background once it listens. */
-    rc = run_wait (argv, log);
-    if (rc != 0)
-      die ("device %s: nbdkit failed (exit %d): %s", dev, rc, tail_of (log));
-    for (int w = 0; w < WAIT_SECONDS * 10 && !read_pidfile (pidfile); w++)
+    /* It writes the pidfile once it listens. */
+    pid = spawn_detached (argv, log, &go);
+    json_object_object_add (d, "nbdkit-pid", json_object_new_int64 (pid));
+    save_state ();
+    if (write (go, "g", 1) != 1)
+      die ("starting nbdkit: %m");
+    close (go);
+    for (int w = 0; w < WAIT_SECONDS * 10 && !read_pidfile (pidfile); w++) {
+      if (!process_running (pid))
+        die ("device %s: nbdkit failed: %s", dev, tail_of (log));
       sleep_ms (100);
-    if (!read_pidfile (pidfile))
+    }
+    if (!read_pidfile (pidfile)) {
+      stop_pid (pid);
       die ("device %s: nbdkit did not start: %s", dev, tail_of (log));
-    /* .after_fork errors end the daemon just after it forked. */
+    }
+    /* .after_fork errors end it just after it wrote the pidfile. */
     sleep_ms (200);
     if (!read_pidfile (pidfile))
       die ("device %s: nbdkit exited: %s", dev, tail_of (log));

@@ -18,7 +18,8 @@
   "already read and discarded"; the rest, a partly read cluster included,
   still reads correctly).
 
-After each fault: no process, mount, run-directory file, QEMU export,
+Teardown reports the filter's summary and nbdkit's last errors before it
+removes the log.  After each fault: no process, mount, run-directory file, QEMU export,
 block node or job is left, and the next incremental through the helper
 holds every change (the chain equals the guest disk byte for byte)."""
 import json
@@ -238,7 +239,11 @@ sys.stdin.readline()
                   "are gone (EPERM: already read and discarded); the "
                   "half-read cluster and the rest (%d bytes checked) still "
                   "read correctly" % (len(gone) * 4096, ok_bytes))
-    teardown_failure(s, rd, vm, fl, "a reconnect")
+    r, _ = teardown_failure(s, rd, vm, fl, "a reconnect")
+    # What nbdkit logged is reported before its log goes.
+    check("backupaccess: summary:" in r.stderr and "nbdkit logged" in
+          r.stderr and "was already read and discarded" in r.stderr,
+          "teardown did not report nbdkit's log: %s" % r.stderr)
     next_incremental(vm, rd, fl, tmp, chain, "a reconnect")
 
 for f in faults:
