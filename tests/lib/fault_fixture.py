@@ -36,7 +36,7 @@ import tempfile
 
 import nbd
 
-from harness import HELPER, check, dirty_regions, run_helper
+from harness import check, dirty_regions, run_helper
 from qemu_fixture import QMP, Started, start_qsd, stop_process
 
 DEVICE = "drive0"
@@ -336,10 +336,6 @@ def helper_backup(vm, rd, fleecing_dir, tmp, base, out, what,
     no_leftovers(vm, rd, fleecing_dir)
     chain_equals(out, at_setup, tmp, what)
     return s
-
-
-def helper_cmd(*args):
-    return [HELPER] + list(args)
 
 
 # A backup client in a process of its own, which stops half-way until
