@@ -247,11 +247,20 @@ backupaccess_can_extents (void *handle)
 
 /* libnbd's errno for a failed command, as nbdkit clients can see it. */
 static int
-upstream_error (const char *what, uint64_t offset, uint32_t count)
+upstream_error (struct nbd_handle *h, const char *what, uint64_t offset,
+                uint32_t count)
 {
   int e = nbd_get_errno ();
 
-  if (e == EINVAL) {
+  if (nbd_aio_is_dead (h) || nbd_aio_is_closed (h)) {
+    /* Not a refusal: once the connection has died, libnbd answers
+     * every command with EINVAL ("invalid state: DEAD").
+     */
+    nbdkit_error ("%s [%" PRIu64 ", +%" PRIu32 "): the connection to QEMU "
+                  "is gone: %s", what, offset, count, nbd_get_error ());
+    nbdkit_set_error (EIO);
+  }
+  else if (e == EINVAL) {
     /* QEMU's EACCES from snapshot-access arrives as EINVAL. */
     nbdkit_error ("%s [%" PRIu64 ", +%" PRIu32 "): QEMU refused it: the "
                   "range is outside the dirty bitmap, already discarded, or "
@@ -277,7 +286,7 @@ backupaccess_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
     uint32_t n = count - done < MAX_REQUEST ? count - done : MAX_REQUEST;
     if (nbd_pread (handles[i], (char *) buf + done, n, offset + done,
                    0) == -1)
-      r = upstream_error ("read", offset + done, n);
+      r = upstream_error (handles[i], "read", offset + done, n);
     done += n;
   }
   give_back (i);
@@ -313,7 +322,7 @@ backupaccess_trim (void *handle, uint32_t count, uint64_t offset,
   }
   i = take_handle ();
   if (nbd_trim (handles[i], count, offset, 0) == -1)
-    r = upstream_error ("trim", offset, count);
+    r = upstream_error (handles[i], "trim", offset, count);
   give_back (i);
   return r;
 }
@@ -355,7 +364,8 @@ backupaccess_extents (void *handle, uint32_t count, uint64_t offset,
   if (nbd_block_status (handles[i], count, offset, cb,
                         flags & NBDKIT_FLAG_REQ_ONE ? LIBNBD_CMD_FLAG_REQ_ONE
                         : 0) == -1)
-    r = ctx.failed ? -1 : upstream_error ("block status", offset, count);
+    r = ctx.failed ? -1 : upstream_error (handles[i], "block status",
+                                          offset, count);
   give_back (i);
   return r;
 }
