@@ -130,7 +130,7 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
         sys.exit(0)
     try:
         with UpstreamVm(SIZE, tmpdir=os.path.join(tmp, "vm")) as vm:
-            rd = os.path.join(tmp, "run")
+            rd = vm.run_dir(os.path.join(tmp, "run"))
             vm.guest_write(0, rng.randbytes(SIZE))
             b0 = os.path.join(tmp, "b0.raw")
             helper_backup(vm, rd, fl, tmp, None, b0, "full", "new")

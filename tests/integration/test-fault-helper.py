@@ -51,7 +51,7 @@ def killed_at(args, syscall, n):
 
 with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
      UpstreamVm(SIZE, tmpdir=os.path.join(tmp, "vm")) as vm:
-    rd = os.path.join(tmp, "run")
+    rd = vm.run_dir(os.path.join(tmp, "run"))
     fl = os.path.join(tmp, "fleecing")
     os.mkdir(fl)
     vm.guest_write(0, rng.randbytes(SIZE))
@@ -121,23 +121,25 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
     p = subprocess.Popen([HELPER, "run", *setup_args("backup")[1:], "--mount",
                           "--", "sleep", "600"], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
-    end = time.monotonic() + 60
-    child = None
-    while child is None:
-        check(time.monotonic() < end and p.poll() is None,
-              "run did not start its command")
-        for pid in os.listdir("/proc"):
-            try:
-                with open("/proc/%s/stat" % pid) as f:
-                    st = f.read()
-            except (OSError, ValueError):
-                continue
-            if "(sleep)" in st and int(st.rsplit(")", 1)[1].split()[1]) \
-                    == p.pid:
-                child = int(pid)
-        time.sleep(0.05)
-    p.kill()
-    p.wait()
+    try:
+        end = time.monotonic() + 60
+        child = None
+        while child is None:
+            check(time.monotonic() < end and p.poll() is None,
+                  "run did not start its command")
+            for pid in os.listdir("/proc"):
+                try:
+                    with open("/proc/%s/stat" % pid) as f:
+                        st = f.read()
+                except (OSError, ValueError):
+                    continue
+                if "(sleep)" in st and int(st.rsplit(")", 1)[1].split()[1]) \
+                        == p.pid:
+                    child = int(pid)
+            time.sleep(0.05)
+    finally:
+        p.kill()
+        p.wait()
     r = run_helper("teardown", "--run-dir", rd, "--failure")
     no_leftovers(vm, rd, fl)
     end = time.monotonic() + 30

@@ -74,7 +74,7 @@ time.sleep(600)
 
 with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
      UpstreamVm(SIZE, tmpdir=os.path.join(tmp, "vm")) as vm:
-    rd = os.path.join(tmp, "run")
+    rd = vm.run_dir(os.path.join(tmp, "run"))
     fl = os.path.join(tmp, "fleecing")
     os.mkdir(fl)
     vm.guest_write(0, rng.randbytes(SIZE))

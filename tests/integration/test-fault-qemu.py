@@ -65,7 +65,7 @@ def fault_mid_backup(vm, rd, fl, sig, bitmap="backup"):
 
 with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
      UpstreamVm(SIZE, tmpdir=os.path.join(tmp, "vm")) as vm:
-    rd = os.path.join(tmp, "run")
+    rd = vm.run_dir(os.path.join(tmp, "run"))
     fl = os.path.join(tmp, "fleecing")
     os.mkdir(fl)
     img = lambda n: os.path.join(tmp, "backup%d.raw" % n)

@@ -36,7 +36,7 @@ import tempfile
 
 import nbd
 
-from harness import check, dirty_regions, run_helper
+from harness import HELPER, check, dirty_regions, run_helper
 from qemu_fixture import QMP, Started, start_qsd, stop_process
 
 DEVICE = "drive0"
@@ -88,6 +88,7 @@ class UpstreamVm(Started):
         self.fd = None
         self.log = None
         self.starts = 0
+        self.run_dirs = []
 
     def start(self):
         if not os.path.exists(self.disk):
@@ -142,7 +143,32 @@ class UpstreamVm(Started):
         self.log = None
         lazy_unmount(self.guest_file)
 
+    def run_dir(self, path):
+        """A run directory for the helper, torn down (--failure) when the
+        fixture stops if a failing test left it behind."""
+        self.run_dirs.append(path)
+        return path
+
+    def _clean_run_dirs(self):
+        for rd in self.run_dirs:
+            if os.path.exists(rd) and self.alive():
+                try:
+                    subprocess.run([HELPER, "teardown", "--run-dir", rd,
+                                    "--failure"], capture_output=True,
+                                   timeout=120)
+                except subprocess.TimeoutExpired:
+                    pass
+            for pid, _ in processes_under(rd + "/"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            for m in mounts():
+                if m.startswith(rd + "/"):
+                    lazy_unmount(m)
+
     def stop(self):
+        self._clean_run_dirs()
         if self.fd is not None and self.qmp is not None:
             try:
                 self.qmp.sock.settimeout(10)
