@@ -18,7 +18,7 @@ DEB_PACKAGES = build-essential pkg-config perl \
   nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin python3-libnbd \
   libjson-c-dev libfuse3-dev fuse3 libcmocka-dev \
   qemu-utils qemu-system-x86 qemu-block-extra procps bc gnutls-bin \
-  cppcheck clang-tidy
+  cppcheck clang-tidy strace
 
 LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c \
              lib/bitmap.c lib/qmp.c

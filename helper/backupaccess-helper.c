@@ -15,6 +15,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <dirent.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -423,6 +424,20 @@ find_node (json_object *nodes, const char *name)
   return NULL;
 }
 
+/* Whether a node (from query-named-block-nodes) has this bitmap. */
+static bool
+node_has_bitmap (json_object *nodes, const char *node, const char *bitmap)
+{
+  json_object *n = find_node (nodes, node), *bm;
+
+  if (n && json_object_object_get_ex (n, "dirty-bitmaps", &bm))
+    for (size_t j = 0; j < json_object_array_length (bm); j++)
+      if (strcmp (get_str (json_object_array_get_idx (bm, j), "name") ?: "",
+                  bitmap) == 0)
+        return true;
+  return false;
+}
+
 static json_object *
 named_nodes (void)
 {
@@ -467,24 +482,31 @@ wait_gone (const char *query, const char *key, const char *value)
 static pid_t
 spawn (char **argv, const char *log, bool background)
 {
+  pid_t parent = getpid ();
   pid_t pid = fork ();
 
   if (pid == -1)
     die ("fork: %m");
   if (pid == 0) {
-    int fd = open (log ? log : "/dev/null",
-                   O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-    int null = open ("/dev/null", O_RDONLY | O_CLOEXEC);
+    int fd, null;
+    if (!background) {
+      /* A helper killed half-way takes qemu-img with it: teardown must
+       * not race with it over the fleecing file.  First thing, before
+       * any file is touched; and if the helper was killed even before
+       * that, nobody else would stop us.
+       */
+      prctl (PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid () != parent)
+        _exit (127);
+    }
+    fd = open (log ? log : "/dev/null",
+               O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    null = open ("/dev/null", O_RDONLY | O_CLOEXEC);
     if (fd == -1 || null == -1 || dup2 (null, 0) == -1 ||
         dup2 (fd, 1) == -1 || dup2 (fd, 2) == -1)
       _exit (127);
     if (background)
       setsid ();
-    else
-      /* A helper killed half-way takes qemu-img with it: teardown must
-       * not race with it over the fleecing file.
-       */
-      prctl (PR_SET_PDEATHSIG, SIGKILL);
     execvp (argv[0], argv);
     fprintf (stderr, "%s: cannot run %s: %s\n", progname, argv[0],
              strerror (errno));
@@ -503,9 +525,111 @@ run_wait (char **argv, const char *log)
   return WIFEXITED (status) ? WEXITSTATUS (status) : 128 + WTERMSIG (status);
 }
 
+/* Starts a program that outlives us, in a session of its own, with
+ * its output to log, and returns its pid.  It is a grandchild whose
+ * parent has gone before it runs: nbdkit -f ties its life to its
+ * parent's (PR_SET_PDEATHSIG), and nbdkit in the background sends its
+ * errors to /dev/null, so this is how it runs in the foreground,
+ * logging, without dying with us.  It waits to be told to go on *go
+ * (one byte, then close it): record the pid first.  If we die before,
+ * it never runs.
+ */
+static pid_t
+spawn_detached (char **argv, const char *log, int *go)
+{
+  int pfd[2], gfd[2];
+  pid_t mid, pid = -1;
+
+  if (pipe2 (pfd, O_CLOEXEC) == -1 || pipe2 (gfd, O_CLOEXEC) == -1)
+    die ("pipe: %m");
+  mid = fork ();
+  if (mid == -1)
+    die ("fork: %m");
+  if (mid == 0) {
+    pid_t child;
+    int fd, null;
+    char c;
+
+    setsid ();
+    child = fork ();
+    if (child != 0) {
+      ssize_t r = write (pfd[1], &child, sizeof child);
+      _exit (child == -1 || r != sizeof child);
+    }
+    close (gfd[1]);
+    if (read (gfd[0], &c, 1) != 1)
+      _exit (127);              /* the helper died */
+    fd = open (log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    null = open ("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (fd == -1 || null == -1 || dup2 (null, 0) == -1 ||
+        dup2 (fd, 1) == -1 || dup2 (fd, 2) == -1)
+      _exit (127);
+    execvp (argv[0], argv);
+    fprintf (stderr, "%s: cannot run %s: %s\n", progname, argv[0],
+             strerror (errno));
+    _exit (127);
+  }
+  close (pfd[1]);
+  close (gfd[0]);
+  if (read (pfd[0], &pid, sizeof pid) != sizeof pid)
+    pid = -1;
+  close (pfd[0]);
+  waitpid (mid, NULL, 0);       /* the grandchild now has another parent */
+  if (pid <= 0)
+    die ("cannot start %s", argv[0]);
+  *go = gfd[1];
+  return pid;
+}
+
+/* Whether a process exists and is not a zombie: a daemon that died
+ * stays one until its parent (often init) reaps it.
+ */
+static bool
+process_running (pid_t pid)
+{
+  char *path = xasprintf ("/proc/%ld/stat", (long) pid);
+  char buf[512];
+  FILE *fp = fopen (path, "r");
+  size_t n = 0;
+  const char *paren;
+
+  free (path);
+  if (fp == NULL)
+    return false;
+  n = fread (buf, 1, sizeof buf - 1, fp);
+  fclose (fp);
+  buf[n] = '\0';
+  paren = strrchr (buf, ')');
+  return paren && paren[1] == ' ' && paren[2] != 'Z' && paren[2] != 'X';
+}
+
+/* Whether a process is one of ours (nbdkit or nbdfuse), running. */
+static bool
+our_program (long pid)
+{
+  char comm[64] = "";
+  char *proc;
+  FILE *fp;
+
+  if (pid <= 1)
+    return false;
+  proc = xasprintf ("/proc/%ld/comm", pid);
+  fp = fopen (proc, "r");
+  free (proc);
+  if (fp == NULL)
+    return false;
+  if (fgets (comm, sizeof comm, fp) == NULL)
+    comm[0] = '\0';
+  fclose (fp);
+  if (strncmp (comm, "nbdkit", 6) != 0 && strncmp (comm, "nbdfuse", 7) != 0)
+    return false;
+  return process_running ((pid_t) pid);
+}
+
 /* The pid in a pidfile, if that process is still the nbdkit or
- * nbdfuse we started with that pidfile: a pid may have been reused
- * since, even by another nbdkit, which is not ours to stop.
+ * nbdfuse we started with that pidfile, and not a zombie: a pid may
+ * have been reused since, even by another nbdkit, which is not ours to
+ * stop.
  */
 static pid_t
 read_pidfile (const char *path)
@@ -544,7 +668,7 @@ read_pidfile (const char *path)
   for (size_t i = strlen (cmdline) + 1; i < n; i += strlen (cmdline + i) + 1)
     if (strcmp (cmdline + i, path) == 0)
       ours = true;
-  return ours ? (pid_t) pid : 0;
+  return ours && process_running ((pid_t) pid) ? (pid_t) pid : 0;
 }
 
 /* Sends SIGTERM, waits, then SIGKILL. */
@@ -555,7 +679,7 @@ stop_pid (pid_t pid)
     return;
   for (int i = 0; i < WAIT_SECONDS * 10; i++) {
     waitpid (pid, NULL, WNOHANG);
-    if (kill (pid, 0) == -1)
+    if (kill (pid, 0) == -1 || !process_running (pid))
       return;
     sleep_ms (100);
   }
@@ -842,6 +966,92 @@ resolve_device (const char *dev)
   return r;
 }
 
+/* The bitmaps of a source node that matter to a new backup: the live
+ * one, and what unfinished backups left behind.  Those are ours
+ * ("ba-TAG-N-frozen": the changes frozen for a backup; "ba-TAG-N-full":
+ * the live bitmap was made by a full backup) and belong to no running
+ * backup job "ba-TAG-N": QEMU stopped during that backup, saved them,
+ * and was started again.
+ */
+struct bitmaps_seen {
+  bool live, live_inconsistent, live_recording, live_persistent;
+  bool full_left, inconsistent_left;
+  char **left;                  /* leftover bitmaps */
+  bool *left_frozen;            /* ... a frozen copy (else a marker) */
+  size_t nleft;
+};
+
+static bool
+has_suffix (const char *s, const char *suffix)
+{
+  size_t n = strlen (s), m = strlen (suffix);
+  return n >= m && strcmp (s + n - m, suffix) == 0;
+}
+
+static void
+scan_bitmaps (json_object *node, const char *live, struct bitmaps_seen *b)
+{
+  json_object *dirty, *jobs = qmp_run (false, "query-block-jobs", NULL);
+  size_t n = 0;
+
+  memset (b, 0, sizeof *b);
+  if (node == NULL || !json_object_object_get_ex (node, "dirty-bitmaps",
+                                                  &dirty)) {
+    json_object_put (jobs);
+    return;
+  }
+  n = json_object_array_length (dirty);
+  b->left = calloc (n + 1, sizeof *b->left);
+  b->left_frozen = calloc (n + 1, sizeof *b->left_frozen);
+  if (b->left == NULL || b->left_frozen == NULL)
+    die ("out of memory");
+  for (size_t j = 0; j < n; j++) {
+    json_object *bm = json_object_array_get_idx (dirty, j);
+    const char *name = get_str (bm, "name");
+    bool frozen, running = false;
+    size_t len;
+
+    if (name == NULL)
+      continue;
+    if (strcmp (name, live) == 0) {
+      b->live = true;
+      b->live_inconsistent = get_bool (bm, "inconsistent");
+      b->live_recording = get_bool (bm, "recording");
+      b->live_persistent = get_bool (bm, "persistent");
+      continue;
+    }
+    frozen = has_suffix (name, "-frozen");
+    if (strncmp (name, "ba-", 3) != 0 ||
+        !(frozen || has_suffix (name, "-full")) || get_bool (bm, "busy"))
+      continue;
+    len = strlen (name) - strlen (frozen ? "-frozen" : "-full");
+    for (size_t k = 0; k < json_object_array_length (jobs); k++) {
+      const char *job = get_str (json_object_array_get_idx (jobs, k),
+                                 "device");
+      if (job && strlen (job) == len && strncmp (job, name, len) == 0)
+        running = true;
+    }
+    if (running)
+      continue;
+    if (get_bool (bm, "inconsistent"))
+      b->inconsistent_left = true;
+    if (!frozen)
+      b->full_left = true;
+    b->left_frozen[b->nleft] = frozen && !get_bool (bm, "inconsistent");
+    b->left[b->nleft++] = strdup (name);
+  }
+  json_object_put (jobs);
+}
+
+static void
+free_bitmaps_seen (struct bitmaps_seen *b)
+{
+  for (size_t j = 0; j < b->nleft; j++)
+    free (b->left[j]);
+  free (b->left);
+  free (b->left_frozen);
+}
+
 /* Upstream QEMU (7.2 and later), by hand: fleecing image, a frozen copy
  * of the bitmap and copy-before-write inserted in one transaction, then
  * snapshot-access with discard.
@@ -871,6 +1081,8 @@ setup_upstream (const struct setup_opts *o)
     char *cbw_node = xasprintf ("ba-%s-%d-cbw", tag, i);
     char *snap_node = xasprintf ("ba-%s-%d-snapshot", tag, i);
     char *frozen = NULL, *job = xasprintf ("ba-%s-%d", tag, i);
+    char *marker = NULL;
+    bool persistent = false;
     int64_t size;
 
     node = find_node (nodes, source);
@@ -920,47 +1132,96 @@ setup_upstream (const struct setup_opts *o)
 
     actions = json_object_new_array ();
     if (o->bitmap) {
-      /* An existing live bitmap makes this incremental. */
-      json_object *dirty;
-      bool exists = false;
-      if (json_object_object_get_ex (node, "dirty-bitmaps", &dirty))
-        for (size_t j = 0; j < alen (dirty); j++)
-          if (strcmp (get_str (json_object_array_get_idx (dirty, j), "name")
-                      ?: "", o->bitmap) == 0)
-            exists = true;
-      if (!exists) {
-        /* Recorded first: if this backup fails, the bitmap must go, or
-         * the next run would take it for the base of an incremental.
-         */
-        set_str (d, "created-bitmap", o->bitmap);
-        save_state ();
-        /* Persistent where the format allows, so that it outlives QEMU. */
+      struct bitmaps_seen b;
+      const char *why = NULL;
+
+      scan_bitmaps (node, o->bitmap, &b);
+      /* The live bitmap cannot be trusted: start again with a full
+       * backup rather than make an incremental that misses changes.
+       */
+      if (b.live && b.live_inconsistent)
+        why = "is inconsistent: QEMU stopped without saving it (killed?), "
+          "so the changes since the last backup are unknown";
+      else if (b.live && !b.live_recording)
+        why = "is disabled: it did not record every change";
+      else if (b.live && b.full_left)
+        why = "was made by a full backup that never finished (QEMU "
+          "stopped during it)";
+      else if (b.live && b.inconsistent_left)
+        why = "lacks the changes frozen for an unfinished backup, which "
+          "QEMU did not save (killed?)";
+      if (why) {
+        warn ("device %s: bitmap '%s' %s: it is made again, and this "
+              "backup is a full one (bitmap-mode new)", dev, o->bitmap, why);
+        json_object_put (qmp_run (false, "block-dirty-bitmap-remove", obj (
+          "node", S (source), "name", S (o->bitmap), END)));
+        b.live = false;
+      }
+      if (!b.live) {
         char err[1024];
         int qe;
-        json_object *args = obj ("node", S (source), "name", S (o->bitmap),
-                                 "persistent", json_object_new_boolean (1),
-                                 END);
-        json_object *r = ba_qmp_cmd (qmp, "block-dirty-bitmap-add", args,
-                                     &qe, err, sizeof err);
-        json_object_put (args);
-        if (r == NULL)
-          json_object_put (qmp_run (false, "block-dirty-bitmap-add",
-                                    obj ("node", S (source),
-                                         "name", S (o->bitmap), END)));
-        json_object_put (r);
+        json_object *r;
+        /* A full backup: the frozen copies of unfinished backups add
+         * nothing to it.
+         */
+        for (size_t j = 0; j < b.nleft; j++)
+          json_object_put (qmp_run (true, "block-dirty-bitmap-remove", obj (
+            "node", S (source), "name", S (b.left[j]), END)));
+        /* Recorded first: if this backup fails, the bitmap must go, or
+         * the next run would take it for the base of an incremental.
+         * The marker says the same to a QEMU restarted after a clean
+         * shutdown (which saves persistent bitmaps): it is added first,
+         * and removed at teardown.
+         */
+        marker = xasprintf ("ba-%s-%d-full", tag, i);
+        set_str (d, "created-bitmap", o->bitmap);
+        set_str (d, "marker-bitmap", marker);
+        save_state ();
+        {
+          json_object *args = obj ("node", S (source), "name", S (marker),
+                                   "persistent", json_object_new_boolean (1),
+                                   "disabled", json_object_new_boolean (1),
+                                   END);
+          r = ba_qmp_cmd (qmp, "block-dirty-bitmap-add", args, &qe,
+                          err, sizeof err);
+          json_object_put (args);
+          persistent = r != NULL;
+          json_object_put (r);
+          if (!persistent) {
+            if (!qe)
+              die ("QMP block-dirty-bitmap-add: %s", err);
+            set_str (d, "marker-bitmap", NULL);
+            save_state ();
+          }
+        }
+        /* Persistent where the format allows, so that it outlives QEMU. */
+        json_object_put (qmp_run (false, "block-dirty-bitmap-add", obj (
+          "node", S (source), "name", S (o->bitmap),
+          "persistent", json_object_new_boolean (persistent), END)));
         mode = "new";
       }
       else {
         /* Freeze: a disabled copy holds the changes up to now, the live
          * bitmap restarts; atomic with the copy-before-write insertion.
+         * The copy is persistent like the live bitmap, so that a QEMU
+         * that shuts down during the backup saves it; what such
+         * unfinished backups left is merged in here.
          */
         json_object *merge = json_object_new_array ();
         json_object_array_add (merge, S (o->bitmap));
+        for (size_t j = 0; j < b.nleft; j++)
+          if (b.left_frozen[j])
+            json_object_array_add (merge, S (b.left[j]));
+        if (b.nleft)
+          warn ("device %s: adding the changes of %zu unfinished "
+                "backup(s) to this one", dev, b.nleft);
         mode = "reuse";
         frozen = xasprintf ("ba-%s-%d-frozen", tag, i);
         json_object_array_add (actions, obj (
           "type", S ("block-dirty-bitmap-add"), "data",
-          obj ("node", S (source), "name", S (frozen), END), END));
+          obj ("node", S (source), "name", S (frozen),
+               "persistent", json_object_new_boolean (b.live_persistent),
+               END), END));
         json_object_array_add (actions, obj (
           "type", S ("block-dirty-bitmap-merge"), "data",
           obj ("node", S (source), "target", S (frozen), "bitmaps", merge,
@@ -971,7 +1232,12 @@ setup_upstream (const struct setup_opts *o)
         json_object_array_add (actions, obj (
           "type", S ("block-dirty-bitmap-disable"), "data",
           obj ("node", S (source), "name", S (frozen), END), END));
+        for (size_t j = 0; j < b.nleft; j++)
+          json_object_array_add (actions, obj (
+            "type", S ("block-dirty-bitmap-remove"), "data",
+            obj ("node", S (source), "name", S (b.left[j]), END), END));
       }
+      free_bitmaps_seen (&b);
       set_str (d, "live-bitmap", o->bitmap);
     }
     json_object_array_add (actions, obj (
@@ -1006,6 +1272,7 @@ setup_upstream (const struct setup_opts *o)
     free (cbw_node);
     free (snap_node);
     free (frozen);
+    free (marker);
     free (job);
     free (source);
     json_object_put (nodes);
@@ -1134,14 +1401,7 @@ teardown_qemu (bool success)
       wait_gone ("query-block-jobs", "device", get_str (d, "job"));
     }
     if (frozen && source) {
-      json_object *n = find_node (nodes, source), *bm;
-      bool have = false;
-      if (n && json_object_object_get_ex (n, "dirty-bitmaps", &bm))
-        for (size_t j = 0; j < alen (bm); j++)
-          if (strcmp (get_str (json_object_array_get_idx (bm, j), "name")
-                      ?: "", frozen) == 0)
-            have = true;
-      if (have) {
+      if (node_has_bitmap (nodes, source, frozen)) {
         /* On failure the next incremental must still see every change. */
         if (!success && live) {
           json_object *list = json_object_new_array ();
@@ -1160,6 +1420,12 @@ teardown_qemu (bool success)
         "node", S (source), "name", S (get_str (d, "created-bitmap")),
         END)));
     }
+    /* Only now, after that: the live bitmap can be trusted. */
+    if (source && get_str (d, "marker-bitmap") &&
+        node_has_bitmap (nodes, source, get_str (d, "marker-bitmap")))
+      json_object_put (qmp_run (true, "block-dirty-bitmap-remove", obj (
+        "node", S (source), "name", S (get_str (d, "marker-bitmap")),
+        END)));
     if (get_str (d, "fleece-node") && find_node (nodes,
                                                  get_str (d, "fleece-node")))
       json_object_put (qmp_run (true, "blockdev-del", obj (
@@ -1170,11 +1436,145 @@ teardown_qemu (bool success)
       warn ("removing %s: %m", get_str (d, "fleece-file"));
     json_object_object_add (d, "job", NULL);
     json_object_object_add (d, "frozen-bitmap", NULL);
+    json_object_object_add (d, "marker-bitmap", NULL);
     json_object_object_add (d, "node", NULL);
     json_object_object_add (d, "fleece-node", NULL);
     save_state ();
   }
   return true;
+}
+
+/* What nbdkit's log says, before teardown removes it: the filter's
+ * summary, and the last errors.
+ */
+static void
+report_log (const char *dev, const char *log)
+{
+  FILE *fp = fopen (log, "r");
+  char line[1024], last[3][1024];
+  unsigned errors = 0;
+
+  if (fp == NULL)
+    return;
+  while (fgets (line, sizeof line, fp)) {
+    line[strcspn (line, "\n")] = '\0';
+    if (strstr (line, "backupaccess: summary:"))
+      warn ("device %s: %s", dev, line);
+    else if (strstr (line, " error: ")) {
+      snprintf (last[errors % 3], sizeof last[0], "%s", line);
+      errors++;
+    }
+  }
+  fclose (fp);
+  if (errors)
+    warn ("device %s: nbdkit logged %u error(s), the last:", dev, errors);
+  for (unsigned i = errors > 3 ? errors - 3 : 0; i < errors; i++)
+    warn ("  %s", last[i % 3]);
+}
+
+/* Whether a directory is a mount point, from /proc/self/mounts. */
+static bool
+is_mounted (const char *dir)
+{
+  FILE *fp = fopen ("/proc/self/mounts", "r");
+  char line[4096];
+  bool found = false;
+
+  if (fp == NULL)
+    return true;                /* cannot tell: try to unmount */
+  while (!found && fgets (line, sizeof line, fp)) {
+    char *sp = strchr (line, ' ');
+    size_t n = strlen (dir);
+    /* Field 2; our paths have no characters that mounts escapes. */
+    if (sp && strncmp (sp + 1, dir, n) == 0 && sp[1 + n] == ' ')
+      found = true;
+  }
+  fclose (fp);
+  return found;
+}
+
+/* Whether the command line of a process has an argument containing
+ * text.
+ */
+static bool
+cmdline_mentions (long pid, const char *text)
+{
+  char *path = xasprintf ("/proc/%ld/cmdline", pid);
+  FILE *fp = fopen (path, "r");
+  static char buf[65536];
+  size_t n = 0;
+
+  free (path);
+  if (fp == NULL)
+    return false;
+  n = fread (buf, 1, sizeof buf - 1, fp);
+  fclose (fp);
+  buf[n] = '\0';
+  for (size_t i = 0; i < n; i += strlen (buf + i) + 1)
+    if (strstr (buf + i, text))
+      return true;
+  return false;
+}
+
+/* What a helper killed while it started nbdkit or nbdfuse may have left
+ * without a record: such processes with an argument in the run
+ * directory (private to us, so they are ours), and mounts in it.
+ */
+static void
+stop_strays (void)
+{
+  char *prefix = xasprintf ("%s/", run_dir);
+  DIR *dir = opendir ("/proc");
+  FILE *fp;
+  struct dirent *e;
+  char line[4096];
+
+  while (dir && (e = readdir (dir)) != NULL) {
+    long pid = strtol (e->d_name, NULL, 10);
+    if (our_program (pid) && cmdline_mentions (pid, prefix)) {
+      warn ("stopping %ld, left by a helper that was killed", pid);
+      stop_pid ((pid_t) pid);
+    }
+  }
+  if (dir)
+    closedir (dir);
+  fp = fopen ("/proc/self/mounts", "r");
+  while (fp && fgets (line, sizeof line, fp)) {
+    char *mnt = strchr (line, ' '), *end;
+    if (mnt == NULL || strncmp (mnt + 1, prefix, strlen (prefix)) != 0 ||
+        (end = strchr (mnt + 1, ' ')) == NULL)
+      continue;
+    *end = '\0';
+    {
+      char *argv[] = { "fusermount3", "-u", "-z", mnt + 1, NULL };
+      warn ("unmounting %s, left by a helper that was killed", mnt + 1);
+      run_wait (argv, NULL);
+      rmdir (mnt + 1);
+    }
+  }
+  if (fp)
+    fclose (fp);
+  free (prefix);
+}
+
+/* Sockets left in the run directory by processes stop_strays ended
+ * (they do not remove them): nothing else listens there.
+ */
+static void
+remove_stray_sockets (void)
+{
+  DIR *dir = opendir (run_dir);
+  struct dirent *e;
+  struct stat st;
+
+  while (dir && (e = readdir (dir)) != NULL) {
+    char *p = xasprintf ("%s/%s", run_dir, e->d_name);
+    if (lstat (p, &st) == 0 && S_ISSOCK (st.st_mode))
+      unlink (p);
+    free (p);
+  }
+  if (dir)
+    closedir (dir);
 }
 
 static void
@@ -1187,9 +1587,17 @@ stop_local (void)
     const char *mnt = get_str (d, "mount");
     if (mnt) {
       char *argv[] = { "fusermount3", "-u", (char *) mnt, NULL };
+      char *lazy[] = { "fusermount3", "-u", "-z", (char *) mnt, NULL };
       pid_t pid = get_str (d, "mount-pidfile")
         ? read_pidfile (get_str (d, "mount-pidfile")) : 0;
-      run_wait (argv, NULL);
+      if (run_wait (argv, NULL) != 0 && is_mounted (mnt)) {
+        /* Busy: a process still has the file open.  Detached now, gone
+         * when it closes the file; its reads fail once nbdfuse stops.
+         */
+        warn ("device %s: %s is busy (a process has the file open): "
+              "unmounted lazily", get_str (d, "device"), mnt);
+        run_wait (lazy, NULL);
+      }
       stop_pid (pid);
       if (get_str (d, "mount-pidfile"))
         unlink (get_str (d, "mount-pidfile"));
@@ -1198,7 +1606,15 @@ stop_local (void)
       save_state ();
     }
     if (get_str (d, "pidfile")) {
-      stop_pid (read_pidfile (get_str (d, "pidfile")));
+      pid_t pid = read_pidfile (get_str (d, "pidfile"));
+      long started = (long) get_int (d, "nbdkit-pid", 0);
+      /* Not listening yet, or never told to go on. */
+      if (pid == 0 && process_running ((pid_t) started) &&
+          cmdline_mentions (started, run_dir))
+        pid = (pid_t) started;
+      stop_pid (pid);
+      if (get_str (d, "nbdkit-log"))
+        report_log (get_str (d, "device"), get_str (d, "nbdkit-log"));
       unlink (get_str (d, "pidfile"));
       if (get_str (d, "socket"))
         unlink (get_str (d, "socket"));
@@ -1206,6 +1622,7 @@ stop_local (void)
       save_state ();
     }
   }
+  stop_strays ();
 }
 
 /* ------------------------------------------------------------------ */
@@ -1399,12 +1816,19 @@ serve_devices (const struct serve_opts *so)
     char *psk_arg = so->tls_psk ? xasprintf ("--tls-psk=%s", so->tls_psk)
       : NULL;
     char *argv[24];
-    int a = 0, rc;
+    int a = 0, go;
+    pid_t pid;
 
     if (get_str (d, "pidfile") && read_pidfile (get_str (d, "pidfile")) &&
         kill (read_pidfile (get_str (d, "pidfile")), 0) == 0)
       goto next;                /* already served */
+    if (get_str (d, "uri"))
+      die ("device %s: its nbdkit has gone: what it read is discarded in "
+           "QEMU, and a new one would take that for a broken snapshot; this "
+           "backup cannot go on: tear it down with --failure (the bitmap "
+           "keeps every change) and start again", dev);
     argv[a++] = "nbdkit";
+    argv[a++] = "-f";           /* so that its errors reach the log */
     argv[a++] = "--log=stderr";
     argv[a++] = "--pidfile";
     argv[a++] = pidfile;
@@ -1449,18 +1873,28 @@ serve_devices (const struct serve_opts *so)
     set_str (d, "status-file", status);
     set_str (d, "nbdkit-log", log);
     save_state ();
+    /* Left by an nbdkit that died: ours, in our directory. */
     unlink (pidfile);
-    /* nbdkit forks into the background once it listens. */
-    rc = run_wait (argv, log);
-    if (rc != 0)
-      die ("device %s: nbdkit failed (exit %d): %s", dev, rc, tail_of (log));
-    for (int w = 0; w < WAIT_SECONDS * 10 && !read_pidfile (pidfile); w++)
+    unlink (sock);
+    /* It writes the pidfile once it listens. */
+    pid = spawn_detached (argv, log, &go);
+    json_object_object_add (d, "nbdkit-pid", json_object_new_int64 (pid));
+    save_state ();
+    if (write (go, "g", 1) != 1)
+      die ("starting nbdkit: %m");
+    close (go);
+    for (int w = 0; w < WAIT_SECONDS * 10 && !read_pidfile (pidfile); w++) {
+      if (!process_running (pid))
+        die ("device %s: nbdkit failed: %s", dev, tail_of (log));
       sleep_ms (100);
-    if (!read_pidfile (pidfile))
+    }
+    if (!read_pidfile (pidfile)) {
+      stop_pid (pid);
       die ("device %s: nbdkit did not start: %s", dev, tail_of (log));
-    /* .after_fork errors end the daemon just after it forked. */
+    }
+    /* .after_fork errors end it just after it wrote the pidfile. */
     sleep_ms (200);
-    if (kill (read_pidfile (pidfile), 0) == -1)
+    if (!read_pidfile (pidfile))
       die ("device %s: nbdkit exited: %s", dev, tail_of (log));
     make_private (pidfile);
     if (!host)
@@ -1559,12 +1993,13 @@ mount_devices (json_object *out)
       /* No allow_other: only the caller can open the file. */
       char *argv[] = { "nbdfuse", "-P", pidfile, file,
                        (char *) get_str (d, "uri"), NULL };
-      if (mkdir (mnt, 0700) == -1 && errno != EEXIST)
-        die ("mkdir %s: %m", mnt);
-      unlink (pidfile);
+      /* Recorded first, so that teardown removes it. */
       set_str (d, "mount", mnt);
       set_str (d, "mount-pidfile", pidfile);
       save_state ();
+      if (mkdir (mnt, 0700) == -1 && errno != EEXIST)
+        die ("mkdir %s: %m", mnt);
+      unlink (pidfile);
       pid_t pid = spawn (argv, log, true);
       for (int w = 0; w < WAIT_SECONDS * 10 && !read_pidfile (pidfile); w++) {
         if (waitpid (pid, NULL, WNOHANG) == pid)
@@ -1994,6 +2429,34 @@ do_serve_state (struct opts *o)
   save_state ();
 }
 
+/* What QEMU's going away during a backup means for the next one. */
+static void
+explain_qemu_gone (void)
+{
+  json_object *devs = devices ();
+  bool proxmox = strcmp (get_str (state, "backend") ?: "", "proxmox") == 0;
+
+  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    json_object *d = json_object_array_get_idx (devs, i);
+    const char *dev = get_str (d, "device") ?: "?";
+    const char *live = get_str (d, "live-bitmap");
+    const char *frozen = get_str (d, "frozen-bitmap");
+
+    if (proxmox)
+      warn ("device %s: QEMU keeps its dirty bitmaps in memory: the next "
+            "backup is a full one", dev);
+    else if (live && frozen)
+      warn ("device %s: if QEMU shut down cleanly, it saved the changes "
+            "of this backup in bitmap '%s', and the next setup with "
+            "--bitmap %s adds them back; if it was killed, bitmap '%s' is "
+            "inconsistent and the next setup makes a full backup",
+            dev, frozen, live, live);
+    else if (live)
+      warn ("device %s: this full backup did not finish: the next setup "
+            "with --bitmap %s makes a full backup again", dev, live);
+  }
+}
+
 static void
 do_teardown (bool success)
 {
@@ -2031,6 +2494,7 @@ do_teardown (bool success)
       if (errno != ENOENT && errno != ECONNREFUSED)
         die ("%s: nothing was torn down; try again", err);
       warn ("%s (QEMU is gone: only local state is cleaned up)", err);
+      explain_qemu_gone ();
       ok = false;
     }
     else
@@ -2058,7 +2522,16 @@ do_teardown (bool success)
     p = xasprintf ("%s/qemu-img.log", run_dir);
     unlink (p);
     free (p);
-    if (rmdir (run_dir) == -1 && errno != ENOTEMPTY)
+    /* QEMU removes its NBD server's socket when told to stop the
+     * server, not when it dies or quits.
+     */
+    if (!ok && get_bool (state, "nbd-server-started")) {
+      p = xasprintf ("%s/qemu-nbd.sock", run_dir);
+      unlink (p);
+      free (p);
+    }
+    remove_stray_sockets ();
+    if (rmdir (run_dir) == -1)
       warn ("rmdir %s: %m", run_dir);
   }
   if (!ok)
@@ -2120,16 +2593,25 @@ do_run (struct opts *o, char **cmd)
 
   sigaction (SIGINT, &sa, NULL);
   sigaction (SIGTERM, &sa, NULL);
-  pid = fork ();
-  if (pid == -1)
-    die ("fork: %m");
-  if (pid == 0) {
-    signal (SIGINT, SIG_DFL);
-    signal (SIGTERM, SIG_DFL);
-    umask (caller_umask);
-    execvp (cmd[0], cmd);
-    fprintf (stderr, "%s: cannot run %s: %m\n", progname, cmd[0]);
-    _exit (127);
+  {
+    pid_t parent = getpid ();
+    pid = fork ();
+    if (pid == -1)
+      die ("fork: %m");
+    if (pid == 0) {
+      signal (SIGINT, SIG_DFL);
+      signal (SIGTERM, SIG_DFL);
+      umask (caller_umask);
+      /* The backup lives as long as we do: a helper killed (SIGKILL,
+       * no teardown) ends the command too.
+       */
+      prctl (PR_SET_PDEATHSIG, SIGTERM);
+      if (getppid () != parent)
+        _exit (128 + SIGTERM);
+      execvp (cmd[0], cmd);
+      fprintf (stderr, "%s: cannot run %s: %m\n", progname, cmd[0]);
+      _exit (127);
+    }
   }
   while (waitpid (pid, &status, 0) == -1) {
     if (errno != EINTR)

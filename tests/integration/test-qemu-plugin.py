@@ -99,7 +99,9 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
             p.kill()
             check(False, "nbdcopy hung after QEMU died")
         t0 = time.monotonic()
-        expect_error(h, lambda h: h.pread(4096, 0), errno.EIO)
+        # Every pooled connection, and each again once it is dead.
+        for _ in range(7):
+            expect_error(h, lambda h: h.pread(4096, 0), errno.EIO)
         check(time.monotonic() - t0 < 10, "a read hung after QEMU died")
         h.shutdown()
         check(nk.proc.poll() is None, "nbdkit exited when QEMU died")
