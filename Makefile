@@ -21,7 +21,7 @@ DEB_PACKAGES = build-essential pkg-config perl \
   cppcheck clang-tidy
 
 LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c \
-             lib/bitmap.c lib/qmp.c
+             lib/bitmap.c lib/qmp.c lib/statefile.c
 LIB_OBJS   = $(LIB_SRCS:.c=.o)
 LIB        = lib/libbackupaccess.a
 FILTER     = nbdkit-backupaccess-filter.so
@@ -49,7 +49,7 @@ deps:
 	  echo "make deps: all packages are installed"; \
 	fi
 
-lib/%.o: lib/%.c lib/backupaccess.h lib/qmp.h
+lib/%.o: lib/%.c lib/backupaccess.h lib/qmp.h lib/statefile.h
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
 
 $(LIB): $(LIB_OBJS)
@@ -64,7 +64,8 @@ $(PLUGIN): plugin/backupaccess-plugin.c $(LIB) lib/backupaccess.h
 	$(CC) $(ALL_CFLAGS) -shared -o $@ plugin/backupaccess-plugin.c \
 	  $(LIB) $(shell pkg-config --libs libnbd) -lpthread
 
-$(HELPER): helper/backupaccess-helper.c $(LIB) lib/backupaccess.h lib/qmp.h
+$(HELPER): helper/backupaccess-helper.c $(LIB) lib/backupaccess.h lib/qmp.h \
+           lib/statefile.h
 	$(CC) $(ALL_CFLAGS) -o $@ helper/backupaccess-helper.c \
 	  $(LIB) $(shell pkg-config --libs libnbd json-c)
 

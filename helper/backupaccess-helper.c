@@ -33,6 +33,7 @@
 
 #include "backupaccess.h"
 #include "qmp.h"
+#include "statefile.h"
 
 #define QMP_TIMEOUT_MS 60000
 #define WAIT_SECONDS 20
@@ -150,19 +151,13 @@ static bool
 load_state (void)
 {
   char *path = state_path ();
-  struct stat st;
+  char err[PATH_MAX * 2 + 512];
+  int r = ba_state_load (path, &state, err, sizeof err);
 
-  if (stat (path, &st) == -1 && errno == ENOENT) {
-    free (path);
-    return false;
-  }
-  if (st.st_size > 16L * 1024 * 1024)
-    die ("%s: too large to be a state file", path);
-  state = json_object_from_file (path);
-  if (state == NULL || !json_object_is_type (state, json_type_object))
-    die ("%s: not a valid state file: %s", path, json_util_get_last_err ());
+  if (r == -1)
+    die ("%s", err);
   free (path);
-  return true;
+  return r == 1;
 }
 
 /* Creates the run directory, private to the caller, or checks that an

@@ -1,0 +1,111 @@
+/* The helper's state file: see statefile.h.  Parsed as json-c's
+ * json_object_from_file did before this was taken out of the helper,
+ * with the same messages.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "statefile.h"
+
+json_object *
+ba_state_parse (const char *text, size_t len, char *errbuf, size_t errlen)
+{
+  json_tokener *tok;
+  json_object *obj;
+
+  if (len > BA_STATE_MAX_SIZE) {
+    snprintf (errbuf, errlen, "too large to be a state file");
+    return NULL;
+  }
+  tok = json_tokener_new ();
+  if (tok == NULL) {
+    snprintf (errbuf, errlen, "not a valid state file: out of memory");
+    return NULL;
+  }
+  obj = json_tokener_parse_ex (tok, text, (int) len);
+  if (obj == NULL)
+    snprintf (errbuf, errlen,
+              "not a valid state file: json_tokener_parse_ex failed: %s\n",
+              json_tokener_error_desc (json_tokener_get_error (tok)));
+  json_tokener_free (tok);
+  if (obj != NULL && !json_object_is_type (obj, json_type_object)) {
+    snprintf (errbuf, errlen, "not a valid state file: (null)");
+    json_object_put (obj);
+    obj = NULL;
+  }
+  return obj;
+}
+
+int
+ba_state_load (const char *path, json_object **state,
+               char *errbuf, size_t errlen)
+{
+  struct stat st;
+  char *text = NULL, msg[512];
+  size_t len = 0;
+  int fd;
+
+  *state = NULL;
+  if (stat (path, &st) == -1) {
+    if (errno == ENOENT)
+      return 0;
+  }
+  else if ((uint64_t) st.st_size > BA_STATE_MAX_SIZE) {
+    snprintf (errbuf, errlen, "%s: too large to be a state file", path);
+    return -1;
+  }
+  fd = open (path, O_RDONLY | O_CLOEXEC);
+  if (fd == -1) {
+    snprintf (errbuf, errlen, "%s: not a valid state file: "
+              "json_object_from_file: error opening file %s: %s\n",
+              path, path, strerror (errno));
+    return -1;
+  }
+  /* Read to the end, however long: a file may grow after fstat. */
+  for (size_t cap = 0;;) {
+    ssize_t n;
+    if (len == cap) {
+      char *t;
+      cap = cap ? cap * 2 : 4096;
+      if (cap > BA_STATE_MAX_SIZE + 1)
+        cap = BA_STATE_MAX_SIZE + 1;
+      if (len == cap)
+        break;                  /* too large: ba_state_parse says so */
+      t = realloc (text, cap);
+      if (t == NULL) {
+        snprintf (errbuf, errlen, "%s: out of memory", path);
+        free (text);
+        close (fd);
+        return -1;
+      }
+      text = t;
+    }
+    n = read (fd, text + len, cap - len);
+    if (n == 0)
+      break;
+    if (n < 0) {
+      if (errno == EINTR)
+        continue;
+      snprintf (errbuf, errlen, "%s: not a valid state file: "
+                "json_object_from_fd_ex: error reading fd %d: %s\n",
+                path, fd, strerror (errno));
+      free (text);
+      close (fd);
+      return -1;
+    }
+    len += n;
+  }
+  close (fd);
+  *state = ba_state_parse (text ? text : "", len, msg, sizeof msg);
+  free (text);
+  if (*state == NULL) {
+    snprintf (errbuf, errlen, "%s: %s", path, msg);
+    return -1;
+  }
+  return 1;
+}
