@@ -74,8 +74,8 @@ $(HELPER): helper/backupaccess-helper.c $(LIB) lib/backupaccess.h lib/qmp.h \
 	pod2man --section=1 --center="nbdkit-backupaccess" \
 	  --release="nbdkit-backupaccess" --name=$* $< > $@
 
-tests/unit/%: tests/unit/%.c $(LIB) lib/backupaccess.h
-	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB) $(shell pkg-config --libs cmocka libnbd)
+tests/unit/%: tests/unit/%.c $(LIB) lib/backupaccess.h lib/statefile.h
+	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB) $(shell pkg-config --libs cmocka libnbd json-c)
 
 unit-tests: $(UNIT_TESTS)
 

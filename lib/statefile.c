@@ -1,6 +1,7 @@
 /* The helper's state file: see statefile.h.  Parsed as json-c's
  * json_object_from_file did before this was taken out of the helper,
- * with the same messages.
+ * with the same messages, and then checked for the shape the helper
+ * relies on.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -11,6 +12,38 @@
 #include <unistd.h>
 
 #include "statefile.h"
+
+/* The helper walks "devices" with json-c calls that abort on anything
+ * but an array of objects (json_object_array_length,
+ * json_object_object_add): refuse any other shape here.
+ */
+static int
+check_shape (json_object *state, char *errbuf, size_t errlen)
+{
+  json_object *devs;
+
+  if (!json_object_is_type (state, json_type_object)) {
+    snprintf (errbuf, errlen, "not a valid state file: not a JSON object");
+    return -1;
+  }
+  if (!json_object_object_get_ex (state, "devices", &devs))
+    return 0;
+  if (!json_object_is_type (devs, json_type_array)) {
+    snprintf (errbuf, errlen,
+              "not a valid state file: \"devices\" is not an array");
+    return -1;
+  }
+  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    if (!json_object_is_type (json_object_array_get_idx (devs, i),
+                              json_type_object)) {
+      snprintf (errbuf, errlen,
+                "not a valid state file: \"devices\" item %zu is not an "
+                "object", i);
+      return -1;
+    }
+  }
+  return 0;
+}
 
 json_object *
 ba_state_parse (const char *text, size_t len, char *errbuf, size_t errlen)
@@ -33,8 +66,7 @@ ba_state_parse (const char *text, size_t len, char *errbuf, size_t errlen)
               "not a valid state file: json_tokener_parse_ex failed: %s\n",
               json_tokener_error_desc (json_tokener_get_error (tok)));
   json_tokener_free (tok);
-  if (obj != NULL && !json_object_is_type (obj, json_type_object)) {
-    snprintf (errbuf, errlen, "not a valid state file: (null)");
+  if (obj != NULL && check_shape (obj, errbuf, errlen) == -1) {
     json_object_put (obj);
     obj = NULL;
   }

@@ -12,7 +12,8 @@
 #define BA_STATE_MAX_SIZE ((size_t) 16 << 20)
 
 /* Parses the text of a state file.  Returns the state (owned by the
- * caller: json_object_put it), or NULL with the reason in errbuf.
+ * caller: json_object_put it), or NULL with the reason in errbuf.  A
+ * state is a JSON object; its "devices", if any, an array of objects.
  */
 json_object *ba_state_parse (const char *text, size_t len,
                              char *errbuf, size_t errlen);
