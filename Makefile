@@ -6,6 +6,8 @@
 #   make demo       full + incremental backup of a disk in qemu-storage-daemon
 #   make bench      throughput and memory figures (ratios within one run)
 #   make lint       cppcheck and clang-tidy (.clang-tidy), warnings are errors
+#   make fuzz       libFuzzer targets tests/fuzz/fuzz_* (clang); make fuzz-long
+#                   runs each for FUZZ_SECONDS (see tests/fuzz/README.md)
 
 CC      ?= gcc
 CFLAGS  ?= -O2 -g
@@ -19,6 +21,7 @@ DEB_PACKAGES = build-essential pkg-config perl \
   libjson-c-dev libfuse3-dev fuse3 libcmocka-dev \
   qemu-utils qemu-system-x86 qemu-block-extra procps bc \
   cppcheck clang-tidy
+DEB_PACKAGES += clang libclang-rt-14-dev
 
 LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c \
              lib/bitmap.c lib/qmp.c lib/statefile.c
@@ -31,7 +34,7 @@ MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
 
-.PHONY: all deps check unit-tests demo bench clean lint
+.PHONY: all deps check unit-tests demo bench clean lint fuzz fuzz-long
 
 all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE)
 
@@ -80,7 +83,7 @@ tests/unit/%: tests/unit/%.c $(LIB) lib/backupaccess.h lib/statefile.h
 unit-tests: $(UNIT_TESTS)
 
 check: deps
-	$(MAKE) all unit-tests
+	$(MAKE) all unit-tests fuzz
 	tests/run-tests
 
 demo: deps
@@ -95,7 +98,7 @@ bench: deps
 	bench/bench.sh
 
 C_SOURCES = $(LIB_SRCS) filter/backupaccess.c plugin/backupaccess-plugin.c \
-            helper/backupaccess-helper.c
+            helper/backupaccess-helper.c $(wildcard tests/fuzz/fuzz_*.c)
 
 lint:
 	cppcheck --quiet --enable=warning,performance,portability \
@@ -103,5 +106,26 @@ lint:
 	clang-tidy --quiet --warnings-as-errors='*' $(C_SOURCES) -- \
 	  -std=gnu11 -Ilib $(shell pkg-config --cflags json-c)
 
+# libFuzzer targets, built with clang apart from the gcc build: the
+# library sources are compiled into each one (not lib/*.o).
+FUZZ_CC      = clang
+FUZZ_CFLAGS  = -g -O1 -fsanitize=fuzzer,address,undefined \
+               -fno-sanitize-recover=undefined -std=gnu11 -Ilib \
+               $(shell pkg-config --cflags json-c)
+FUZZ_LIBSRCS = $(filter-out lib/bitmap.c,$(LIB_SRCS))
+FUZZERS      = $(patsubst %.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_SECONDS ?= 600
+
+tests/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(FUZZ_LIBSRCS) \
+                   lib/backupaccess.h lib/qmp.h lib/statefile.h
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ $< $(FUZZ_LIBSRCS) \
+	  $(shell pkg-config --libs json-c)
+
+fuzz: $(FUZZERS)
+
+fuzz-long: fuzz
+	FUZZ_SECONDS=$(FUZZ_SECONDS) tests/integration/test-fuzz.sh
+
 clean:
 	rm -f lib/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
+	rm -f $(FUZZERS)
