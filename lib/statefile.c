@@ -1,7 +1,6 @@
 /* The helper's state file: see statefile.h.  Parsed as json-c's
  * json_object_from_file did before this was taken out of the helper,
- * with the same messages, and then checked for the shape the helper
- * relies on.
+ * then checked for the shape the helper relies on.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -61,10 +60,12 @@ ba_state_parse (const char *text, size_t len, char *errbuf, size_t errlen)
     return NULL;
   }
   obj = json_tokener_parse_ex (tok, text, (int) len);
-  if (obj == NULL)
-    snprintf (errbuf, errlen,
-              "not a valid state file: json_tokener_parse_ex failed: %s\n",
-              json_tokener_error_desc (json_tokener_get_error (tok)));
+  if (obj == NULL) {
+    enum json_tokener_error e = json_tokener_get_error (tok);
+    snprintf (errbuf, errlen, "not a valid state file: %s",
+              e == json_tokener_continue ? "it ends before its JSON value"
+              : json_tokener_error_desc (e));
+  }
   json_tokener_free (tok);
   if (obj != NULL && check_shape (obj, errbuf, errlen) == -1) {
     json_object_put (obj);
@@ -93,9 +94,7 @@ ba_state_load (const char *path, json_object **state,
   }
   fd = open (path, O_RDONLY | O_CLOEXEC);
   if (fd == -1) {
-    snprintf (errbuf, errlen, "%s: not a valid state file: "
-              "json_object_from_file: error opening file %s: %s\n",
-              path, path, strerror (errno));
+    snprintf (errbuf, errlen, "%s: %s", path, strerror (errno));
     return -1;
   }
   /* Read to the end, however long: a file may grow after fstat. */
@@ -123,9 +122,7 @@ ba_state_load (const char *path, json_object **state,
     if (n < 0) {
       if (errno == EINTR)
         continue;
-      snprintf (errbuf, errlen, "%s: not a valid state file: "
-                "json_object_from_fd_ex: error reading fd %d: %s\n",
-                path, fd, strerror (errno));
+      snprintf (errbuf, errlen, "%s: %s", path, strerror (errno));
       free (text);
       close (fd);
       return -1;

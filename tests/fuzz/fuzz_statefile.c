@@ -94,8 +94,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
     CHECK (memchr (err, '\0', sizeof err) != NULL);
     CHECK (strncmp (err, "not a valid state file: ", 24) == 0);
     CHECK (old == NULL || !has_shape (old));
-    if (old == NULL)
-      CHECK (strcmp (err + 24, json_util_get_last_err ()) == 0);
+    CHECK (err[24] != '\0');
     json_object_put (old);
     return 0;
   }

@@ -58,12 +58,11 @@ test_accepts (void **state)
 static void
 test_refuses (void **state)
 {
-  refused ("", "not a valid state file: json_tokener_parse_ex failed: "
-           "continue\n");
-  refused ("{\"backend\":", "not a valid state file: json_tokener_parse_ex "
-           "failed: continue\n");
-  refused ("{\"a\" 1}", "not a valid state file: json_tokener_parse_ex "
-           "failed: object property name separator ':' expected\n");
+  refused ("", "not a valid state file: it ends before its JSON value");
+  refused ("{\"backend\":", "not a valid state file: it ends before its "
+           "JSON value");
+  refused ("{\"a\" 1}", "not a valid state file: object property name "
+           "separator ':' expected");
   refused ("[1]", "not a valid state file: not a JSON object");
   refused ("\"state\"", "not a valid state file: not a JSON object");
   /* Shapes on which the helper's json-c calls would abort. */
@@ -134,7 +133,8 @@ test_load (void **state)
   assert_int_equal (unlink (path), 0);
   assert_int_equal (mkdir (path, 0700), 0);
   assert_int_equal (ba_state_load (path, &o, err, sizeof err), -1);
-  assert_non_null (strstr (err, "not a valid state file"));
+  snprintf (want, sizeof want, "%s: Is a directory", path);
+  assert_string_equal (err, want);
   assert_int_equal (rmdir (path), 0);
   assert_int_equal (rmdir (dir), 0);
 }
