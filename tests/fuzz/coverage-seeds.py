@@ -64,3 +64,9 @@ seed("one-byte-clusters", 0, 300,
      [(READ, 0, 2), (TRIM, 5, 1), (READ, 4, 3), (CHECK, 0, 10)],
      runs=[(1, 10), (20, 30)])
 seed("one-byte-disk", 0, 1, [(READ, 0, 1)])
+# Budget for the table and 16 two-range clusters: a third range in one
+# of them no longer fits, and the cluster is forgotten (untracked).
+seed("budget-forget-cluster", 9, 64 * 512,
+     [(READ, c * 512 + o, 10) for c in range(17) for o in (0, 100)] +
+     [(READ, 200, 10), (READ | BIG, 0, 32768), (CHECK | BIG, 0, 32768)],
+     budget_units=7)
