@@ -64,6 +64,9 @@ test_error (void **state)
   assert_int_equal (parse ("{\"error\": {\"desc\": 17}}", &r, err,
                            sizeof err), 1);
   assert_string_equal (err, "unknown QMP error");
+  assert_int_equal (parse ("{\"error\": {\"desc\": \"\"}}", &r, err,
+                           sizeof err), 1);
+  assert_string_equal (err, "unknown QMP error");
 
   /* Cut to the buffer. */
   assert_int_equal (parse ("{\"error\": {\"class\": \"GenericError\", "
