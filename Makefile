@@ -6,6 +6,8 @@
 #   make demo       full + incremental backup of a disk in qemu-storage-daemon
 #   make bench      throughput and memory figures (ratios within one run)
 #   make lint       cppcheck and clang-tidy (.clang-tidy), warnings are errors
+#   make fuzz       libFuzzer targets tests/fuzz/fuzz_* (clang); make fuzz-long
+#                   runs each for FUZZ_SECONDS (see tests/fuzz/README.md)
 
 CC      ?= gcc
 CFLAGS  ?= -O2 -g
@@ -19,9 +21,10 @@ DEB_PACKAGES = build-essential pkg-config perl \
   libjson-c-dev libfuse3-dev fuse3 libcmocka-dev \
   qemu-utils qemu-system-x86 qemu-block-extra procps bc gnutls-bin \
   cppcheck clang-tidy strace
+DEB_PACKAGES += clang libclang-rt-14-dev
 
 LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c \
-             lib/bitmap.c lib/qmp.c
+             lib/bitmap.c lib/qmp.c lib/statefile.c
 LIB_OBJS   = $(LIB_SRCS:.c=.o)
 LIB        = lib/libbackupaccess.a
 FILTER     = nbdkit-backupaccess-filter.so
@@ -31,7 +34,7 @@ MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
 
-.PHONY: all deps check unit-tests demo bench clean lint
+.PHONY: all deps check unit-tests demo bench clean lint fuzz fuzz-long
 
 all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE)
 
@@ -49,7 +52,7 @@ deps:
 	  echo "make deps: all packages are installed"; \
 	fi
 
-lib/%.o: lib/%.c lib/backupaccess.h lib/qmp.h
+lib/%.o: lib/%.c lib/backupaccess.h lib/qmp.h lib/statefile.h
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
 
 $(LIB): $(LIB_OBJS)
@@ -64,7 +67,8 @@ $(PLUGIN): plugin/backupaccess-plugin.c $(LIB) lib/backupaccess.h
 	$(CC) $(ALL_CFLAGS) -shared -o $@ plugin/backupaccess-plugin.c \
 	  $(LIB) $(shell pkg-config --libs libnbd) -lpthread
 
-$(HELPER): helper/backupaccess-helper.c $(LIB) lib/backupaccess.h lib/qmp.h
+$(HELPER): helper/backupaccess-helper.c $(LIB) lib/backupaccess.h lib/qmp.h \
+           lib/statefile.h
 	$(CC) $(ALL_CFLAGS) -o $@ helper/backupaccess-helper.c \
 	  $(LIB) $(shell pkg-config --libs libnbd json-c)
 
@@ -73,13 +77,13 @@ $(HELPER): helper/backupaccess-helper.c $(LIB) lib/backupaccess.h lib/qmp.h
 	pod2man --section=1 --center="nbdkit-backupaccess" \
 	  --release="nbdkit-backupaccess" --name=$* $< > $@
 
-tests/unit/%: tests/unit/%.c $(LIB) lib/backupaccess.h
-	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB) $(shell pkg-config --libs cmocka libnbd)
+tests/unit/%: tests/unit/%.c $(LIB) lib/backupaccess.h lib/statefile.h
+	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB) $(shell pkg-config --libs cmocka libnbd json-c)
 
 unit-tests: $(UNIT_TESTS)
 
 check: deps
-	$(MAKE) all unit-tests
+	$(MAKE) all unit-tests fuzz
 	tests/run-tests
 
 demo: deps
@@ -94,7 +98,7 @@ bench: deps
 	bench/bench.sh
 
 C_SOURCES = $(LIB_SRCS) filter/backupaccess.c plugin/backupaccess-plugin.c \
-            helper/backupaccess-helper.c
+            helper/backupaccess-helper.c $(wildcard tests/fuzz/fuzz_*.c)
 
 lint:
 	cppcheck --quiet --enable=warning,performance,portability \
@@ -102,5 +106,26 @@ lint:
 	clang-tidy --quiet --warnings-as-errors='*' $(C_SOURCES) -- \
 	  -std=gnu11 -Ilib $(shell pkg-config --cflags json-c)
 
+# libFuzzer targets, built with clang apart from the gcc build: the
+# library sources are compiled into each one (not lib/*.o).
+FUZZ_CC      = clang
+FUZZ_CFLAGS  = -g -O1 -fsanitize=fuzzer,address,undefined \
+               -fno-sanitize-recover=undefined -std=gnu11 -Ilib \
+               $(shell pkg-config --cflags json-c)
+FUZZ_LIBSRCS = $(filter-out lib/bitmap.c,$(LIB_SRCS))
+FUZZERS      = $(patsubst %.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_SECONDS ?= 600
+
+tests/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(FUZZ_LIBSRCS) \
+                   lib/backupaccess.h lib/qmp.h lib/statefile.h
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ $< $(FUZZ_LIBSRCS) \
+	  $(shell pkg-config --libs json-c)
+
+fuzz: $(FUZZERS)
+
+fuzz-long: fuzz
+	FUZZ_SECONDS=$(FUZZ_SECONDS) tests/integration/test-fuzz.sh
+
 clean:
 	rm -f lib/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
+	rm -f $(FUZZERS)

@@ -34,6 +34,7 @@
 
 #include "backupaccess.h"
 #include "qmp.h"
+#include "statefile.h"
 
 #define QMP_TIMEOUT_MS 60000
 #define WAIT_SECONDS 20
@@ -154,26 +155,13 @@ static bool
 load_state (void)
 {
   char *path = state_path ();
-  struct stat st;
-  /* Never through a symlink: the state names files to delete. */
-  int fd = open (path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
+  char err[PATH_MAX * 2 + 512];
+  int r = ba_state_load (path, &state, err, sizeof err);
 
-  if (fd == -1 && errno == ENOENT) {
-    free (path);
-    return false;
-  }
-  if (fd == -1 || fstat (fd, &st) == -1)
-    die ("%s: %m", path);
-  if (!S_ISREG (st.st_mode))
-    die ("%s: not a regular file", path);
-  if (st.st_size > 16L * 1024 * 1024)
-    die ("%s: too large to be a state file", path);
-  state = json_object_from_fd (fd);
-  close (fd);
-  if (state == NULL || !json_object_is_type (state, json_type_object))
-    die ("%s: not a valid state file: %s", path, json_util_get_last_err ());
+  if (r == -1)
+    die ("%s", err);
   free (path);
-  return true;
+  return r == 1;
 }
 
 /* A directory only root and the caller can change the entries of:

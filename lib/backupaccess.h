@@ -91,7 +91,8 @@ int ba_regions_clean_clusters (const struct ba_regions *dirty,
  * overlaps a clean line is an error.
  *
  * On success returns 0 and fills *dirty (which must be initialised).
- * On error returns -1 and writes a message naming the line into errbuf.
+ * On error returns -1, leaves *dirty empty and writes a message naming
+ * the line into errbuf.
  */
 int ba_map_parse (const char *text, size_t len, struct ba_regions *dirty,
                   char *errbuf, size_t errlen);

@@ -136,13 +136,13 @@ ba_map_parse (const char *text, size_t len, struct ba_regions *dirty,
   const char *p = text, *end = text + len;
   const char *nul = memchr (text, '\0', len);
 
+  ba_regions_clear (dirty);
   if (nul != NULL) {
     /* Name the line that holds it, like every other error. */
     for (lineno = 1; p < nul; p++)
       lineno += *p == '\n';
     return fail (errbuf, errlen, lineno, "the map contains a NUL byte");
   }
-  ba_regions_clear (dirty);
   while (p < end) {
     const char *nl = memchr (p, '\n', end - p);
     size_t linelen = nl ? (size_t) (nl - p) : (size_t) (end - p);

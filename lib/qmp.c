@@ -40,15 +40,22 @@ ba_qmp_parse_reply (const char *line, size_t len, json_object **result,
     goto out;
   }
   if (json_object_object_get_ex (obj, "return", &v)) {
-    *result = json_object_get (v);
-    r = 1;
+    /* json-c's null is NULL, which would read as an error. */
+    if (v == NULL)
+      snprintf (errbuf, errlen, "QMP reply with a null return value");
+    else {
+      *result = json_object_get (v);
+      r = 1;
+    }
   }
   else if (json_object_object_get_ex (obj, "error", &v)) {
     json_object *desc;
+    const char *text = NULL;
+    if (json_object_object_get_ex (v, "desc", &desc) &&
+        json_object_is_type (desc, json_type_string))
+      text = json_object_get_string (desc);
     snprintf (errbuf, errlen, "%s",
-              json_object_object_get_ex (v, "desc", &desc) &&
-              json_object_is_type (desc, json_type_string)
-              ? json_object_get_string (desc) : "unknown QMP error");
+              text && text[0] ? text : "unknown QMP error");
     r = 1;
   }
   else if (json_object_object_get_ex (obj, "event", &v) ||

@@ -30,7 +30,8 @@ json_object *ba_qmp_cmd (struct ba_qmp *q, const char *command,
 
 /* Parses one line of QMP output.  Returns 1 for a reply (*result set to
  * the "return" value, or NULL with the error in errbuf), 0 for an event
- * or greeting (ignored), -1 for malformed input (message in errbuf).
+ * or greeting (ignored), -1 for malformed input (message in errbuf),
+ * which includes a null "return" value (QEMU returns {} for nothing).
  */
 int ba_qmp_parse_reply (const char *line, size_t len, json_object **result,
                         char *errbuf, size_t errlen);

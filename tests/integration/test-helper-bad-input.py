@@ -70,6 +70,20 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
                  DEV, "--bandwidth-limit", "9223372036854775807"),
           "--bandwidth-limit: too large")
 
+    # A damaged state file: a message and exit 1, never an abort in json-c.
+    os.mkdir(rd, 0o700)
+    for text, message in (('{"devices": {}}', '"devices" is not an array'),
+                          ('{"devices": [1]}', '"devices" item 0 is not'),
+                          ('[]', 'not a JSON object')):
+        with open(os.path.join(rd, "state.json"), "w") as f:
+            f.write(text)
+        for cmd in (["status"], ["teardown", "--failure"]):
+            r = helper(*cmd, "--run-dir", rd)
+            fails(r, "not a valid state file: " + message)
+            check(r.returncode == 1, "exit %d: %s" % (r.returncode, r.stderr))
+    os.unlink(os.path.join(rd, "state.json"))
+    os.rmdir(rd)
+
     with PveVm(size=8 << 20, devices=(DEV,), fleecing=True) as vm:
         vm.qmp.cmd("block-dirty-bitmap-add", node=DEV, name="backup")
         vm.guest_write(0, b"\x11" * 65536)

@@ -35,7 +35,8 @@ parse_ok (const char *text, const struct ba_range *want, size_t n)
 }
 
 /* Parses len bytes of text and checks that it fails with a message
- * naming line lineno (and containing what, unless NULL).
+ * naming line lineno (and containing what, unless NULL), leaving the
+ * set empty.
  */
 static void
 parse_fails_len (const char *text, size_t len, size_t lineno,
@@ -46,9 +47,11 @@ parse_fails_len (const char *text, size_t len, size_t lineno,
   char line[32];
 
   ba_regions_init (&set);
+  assert_int_equal (ba_regions_append (&set, 0, 512), 0);
   errno = 0;
   assert_int_equal (ba_map_parse (text, len, &set, err, sizeof err), -1);
   assert_int_equal (errno, EINVAL);
+  assert_int_equal (set.n, 0);
   snprintf (line, sizeof line, "line %zu:", lineno);
   if (strstr (err, line) == NULL)
     fail_msg ("message \"%s\" does not name \"%s\"", err, line);

@@ -1,0 +1,123 @@
+/* Fuzzes the reader of the helper's state file, ba_state_parse
+ * (lib/statefile.c).
+ *
+ * Properties: it accepts what json-c's json_object_from_fd accepted as
+ * a state (the helper's reader before it moved into the library), with
+ * the same content, except what does not have the shape the helper
+ * needs (an object; "devices", if any, an array of objects), and
+ * refuses the rest with a message; a state it accepts can be used the
+ * way the helper uses it (devices () and its loops in
+ * backupaccess-helper.c) and, written back as save_state writes it,
+ * reads back the same.
+ */
+#define _GNU_SOURCE
+#include <stdbool.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "statefile.h"
+#include "fuzz.h"
+
+static int memfd = -1;
+
+/* What json_object_from_file made of the same bytes. */
+static json_object *
+old_reader (const uint8_t *data, size_t size)
+{
+  if (memfd == -1) {
+    memfd = memfd_create ("fuzz_statefile", MFD_CLOEXEC);
+    CHECK (memfd >= 0);
+  }
+  CHECK (ftruncate (memfd, 0) == 0);
+  CHECK (pwrite (memfd, data, size, 0) == (ssize_t) size);
+  CHECK (lseek (memfd, 0, SEEK_SET) == 0);
+  return json_object_from_fd (memfd);
+}
+
+/* The shape the helper needs, checked here on its own. */
+static bool
+has_shape (json_object *o)
+{
+  json_object *devs;
+
+  if (!json_object_is_type (o, json_type_object))
+    return false;
+  if (!json_object_object_get_ex (o, "devices", &devs))
+    return true;
+  if (!json_object_is_type (devs, json_type_array))
+    return false;
+  for (size_t i = 0; i < json_object_array_length (devs); i++)
+    if (!json_object_is_type (json_object_array_get_idx (devs, i),
+                              json_type_object))
+      return false;
+  return true;
+}
+
+/* Does with a state what the helper does: devices () (which adds an
+ * empty array when there is none), the loops over it, the fields read
+ * and the fields cleared.
+ */
+static void
+use_like_the_helper (json_object *state)
+{
+  json_object *devs, *v;
+
+  if (!json_object_object_get_ex (state, "devices", &devs)) {
+    devs = json_object_new_array ();
+    json_object_object_add (state, "devices", devs);
+  }
+  for (size_t i = 0; i < json_object_array_length (devs); i++) {
+    json_object *d = json_object_array_get_idx (devs, i);
+    if (json_object_object_get_ex (d, "device", &v))
+      (void) json_object_get_string (v);
+    json_object_object_add (d, "job", NULL);
+  }
+}
+
+static const char *
+text_of (json_object *o)
+{
+  return json_object_to_json_string_ext (o, JSON_C_TO_STRING_PRETTY);
+}
+
+int
+LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
+{
+  char err[512];
+  json_object *state, *old, *again;
+
+  err[0] = '\0';
+  state = ba_state_parse ((const char *) data, size, err, sizeof err);
+  old = old_reader (data, size);
+  if (state == NULL) {
+    CHECK (memchr (err, '\0', sizeof err) != NULL);
+    CHECK (strncmp (err, "not a valid state file: ", 24) == 0);
+    CHECK (old == NULL || !has_shape (old));
+    CHECK (err[24] != '\0');
+    json_object_put (old);
+    return 0;
+  }
+  CHECK (json_object_is_type (state, json_type_object));
+  CHECK (old != NULL);
+  CHECK (strcmp (text_of (state), text_of (old)) == 0);
+  json_object_put (old);
+
+  use_like_the_helper (state);
+
+  /* save_state, then load_state. */
+  {
+    char *saved = strdup (text_of (state));
+    CHECK (saved != NULL);
+    again = ba_state_parse (saved, strlen (saved), err, sizeof err);
+    if (again == NULL) {
+      fprintf (stderr, "saved:\n%s\nrefused: %s\n", saved, err);
+      CHECK (!"a saved state is refused");
+    }
+    CHECK (strcmp (text_of (again), saved) == 0);
+    json_object_put (again);
+    free (saved);
+  }
+  json_object_put (state);
+  return 0;
+}
