@@ -5,7 +5,7 @@ upstream): a full then an incremental backup with setup / serve / status /
 mount / teardown, byte-identical under guest writes; `run` tears down with
 success or failure by the command's exit status, and on SIGTERM; a failed
 backup loses no change from the bitmap; a setup that fails half-way and a
-second teardown leave nothing behind."""
+second teardown leave nothing behind, and neither does a failing test."""
 import json
 import os
 import random
@@ -62,8 +62,7 @@ def no_leftovers(vm, rd):
     check(vm.block_jobs() == [], "jobs left: %s" % vm.block_jobs())
 
 
-with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
-     PveVm(size=SIZE, devices=(DEV,)) as vm:
+def main(tmp, vm):
     rd = os.path.join(tmp, "run")
     common = ["--qmp", vm.qmp_path, "--run-dir", rd, "--backend", "upstream",
               "--device", DEV, "--fleecing-dir", tmp]
@@ -250,4 +249,16 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
               "killed after %.2f s: the bitmap changed" % delay)
         check(not [f for f in os.listdir(tmp) if "fleecing" in f],
               "fleecing images left: %s" % os.listdir(tmp))
+
+
+with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
+     PveVm(size=SIZE, devices=(DEV,)) as vm:
+    try:
+        main(tmp, vm)
+    finally:
+        # Whatever failed: no mount or nbdkit may outlive the test.
+        if os.path.exists(os.path.join(tmp, "run")):
+            subprocess.run([HELPER, "teardown", "--run-dir",
+                            os.path.join(tmp, "run"), "--failure"],
+                           capture_output=True, timeout=120)
 print("ok")
