@@ -3,9 +3,10 @@
 its QMP reached through the fixture's pass-through proxy, --backend
 upstream): a full then an incremental backup with setup / serve / status /
 mount / teardown, byte-identical under guest writes; a write made after
-setup is not in that backup but in the next; `run` tears down with
-success or failure by the command's exit status, and on SIGTERM; a failed
-backup loses no change from the bitmap; a setup that fails half-way and a
+setup is not in that backup but in the next; with 128 KiB fleecing
+clusters every cluster read is discarded; `run` tears down with success
+or failure by the command's exit status, and on SIGTERM; a failed backup
+loses no change from the bitmap; a setup that fails half-way and a
 second teardown leave nothing behind, and neither does a failing test."""
 import json
 import os
@@ -115,8 +116,12 @@ def main(tmp, vm):
     gran = vm.bitmaps()["backup"]["granularity"]
     want = regions_of(writes, gran)
     at_inc = vm.disk_read(0, SIZE)
-    out = json.loads(helper("setup", *common, "--bitmap", "backup").stdout)
-    check(out["devices"][0]["bitmap-mode"] == "reuse", "%s" % out)
+    # 128 KiB fleecing clusters: copy-before-write, the filter and the
+    # plugin all work in 128 KiB clusters.
+    out = json.loads(helper("setup", *common, "--bitmap", "backup",
+                            "--cluster-size", "128K").stdout)
+    check(out["devices"][0]["bitmap-mode"] == "reuse" and
+          out["devices"][0]["cluster-size"] == 128 << 10, "%s" % out)
     # A write after setup is not in this backup (the frozen copy does
     # not record it), only in the next one: into a clean granule.
     pos = 0
@@ -149,6 +154,22 @@ def main(tmp, vm):
             pass
     finally:
         os.close(fd)
+    # Every 128 KiB cluster with a dirty byte is discarded, no more, no
+    # less (the counters are written every second).
+    clusters = set()
+    for off, n in want:
+        clusters.update(range(off >> 17, ((off + n - 1) >> 17) + 1))
+    deadline = time.monotonic() + 30
+    while True:
+        st = json.loads(helper("status", "--run-dir", rd).stdout)
+        st = st["devices"][0]
+        if st["bytes-discarded"] == len(clusters) << 17 or \
+           time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    check(st["bytes-discarded"] == len(clusters) << 17 and
+          st["bytes-left"] == 0, "discarded %d bytes, expected %d: %s"
+          % (st["bytes-discarded"], len(clusters) << 17, st))
     # The backup "fails": every change must still be in the bitmap.
     helper("teardown", "--run-dir", rd, "--failure")
     no_leftovers(vm, rd)
