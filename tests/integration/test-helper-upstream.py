@@ -5,9 +5,10 @@ upstream): a full then an incremental backup with setup / serve / status /
 mount / teardown, byte-identical under guest writes; a write made after
 setup is not in that backup but in the next; with 128 KiB fleecing
 clusters every cluster read is discarded; `run` tears down with success
-or failure by the command's exit status, and on SIGTERM; a failed backup
-loses no change from the bitmap; a setup that fails half-way and a
-second teardown leave nothing behind, and neither does a failing test."""
+or failure by the command's exit status, and on SIGTERM (also one that
+comes during setup); a failed backup loses no change from the bitmap; a
+setup that fails half-way and a second teardown leave nothing behind,
+and neither does a failing test."""
 import json
 import os
 import random
@@ -223,24 +224,36 @@ def main(tmp, vm):
     no_leftovers(vm, rd)
 
     # run, interrupted: SIGTERM tears down with failure, and the bitmap
-    # still covers every change.
+    # still covers every change; in the middle of setup as well as while
+    # the command runs.
     vm.guest_write(3 << 20, b"\x66" * 4096)
     count = vm.bitmaps()["backup"]["count"]
     check(count > 0, "no dirty bits before the interrupted run")
-    p = subprocess.Popen([HELPER, "run", *common, "--bitmap", "backup", "--",
-                          "sleep", "60"], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not os.path.exists(os.path.join(rd, DEV + ".sock")):
-        check(time.monotonic() < deadline and p.poll() is None,
-              "run did not start")
-        time.sleep(0.1)
-    time.sleep(0.3)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
-    check(p.returncode != 0 and "tearing down with failure" in err, err)
-    no_leftovers(vm, rd)
-    check(vm.bitmaps()["backup"]["count"] >= count,
-          "the interrupted run lost changes from the bitmap")
+    running = os.path.join(tmp, "running")
+    for when in ("setup", "the command"):
+        if os.path.exists(running):
+            os.unlink(running)
+        p = subprocess.Popen([HELPER, "run", *common, "--bitmap", "backup",
+                              "--", "sh", "-c", 'touch "$0"; exec sleep 60',
+                              running], stderr=subprocess.PIPE, text=True)
+        mark = os.path.join(rd, "state.json") if when == "setup" else running
+        deadline = time.monotonic() + 60
+        while not os.path.exists(mark):
+            check(time.monotonic() < deadline and p.poll() is None,
+                  "run did not start")
+            time.sleep(0.01)
+        p.send_signal(signal.SIGTERM)
+        try:
+            _, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            check(False, "SIGTERM during %s: run did not end" % when)
+        check(p.returncode != 0 and "tearing down with failure" in err,
+              "SIGTERM during %s: exit %d: %s" % (when, p.returncode, err))
+        no_leftovers(vm, rd)
+        check(vm.bitmaps()["backup"]["count"] >= count,
+              "the interrupted run lost changes from the bitmap")
 
     # A full backup that fails must not leave a bitmap behind that the
     # next run would take as the base of an incremental.
