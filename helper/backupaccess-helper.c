@@ -2535,11 +2535,14 @@ roll_back (void)
 
 /* run: the child's exit status decides success. */
 static volatile sig_atomic_t got_signal;
+static volatile sig_atomic_t child_pid;    /* the command, while it runs */
 
 static void
 on_signal (int sig)
 {
   got_signal = sig;
+  if (child_pid > 0)
+    kill (child_pid, sig);
 }
 
 static int
@@ -2549,12 +2552,18 @@ do_run (struct opts *o, char **cmd)
   char *json;
   pid_t pid;
   int status, rc;
-  struct sigaction sa = { .sa_handler = on_signal };
+  struct sigaction sa = { .sa_handler = on_signal, .sa_flags = SA_RESTART };
+  sigset_t stop, old;
 
   serve_preflight (&o->serve, o->setup.ndevs, NULL, NULL, NULL);
   if (o->mount && o->serve.tls_psk)
     die ("--mount: nbdfuse cannot use TLS (libnbd 1.14 takes no PSK file "
          "from its URI): give no --tls-psk to mount");
+  /* From here on: a signal during setup or serve must end in a
+   * teardown with failure too, not kill the helper half-way.
+   */
+  sigaction (SIGINT, &sa, NULL);
+  sigaction (SIGTERM, &sa, NULL);
   if (o->setup.qmp)
     do_setup (o);
   else
@@ -2579,8 +2588,14 @@ do_run (struct opts *o, char **cmd)
   free (json);
   roll_back_on_error = false;
 
-  sigaction (SIGINT, &sa, NULL);
-  sigaction (SIGTERM, &sa, NULL);
+  /* Blocked until child_pid is set, and in the child until its
+   * handlers are the default ones: a signal in between, or one that
+   * came before, still ends the command.
+   */
+  sigemptyset (&stop);
+  sigaddset (&stop, SIGINT);
+  sigaddset (&stop, SIGTERM);
+  sigprocmask (SIG_BLOCK, &stop, &old);
   {
     pid_t parent = getpid ();
     pid = fork ();
@@ -2596,17 +2611,20 @@ do_run (struct opts *o, char **cmd)
       prctl (PR_SET_PDEATHSIG, SIGTERM);
       if (getppid () != parent)
         _exit (128 + SIGTERM);
+      sigprocmask (SIG_SETMASK, &old, NULL);
       execvp (cmd[0], cmd);
       fprintf (stderr, "%s: cannot run %s: %m\n", progname, cmd[0]);
       _exit (127);
     }
   }
-  while (waitpid (pid, &status, 0) == -1) {
+  child_pid = pid;
+  if (got_signal)
+    kill (pid, got_signal);
+  sigprocmask (SIG_SETMASK, &old, NULL);
+  while (waitpid (pid, &status, 0) == -1)
     if (errno != EINTR)
       die ("waitpid: %m");
-    if (got_signal)
-      kill (pid, got_signal);
-  }
+  child_pid = 0;                /* reaped: its pid may be reused */
   rc = WIFEXITED (status) ? WEXITSTATUS (status) : 128 + WTERMSIG (status);
   if (got_signal && rc == 0)
     rc = 128 + got_signal;

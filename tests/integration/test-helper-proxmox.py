@@ -3,11 +3,12 @@
 fixture tests/lib/pve_fixture.py stands in for Proxmox's QEMU patches, on
 a real qemu-storage-daemon): the API is found and its argument form read
 from the schema (current `devices` and the first `devlist`); two devices
-backed up full, then incrementally, byte-identical; QEMU's exports and
-NBD server go before backup-access-teardown; a failed backup loses no
-change; a missing fleecing node is a clear error that changes nothing;
-and `serve --nbd-path` puts the filter (and nbdkit's rate filter) in front
-of exports that vzdump made."""
+backed up full, then incrementally, byte-identical; the cluster size is
+the fleecing node's; QEMU's exports and NBD server go before
+backup-access-teardown; a failed backup loses no change; a missing
+fleecing node is a clear error that changes nothing; and `serve
+--nbd-path` puts the filter (and nbdkit's rate filter) in front of
+exports that vzdump made."""
 import json
 import os
 import random
@@ -64,7 +65,8 @@ def main(tmp, rd):
               r.stderr)
         check(vm.proxy.targets() == [] and not os.path.exists(rd),
               "a failed setup changed something")
-        vm.add_fleecing(DEVS[1])
+        # Back with 128 KiB clusters: copy-before-write's cluster size.
+        vm.add_fleecing(DEVS[1], cluster_size=128 << 10)
 
         # Full backup (the bitmap is new).
         at = {d: vm.disk_read(0, SIZE, device=d) for d in DEVS}
@@ -75,6 +77,8 @@ def main(tmp, rd):
         check(out["backend"] == "proxmox", "%s" % out)
         check([d["bitmap-mode"] for d in out["devices"]] == ["new", "new"],
               "%s" % out)
+        check([d["cluster-size"] for d in out["devices"]] ==
+              [64 << 10, 128 << 10], "cluster sizes: %s" % out)
         args = [a for c, a, ok in vm.proxy.calls[since:]
                 if c == "backup-access-setup"][0]
         check(args == {"target-id": "backup", "devices": [

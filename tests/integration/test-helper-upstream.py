@@ -2,10 +2,13 @@
 """backupaccess-helper against upstream QEMU (a real qemu-storage-daemon,
 its QMP reached through the fixture's pass-through proxy, --backend
 upstream): a full then an incremental backup with setup / serve / status /
-mount / teardown, byte-identical under guest writes; `run` tears down with
-success or failure by the command's exit status, and on SIGTERM; a failed
-backup loses no change from the bitmap; a setup that fails half-way and a
-second teardown leave nothing behind."""
+mount / teardown, byte-identical under guest writes; a write made after
+setup is not in that backup but in the next; with 128 KiB fleecing
+clusters every cluster read is discarded; `run` tears down with success
+or failure by the command's exit status, and on SIGTERM (also one that
+comes during setup); a failed backup loses no change from the bitmap; a
+setup that fails half-way and a second teardown leave nothing behind,
+and neither does a failing test."""
 import json
 import os
 import random
@@ -62,8 +65,7 @@ def no_leftovers(vm, rd):
     check(vm.block_jobs() == [], "jobs left: %s" % vm.block_jobs())
 
 
-with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
-     PveVm(size=SIZE, devices=(DEV,)) as vm:
+def main(tmp, vm):
     rd = os.path.join(tmp, "run")
     common = ["--qmp", vm.qmp_path, "--run-dir", rd, "--backend", "upstream",
               "--device", DEV, "--fleecing-dir", tmp]
@@ -115,8 +117,21 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
     gran = vm.bitmaps()["backup"]["granularity"]
     want = regions_of(writes, gran)
     at_inc = vm.disk_read(0, SIZE)
-    out = json.loads(helper("setup", *common, "--bitmap", "backup").stdout)
-    check(out["devices"][0]["bitmap-mode"] == "reuse", "%s" % out)
+    # 128 KiB fleecing clusters: copy-before-write, the filter and the
+    # plugin all work in 128 KiB clusters.
+    out = json.loads(helper("setup", *common, "--bitmap", "backup",
+                            "--cluster-size", "128K").stdout)
+    check(out["devices"][0]["bitmap-mode"] == "reuse" and
+          out["devices"][0]["cluster-size"] == 128 << 10, "%s" % out)
+    # A write after setup is not in this backup (the frozen copy does
+    # not record it), only in the next one: into a clean granule.
+    pos = 0
+    for o, n in want:
+        if o - pos >= gran:
+            break
+        pos = o + n
+    during = [(pos, 4096)]
+    vm.guest_write(pos, b"\x77" * 4096)
     helper("serve", "--run-dir", rd)
     m = json.loads(helper("mount", "--run-dir", rd).stdout)["mounts"][0]
     check(m["dirty-regions"] == want, "dirty regions %s != %s"
@@ -140,6 +155,22 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
             pass
     finally:
         os.close(fd)
+    # Every 128 KiB cluster with a dirty byte is discarded, no more, no
+    # less (the counters are written every second).
+    clusters = set()
+    for off, n in want:
+        clusters.update(range(off >> 17, ((off + n - 1) >> 17) + 1))
+    deadline = time.monotonic() + 30
+    while True:
+        st = json.loads(helper("status", "--run-dir", rd).stdout)
+        st = st["devices"][0]
+        if st["bytes-discarded"] == len(clusters) << 17 or \
+           time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    check(st["bytes-discarded"] == len(clusters) << 17 and
+          st["bytes-left"] == 0, "discarded %d bytes, expected %d: %s"
+          % (st["bytes-discarded"], len(clusters) << 17, st))
     # The backup "fails": every change must still be in the bitmap.
     helper("teardown", "--run-dir", rd, "--failure")
     no_leftovers(vm, rd)
@@ -147,7 +178,7 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
 
     # run: the command fails -> failure; the regions come back again,
     # plus the writes made during the failed backup.
-    want2 = regions_of(writes + later, gran)
+    want2 = regions_of(writes + during + later, gran)
     script = ('import json, os, subprocess, sys\n'
               'j = json.loads(os.environ["BACKUPACCESS_JSON"])\n'
               'd = j["devices"][0]\n'
@@ -193,24 +224,36 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
     no_leftovers(vm, rd)
 
     # run, interrupted: SIGTERM tears down with failure, and the bitmap
-    # still covers every change.
+    # still covers every change; in the middle of setup as well as while
+    # the command runs.
     vm.guest_write(3 << 20, b"\x66" * 4096)
     count = vm.bitmaps()["backup"]["count"]
     check(count > 0, "no dirty bits before the interrupted run")
-    p = subprocess.Popen([HELPER, "run", *common, "--bitmap", "backup", "--",
-                          "sleep", "60"], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not os.path.exists(os.path.join(rd, DEV + ".sock")):
-        check(time.monotonic() < deadline and p.poll() is None,
-              "run did not start")
-        time.sleep(0.1)
-    time.sleep(0.3)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
-    check(p.returncode != 0 and "tearing down with failure" in err, err)
-    no_leftovers(vm, rd)
-    check(vm.bitmaps()["backup"]["count"] >= count,
-          "the interrupted run lost changes from the bitmap")
+    running = os.path.join(tmp, "running")
+    for when in ("setup", "the command"):
+        if os.path.exists(running):
+            os.unlink(running)
+        p = subprocess.Popen([HELPER, "run", *common, "--bitmap", "backup",
+                              "--", "sh", "-c", 'touch "$0"; exec sleep 60',
+                              running], stderr=subprocess.PIPE, text=True)
+        mark = os.path.join(rd, "state.json") if when == "setup" else running
+        deadline = time.monotonic() + 60
+        while not os.path.exists(mark):
+            check(time.monotonic() < deadline and p.poll() is None,
+                  "run did not start")
+            time.sleep(0.01)
+        p.send_signal(signal.SIGTERM)
+        try:
+            _, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            check(False, "SIGTERM during %s: run did not end" % when)
+        check(p.returncode != 0 and "tearing down with failure" in err,
+              "SIGTERM during %s: exit %d: %s" % (when, p.returncode, err))
+        no_leftovers(vm, rd)
+        check(vm.bitmaps()["backup"]["count"] >= count,
+              "the interrupted run lost changes from the bitmap")
 
     # A full backup that fails must not leave a bitmap behind that the
     # next run would take as the base of an incremental.
@@ -250,4 +293,16 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
               "killed after %.2f s: the bitmap changed" % delay)
         check(not [f for f in os.listdir(tmp) if "fleecing" in f],
               "fleecing images left: %s" % os.listdir(tmp))
+
+
+with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
+     PveVm(size=SIZE, devices=(DEV,)) as vm:
+    try:
+        main(tmp, vm)
+    finally:
+        # Whatever failed: no mount or nbdkit may outlive the test.
+        if os.path.exists(os.path.join(tmp, "run")):
+            subprocess.run([HELPER, "teardown", "--run-dir",
+                            os.path.join(tmp, "run"), "--failure"],
+                           capture_output=True, timeout=120)
 print("ok")

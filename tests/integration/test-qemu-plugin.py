@@ -1,9 +1,11 @@
 #!/usr/bin/python3
 """The backupaccess plugin against real qemu-storage-daemon: reads are
 byte-identical under parallel load from several client connections (and
-multi-conn is offered); unaligned trims are refused before they reach QEMU
-while aligned ones, and a tail ending at the end of the disk, are
-forwarded; QEMU's refusal arrives as EPERM with a clear message; and when
+multi-conn is offered), also one larger than QEMU's 32 MiB limit;
+unaligned trims are refused before they reach QEMU while aligned ones,
+and a tail ending at the end of the disk, are forwarded; QEMU's refusal
+arrives as EPERM with a clear message, and a refused read does not keep
+its pool connection (a test that would hang fails instead); and when
 QEMU goes away mid-read every request fails promptly while nbdkit keeps
 running."""
 import errno
@@ -24,6 +26,26 @@ from qemu_fixture import Fleecing
 
 SIZE = (64 << 20) + 4096            # the last cluster is 4 KiB long
 rng = random.Random(3)
+
+
+def within(secs, what, fn):
+    """fn() in a thread of its own: a request stuck in nbdkit fails the
+    test after secs instead of hanging it."""
+    box = {}
+
+    def run():
+        try:
+            box["r"] = fn()
+        except BaseException as e:          # check() exits: pass it on
+            box["e"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(secs)
+    check(not t.is_alive(), "%s: no answer in %d s (a pool connection "
+          "never given back?)" % (what, secs))
+    if "e" in box:
+        raise box["e"]
+    return box.get("r")
 
 
 def expect_error(h, fn, errnum):
@@ -75,13 +97,19 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
 
         h = nbd.NBD()
         h.connect_uri(nk.uri())
+        # More than QEMU's 32 MiB in one request: split upstream.
+        check(bytes(h.pread(40 << 20, 4096)) ==
+              expected[4096:4096 + (40 << 20)], "a 40 MiB read differs")
         # Unaligned trims never reach QEMU (it would abort).
         expect_error(h, lambda h: h.trim(4096, 0), errno.EINVAL)
         expect_error(h, lambda h: h.trim(65536, 4096), errno.EINVAL)
         check(f.alive(), "qemu-storage-daemon died")
         # Aligned ones do: the data is gone, and QEMU's refusal is EPERM.
         h.trim(65536, 65536)
-        expect_error(h, lambda h: h.pread(512, 65536), errno.EPERM)
+        # More refusals than pool connections: each gives its one back.
+        for _ in range(5):
+            within(60, "a refused read", lambda: expect_error(
+                h, lambda h: h.pread(512, 65536), errno.EPERM))
         h.trim(4096, 64 << 20)                   # the tail cluster
         expect_error(h, lambda h: h.pread(512, 64 << 20), errno.EPERM)
         check(f.alive(), "qemu-storage-daemon died")
