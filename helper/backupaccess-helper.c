@@ -158,6 +158,7 @@ load_state (void)
   }
   if (st.st_size > 16L * 1024 * 1024)
     die ("%s: too large to be a state file", path);
+  json_object_put (state);      /* teardown after setup: read it again */
   state = json_object_from_file (path);
   if (state == NULL || !json_object_is_type (state, json_type_object))
     die ("%s: not a valid state file: %s", path, json_util_get_last_err ());
@@ -1772,6 +1773,8 @@ main (int argc, char **argv)
 {
   struct opts o;
   const char *cmd;
+  json_object *out;
+  int rc = 0;
 
   if (argc < 2)
     usage (stderr, 2);
@@ -1785,16 +1788,19 @@ main (int argc, char **argv)
     parse_options (argc, argv, &o, SETUP_USAGE);
     do_setup (&o);
     roll_back_on_error = false;
-    print_json (describe ());
+    out = describe ();
+    print_json (out);
+    json_object_put (out);
   }
   else if (strcmp (cmd, "serve") == 0) {
     parse_options (argc, argv, &o, SERVE_USAGE);
     do_serve_state (&o);
     serve_devices (o.bandwidth);
-    print_json (describe ());
+    out = describe ();
+    print_json (out);
+    json_object_put (out);
   }
   else if (strcmp (cmd, "mount") == 0) {
-    json_object *out;
     parse_options (argc, argv, &o, MOUNT_USAGE);
     make_run_dir ();
     if (!load_state ())
@@ -1802,6 +1808,7 @@ main (int argc, char **argv)
     out = json_object_new_object ();
     mount_devices (out);
     print_json (out);
+    json_object_put (out);
   }
   else if (strcmp (cmd, "status") == 0) {
     parse_options (argc, argv, &o, STATUS_USAGE);
@@ -1818,12 +1825,9 @@ main (int argc, char **argv)
   }
   else if (strcmp (cmd, "run") == 0) {
     parse_options (argc, argv, &o, RUN_USAGE);
-    int rc;
     if (optind >= argc)
       die ("run needs -- COMMAND [ARGS...]");
     rc = do_run (&o, argv + optind);
-    free (o.setup.devs);
-    return rc;
   }
   else {
     fprintf (stderr, "%s: unknown command '%s'\n", progname, cmd);
@@ -1833,5 +1837,7 @@ main (int argc, char **argv)
   free ((char *) o.nbd_path);
   free ((char *) o.setup.qmp);
   free ((char *) o.setup.fleecing_dir);
-  return 0;
+  free (run_dir);
+  json_object_put (state);
+  return rc;
 }
