@@ -1697,11 +1697,14 @@ roll_back (void)
 
 /* run: the child's exit status decides success. */
 static volatile sig_atomic_t got_signal;
+static volatile sig_atomic_t child_pid;
 
 static void
 on_signal (int sig)
 {
   got_signal = sig;
+  if (child_pid > 0)
+    kill (child_pid, sig);
 }
 
 static int
@@ -1711,8 +1714,14 @@ do_run (struct opts *o, char **cmd)
   char *json;
   pid_t pid;
   int status, rc;
-  struct sigaction sa = { .sa_handler = on_signal };
+  struct sigaction sa = { .sa_handler = on_signal, .sa_flags = SA_RESTART };
 
+  /* From the start: SIGTERM or SIGINT during setup and serve lets them
+   * finish, and then tears down with failure instead of running the
+   * command (the default action would leave everything set up).
+   */
+  sigaction (SIGINT, &sa, NULL);
+  sigaction (SIGTERM, &sa, NULL);
   if (o->setup.qmp)
     do_setup (o);
   else
@@ -1737,27 +1746,33 @@ do_run (struct opts *o, char **cmd)
   free (json);
   roll_back_on_error = false;
 
-  sigaction (SIGINT, &sa, NULL);
-  sigaction (SIGTERM, &sa, NULL);
-  pid = fork ();
-  if (pid == -1)
-    die ("fork: %m");
-  if (pid == 0) {
-    signal (SIGINT, SIG_DFL);
-    signal (SIGTERM, SIG_DFL);
-    execvp (cmd[0], cmd);
-    fprintf (stderr, "%s: cannot run %s: %m\n", progname, cmd[0]);
-    _exit (127);
+  if (got_signal) {
+    rc = 128 + got_signal;
+    warn ("signal %d before %s started", (int) got_signal, cmd[0]);
   }
-  while (waitpid (pid, &status, 0) == -1) {
-    if (errno != EINTR)
-      die ("waitpid: %m");
+  else {
+    pid = fork ();
+    if (pid == -1)
+      die ("fork: %m");
+    if (pid == 0) {
+      signal (SIGINT, SIG_DFL);
+      signal (SIGTERM, SIG_DFL);
+      execvp (cmd[0], cmd);
+      fprintf (stderr, "%s: cannot run %s: %m\n", progname, cmd[0]);
+      _exit (127);
+    }
+    /* A signal from here on reaches the command (on_signal). */
+    child_pid = pid;
     if (got_signal)
       kill (pid, got_signal);
+    while (waitpid (pid, &status, 0) == -1)
+      if (errno != EINTR)
+        die ("waitpid: %m");
+    child_pid = 0;
+    rc = WIFEXITED (status) ? WEXITSTATUS (status) : 128 + WTERMSIG (status);
+    if (got_signal && rc == 0)
+      rc = 128 + got_signal;
   }
-  rc = WIFEXITED (status) ? WEXITSTATUS (status) : 128 + WTERMSIG (status);
-  if (got_signal && rc == 0)
-    rc = 128 + got_signal;
   warn ("%s exited with %d: tearing down with %s", cmd[0], rc,
         rc == 0 ? "success" : "failure");
   if (qmp) {

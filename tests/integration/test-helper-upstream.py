@@ -204,10 +204,10 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
         check(time.monotonic() < deadline and p.poll() is None,
               "run did not start")
         time.sleep(0.1)
-    time.sleep(0.3)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(signal.SIGTERM)       # as soon as nbdkit listens
     _, err = p.communicate(timeout=60)
-    check(p.returncode != 0 and "tearing down with failure" in err, err)
+    check(p.returncode != 0 and "tearing down with failure" in err,
+          "run after SIGTERM: exit %d, stderr: %s" % (p.returncode, err))
     no_leftovers(vm, rd)
     check(vm.bitmaps()["backup"]["count"] >= count,
           "the interrupted run lost changes from the bitmap")
