@@ -247,11 +247,16 @@ backupaccess_can_extents (void *handle)
 
 /* libnbd's errno for a failed command, as nbdkit clients can see it. */
 static int
-upstream_error (const char *what, uint64_t offset, uint32_t count)
+upstream_error (struct nbd_handle *h, const char *what, uint64_t offset,
+                uint32_t count)
 {
   int e = nbd_get_errno ();
+  /* libnbd also says EINVAL for a command on a connection that is dead
+   * (QEMU went away): that is an I/O error, not a refusal.
+   */
+  bool gone = nbd_aio_is_dead (h) == 1 || nbd_aio_is_closed (h) == 1;
 
-  if (e == EINVAL) {
+  if (e == EINVAL && !gone) {
     /* QEMU's EACCES from snapshot-access arrives as EINVAL. */
     nbdkit_error ("%s [%" PRIu64 ", +%" PRIu32 "): QEMU refused it: the "
                   "range is outside the dirty bitmap, already discarded, or "
@@ -261,7 +266,8 @@ upstream_error (const char *what, uint64_t offset, uint32_t count)
   else {
     nbdkit_error ("%s [%" PRIu64 ", +%" PRIu32 "): %s", what, offset,
                   count, nbd_get_error ());
-    nbdkit_set_error (e == ENOTCONN || e == ESHUTDOWN || e == 0 ? EIO : e);
+    nbdkit_set_error (gone || e == ENOTCONN || e == ESHUTDOWN || e == 0
+                      ? EIO : e);
   }
   return -1;
 }
@@ -277,7 +283,7 @@ backupaccess_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
     uint32_t n = count - done < MAX_REQUEST ? count - done : MAX_REQUEST;
     if (nbd_pread (handles[i], (char *) buf + done, n, offset + done,
                    0) == -1)
-      r = upstream_error ("read", offset + done, n);
+      r = upstream_error (handles[i], "read", offset + done, n);
     done += n;
   }
   give_back (i);
@@ -313,7 +319,7 @@ backupaccess_trim (void *handle, uint32_t count, uint64_t offset,
   }
   i = take_handle ();
   if (nbd_trim (handles[i], count, offset, 0) == -1)
-    r = upstream_error ("trim", offset, count);
+    r = upstream_error (handles[i], "trim", offset, count);
   give_back (i);
   return r;
 }
@@ -355,7 +361,8 @@ backupaccess_extents (void *handle, uint32_t count, uint64_t offset,
   if (nbd_block_status (handles[i], count, offset, cb,
                         flags & NBDKIT_FLAG_REQ_ONE ? LIBNBD_CMD_FLAG_REQ_ONE
                         : 0) == -1)
-    r = ctx.failed ? -1 : upstream_error ("block status", offset, count);
+    r = ctx.failed ? -1 : upstream_error (handles[i], "block status",
+                                                offset, count);
   give_back (i);
   return r;
 }
