@@ -3,6 +3,13 @@
 #   make            build the filter, the library and the man page
 #   make deps       install the Debian packages everything needs (as root)
 #   make check      unit and integration tests; last line "N passed, N failed"
+#   make check-asan every unit and integration test (QEMU ones included)
+#                   with the filter, plugin, helper and unit tests built with
+#                   ASan + UBSan (LeakSanitizer on): no error, no leak of ours
+#   make check-valgrind  the unit tests and VALGRIND_TESTS below with nbdkit
+#                   (filter, plugin) under valgrind memcheck: no error, no leak
+#                   Both build a copy in .san/ and run tests/san/run (how
+#                   reports are caught and sorted: see there).
 #   make demo       full + incremental backup of a disk in qemu-storage-daemon
 #   make bench      throughput and memory figures (ratios within one run)
 #   make lint       cppcheck and clang-tidy (.clang-tidy), warnings are errors
@@ -20,7 +27,7 @@ DEB_PACKAGES = build-essential pkg-config perl \
   nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin python3-libnbd \
   libjson-c-dev libfuse3-dev fuse3 libcmocka-dev \
   qemu-utils qemu-system-x86 qemu-block-extra procps bc gnutls-bin \
-  cppcheck clang-tidy strace
+  cppcheck clang-tidy strace valgrind
 DEB_PACKAGES += clang libclang-rt-14-dev
 
 LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c \
@@ -34,7 +41,8 @@ MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
 
-.PHONY: all deps check unit-tests demo bench clean lint fuzz fuzz-long
+.PHONY: all deps check check-asan check-valgrind unit-tests demo bench \
+        clean lint fuzz fuzz-long
 
 all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE)
 
@@ -86,6 +94,26 @@ check: deps
 	$(MAKE) all unit-tests fuzz
 	tests/run-tests
 
+check-asan: deps
+	tests/san/run asan
+
+# Under valgrind each nbdkit start costs seconds and the work 20-50 times
+# more, so not every test runs: the unit tests (all) and a set that goes
+# through every part of the filter and the plugin -- reads and trims of a
+# full backup (test-full-backup), a map file (test-read-map), parallel
+# connections (test-parallel), trim batching (test-trim-batch), the
+# bitmap fetched from a real QEMU with discards reaching it
+# (test-qemu-discard), and the plugin over QEMU with multi-conn and QEMU
+# killed (test-qemu-plugin).  Not here: the helper's tests (it checks that
+# its nbdkit is named "nbdkit"; under valgrind it is "memcheck-amd64-"),
+# the many failing start-ups of test-bad-input (minutes under valgrind),
+# and the rest; check-asan runs them all.
+VALGRIND_TESTS = tests/unit/ test-full-backup test-read-map test-parallel \
+  test-trim-batch test-qemu-discard test-qemu-plugin
+
+check-valgrind: deps
+	tests/san/run valgrind $(VALGRIND_TESTS)
+
 demo: deps
 	$(MAKE) all
 	demo/demo.py
@@ -128,4 +156,8 @@ fuzz-long: fuzz
 
 clean:
 	rm -f lib/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
+<<<<<<< HEAD
 	rm -f $(FUZZERS)
+=======
+	rm -rf .san
+>>>>>>> san

@@ -156,7 +156,11 @@ load_state (void)
 {
   char *path = state_path ();
   char err[PATH_MAX * 2 + 512];
-  int r = ba_state_load (path, &state, err, sizeof err);
+  int r;
+
+  json_object_put (state);      /* teardown after setup: read it again */
+  state = NULL;
+  r = ba_state_load (path, &state, err, sizeof err);
 
   if (r == -1)
     die ("%s", err);
@@ -2643,6 +2647,8 @@ main (int argc, char **argv)
 {
   struct opts o;
   const char *cmd;
+  json_object *out;
+  int rc = 0;
 
   /* Everything made here and by the children (state, logs, pidfiles,
    * nbdkit's sockets, the filter's status files, fleecing images) is
@@ -2661,17 +2667,20 @@ main (int argc, char **argv)
     parse_options (argc, argv, &o, SETUP_USAGE);
     do_setup (&o);
     roll_back_on_error = false;
-    print_json (describe ());
+    out = describe ();
+    print_json (out);
+    json_object_put (out);
   }
   else if (strcmp (cmd, "serve") == 0) {
     parse_options (argc, argv, &o, SERVE_USAGE);
     serve_preflight (&o.serve, o.setup.ndevs, NULL, NULL, NULL);
     do_serve_state (&o);
     serve_devices (&o.serve);
-    print_json (describe ());
+    out = describe ();
+    print_json (out);
+    json_object_put (out);
   }
   else if (strcmp (cmd, "mount") == 0) {
-    json_object *out;
     parse_options (argc, argv, &o, MOUNT_USAGE);
     make_run_dir ();
     if (!load_state ())
@@ -2679,6 +2688,7 @@ main (int argc, char **argv)
     out = json_object_new_object ();
     mount_devices (out);
     print_json (out);
+    json_object_put (out);
   }
   else if (strcmp (cmd, "status") == 0) {
     parse_options (argc, argv, &o, STATUS_USAGE);
@@ -2695,12 +2705,9 @@ main (int argc, char **argv)
   }
   else if (strcmp (cmd, "run") == 0) {
     parse_options (argc, argv, &o, RUN_USAGE);
-    int rc;
     if (optind >= argc)
       die ("run needs -- COMMAND [ARGS...]");
     rc = do_run (&o, argv + optind);
-    free (o.setup.devs);
-    return rc;
   }
   else {
     fprintf (stderr, "%s: unknown command '%s'\n", progname, cmd);
@@ -2710,5 +2717,7 @@ main (int argc, char **argv)
   free ((char *) o.nbd_path);
   free ((char *) o.setup.qmp);
   free ((char *) o.setup.fleecing_dir);
-  return 0;
+  free (run_dir);
+  json_object_put (state);
+  return rc;
 }

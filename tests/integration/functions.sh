@@ -18,7 +18,7 @@
 # itlib.py beside this file; PYTHONPATH points at it.
 
 set -euo pipefail
-export PATH=/usr/bin:$PATH
+export PATH=${BACKUPACCESS_TEST_BIN:+$BACKUPACCESS_TEST_BIN:}/usr/bin:$PATH
 
 if [ -z "${TOP:-}" ]; then
   TOP=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)

@@ -31,9 +31,20 @@ class QMPError(Exception):
 
 class QMP:
     def __init__(self, path, timeout=30):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
+        # QEMU binds its socket (the file appears) before it listens: a
+        # connection in between is refused.  Retry, within the timeout.
+        end = time.monotonic() + timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.connect(path)
+                break
+            except ConnectionRefusedError:
+                self.sock.close()
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
         self.file = self.sock.makefile("rwb")
         self.events = []
         self._read()                          # greeting
