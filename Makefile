@@ -156,8 +156,5 @@ fuzz-long: fuzz
 
 clean:
 	rm -f lib/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
-<<<<<<< HEAD
 	rm -f $(FUZZERS)
-=======
 	rm -rf .san
->>>>>>> san
