@@ -12,6 +12,10 @@ cd "${TOP:-$(dirname "$0")/../..}"
 secs=${FUZZ_SECONDS:-10}
 runs=${FUZZ_RUNS:-2000000}
 
+if [ -n "${BACKUPACCESS_SAN:-}" ]; then
+  echo "under make check-$BACKUPACCESS_SAN: the fuzzers carry their own ASan and UBSan (make check runs them)"
+  exit 77
+fi
 if ! command -v clang >/dev/null; then
   echo "clang is not installed (make deps)"
   exit 77

@@ -340,11 +340,15 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
     early = max(r for t, r in during if t <= quarter)
     peak = max(r for t, r in during)
     per_thread = CLIENTS * 16 * MAX_REQUEST
-    check(peak <= start_rss + per_thread + RSS_SLACK,
+    # A memory checker's own bookkeeping (ASan's quarantine, valgrind)
+    # inflates RSS: the bounds hold for the real thing only.
+    sanitized = bool(os.environ.get("BACKUPACCESS_SAN"))
+    check(sanitized or peak <= start_rss + per_thread + RSS_SLACK,
           "nbdkit's RSS during the run: %d KiB, more than the %d KiB of "
           "per-thread buffers above the start (%d KiB)"
           % (peak >> 10, per_thread >> 10, start_rss >> 10))
-    check(rss_end <= start_rss + RSS_SLACK and rss_end <= early + RSS_SLACK,
+    check(sanitized or
+          (rss_end <= start_rss + RSS_SLACK and rss_end <= early + RSS_SLACK),
           "nbdkit's RSS did not come back: %d KiB at the start, %d KiB in "
           "the first quarter, %d KiB at the end; samples: %s"
           % (start_rss >> 10, early >> 10, rss_end >> 10,
