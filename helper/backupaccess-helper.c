@@ -576,21 +576,33 @@ spawn_detached (char **argv, const char *log, int *go)
 /* Whether a process exists and is not a zombie: a daemon that died
  * stays one until its parent (often init) reaps it.
  */
-static bool
-process_running (pid_t pid)
+/* Reads /proc/PID/NAME into buf (NUL-terminated, cut at size - 1).
+ * Returns the length, or -1 if the process or file is not there.
+ */
+static ssize_t
+read_proc (long pid, const char *name, char *buf, size_t size)
 {
-  char *path = xasprintf ("/proc/%ld/stat", (long) pid);
-  char buf[512];
+  char *path = xasprintf ("/proc/%ld/%s", pid, name);
   FILE *fp = fopen (path, "r");
-  size_t n = 0;
-  const char *paren;
+  size_t n;
 
   free (path);
   if (fp == NULL)
-    return false;
-  n = fread (buf, 1, sizeof buf - 1, fp);
+    return -1;
+  n = fread (buf, 1, size - 1, fp);
   fclose (fp);
   buf[n] = '\0';
+  return (ssize_t) n;
+}
+
+static bool
+process_running (pid_t pid)
+{
+  char buf[512];
+  const char *paren;
+
+  if (read_proc (pid, "stat", buf, sizeof buf) == -1)
+    return false;
   paren = strrchr (buf, ')');
   return paren && paren[1] == ' ' && paren[2] != 'Z' && paren[2] != 'X';
 }
@@ -599,20 +611,10 @@ process_running (pid_t pid)
 static bool
 our_program (long pid)
 {
-  char comm[64] = "";
-  char *proc;
-  FILE *fp;
+  char comm[64];
 
-  if (pid <= 1)
+  if (pid <= 1 || read_proc (pid, "comm", comm, sizeof comm) == -1)
     return false;
-  proc = xasprintf ("/proc/%ld/comm", pid);
-  fp = fopen (proc, "r");
-  free (proc);
-  if (fp == NULL)
-    return false;
-  if (fgets (comm, sizeof comm, fp) == NULL)
-    comm[0] = '\0';
-  fclose (fp);
   if (strncmp (comm, "nbdkit", 6) != 0 && strncmp (comm, "nbdfuse", 7) != 0)
     return false;
   return process_running ((pid_t) pid);
@@ -629,9 +631,9 @@ read_pidfile (const char *path)
   FILE *fp = fopen (path, "r");
   long pid = 0;
   static char cmdline[65536];
-  size_t n = 0;
+  ssize_t len;
+  size_t n;
   bool ours = false;
-  char *proc;
 
   if (fp) {
     if (fscanf (fp, "%ld", &pid) != 1)
@@ -640,14 +642,10 @@ read_pidfile (const char *path)
   }
   if (pid <= 1)
     return 0;
-  proc = xasprintf ("/proc/%ld/cmdline", pid);
-  fp = fopen (proc, "r");
-  free (proc);
-  if (fp == NULL)
+  len = read_proc (pid, "cmdline", cmdline, sizeof cmdline);
+  if (len == -1)
     return 0;
-  n = fread (cmdline, 1, sizeof cmdline - 1, fp);
-  fclose (fp);
-  cmdline[n] = '\0';
+  n = (size_t) len;
   /* argv[0] is nbdkit or nbdfuse, and the pidfile is one of its
    * arguments (nbdkit --pidfile PATH, nbdfuse -P PATH).
    */
@@ -1491,18 +1489,10 @@ is_mounted (const char *dir)
 static bool
 cmdline_mentions (long pid, const char *text)
 {
-  char *path = xasprintf ("/proc/%ld/cmdline", pid);
-  FILE *fp = fopen (path, "r");
   static char buf[65536];
-  size_t n = 0;
+  ssize_t n = read_proc (pid, "cmdline", buf, sizeof buf);
 
-  free (path);
-  if (fp == NULL)
-    return false;
-  n = fread (buf, 1, sizeof buf - 1, fp);
-  fclose (fp);
-  buf[n] = '\0';
-  for (size_t i = 0; i < n; i += strlen (buf + i) + 1)
+  for (ssize_t i = 0; i < n; i += (ssize_t) strlen (buf + i) + 1)
     if (strstr (buf + i, text))
       return true;
   return false;
