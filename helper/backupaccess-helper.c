@@ -2707,6 +2707,7 @@ main (int argc, char **argv)
   free ((char *) o.nbd_path);
   free ((char *) o.setup.qmp);
   free ((char *) o.setup.fleecing_dir);
+  free ((char *) o.serve.tls_psk);
   free (run_dir);
   json_object_put (state);
   return rc;

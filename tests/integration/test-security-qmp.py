@@ -99,7 +99,10 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
             # The first child of this process: its peak memory.
             kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             print("peak memory of the helper: %d KiB" % kib)
-            check(kib < 48 << 10, "the helper used %d KiB" % kib)
+            # Under make check-asan/valgrind the checker's own memory
+            # counts too: the bound is for the real helper.
+            check(kib < 48 << 10 or os.environ.get("BACKUPACCESS_SAN"),
+                  "the helper used %d KiB" % kib)
 
     # Wrong types, from a peer that otherwise plays Proxmox's API.
     SCHEMA = [{"name": "backup-access-setup", "meta-type": "command",
