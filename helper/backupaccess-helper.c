@@ -885,8 +885,7 @@ setup_proxmox (const struct setup_opts *o, const char *form)
     json_object *r = json_object_array_get_idx (result, i);
     json_object *d = json_object_new_object ();
     const char *dev = get_str (r, "device");
-    char *fl = xasprintf ("%s-fleecing", dev ? dev : "");
-
+    char *fl;
     bool asked = false;
 
     if (dev == NULL || get_str (r, "node-name") == NULL)
@@ -900,6 +899,7 @@ setup_proxmox (const struct setup_opts *o, const char *form)
     if (!asked)
       die ("backup-access-setup returned device '%s', which was not asked "
            "for", dev);
+    fl = xasprintf ("%s-fleecing", dev);
     if (get_str (r, "bitmap-name"))
       check_name ("bitmap name returned by QEMU", get_str (r, "bitmap-name"),
                   true);
