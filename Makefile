@@ -31,7 +31,8 @@ DEB_PACKAGES = build-essential pkg-config perl \
 DEB_PACKAGES += clang libclang-rt-14-dev
 
 LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c \
-             lib/bitmap.c lib/qmp.c lib/statefile.c
+             lib/bitmap.c lib/qmp.c lib/statefile.c lib/cluster.c
+LIB_HDRS   = $(wildcard lib/*.h)
 LIB_OBJS   = $(LIB_SRCS:.c=.o)
 LIB        = lib/libbackupaccess.a
 FILTER     = nbdkit-backupaccess-filter.so
@@ -60,23 +61,22 @@ deps:
 	  echo "make deps: all packages are installed"; \
 	fi
 
-lib/%.o: lib/%.c lib/backupaccess.h lib/qmp.h lib/statefile.h
+lib/%.o: lib/%.c $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
 
 $(LIB): $(LIB_OBJS)
 	rm -f $@
 	ar rcs $@ $^
 
-$(FILTER): filter/backupaccess.c $(LIB) lib/backupaccess.h
+$(FILTER): filter/backupaccess.c $(LIB) $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) -shared -o $@ filter/backupaccess.c \
 	  $(LIB) $(shell pkg-config --libs libnbd json-c) -lpthread
 
-$(PLUGIN): plugin/backupaccess-plugin.c $(LIB) lib/backupaccess.h
+$(PLUGIN): plugin/backupaccess-plugin.c $(LIB) $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) -shared -o $@ plugin/backupaccess-plugin.c \
 	  $(LIB) $(shell pkg-config --libs libnbd) -lpthread
 
-$(HELPER): helper/backupaccess-helper.c $(LIB) lib/backupaccess.h lib/qmp.h \
-           lib/statefile.h
+$(HELPER): helper/backupaccess-helper.c $(LIB) $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) -o $@ helper/backupaccess-helper.c \
 	  $(LIB) $(shell pkg-config --libs libnbd json-c)
 
@@ -85,7 +85,7 @@ $(HELPER): helper/backupaccess-helper.c $(LIB) lib/backupaccess.h lib/qmp.h \
 	pod2man --section=1 --center="nbdkit-backupaccess" \
 	  --release="nbdkit-backupaccess" --name=$* $< > $@
 
-tests/unit/%: tests/unit/%.c $(LIB) lib/backupaccess.h lib/statefile.h
+tests/unit/%: tests/unit/%.c $(LIB) $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB) $(shell pkg-config --libs cmocka libnbd json-c)
 
 unit-tests: $(UNIT_TESTS)
@@ -118,7 +118,7 @@ demo: deps
 	$(MAKE) all
 	demo/demo.py
 
-bench/coverage-memory: bench/coverage-memory.c $(LIB) lib/backupaccess.h
+bench/coverage-memory: bench/coverage-memory.c $(LIB) $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB)
 
 bench: deps
@@ -145,7 +145,7 @@ FUZZERS      = $(patsubst %.c,%,$(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_SECONDS ?= 600
 
 tests/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(FUZZ_LIBSRCS) \
-                   lib/backupaccess.h lib/qmp.h lib/statefile.h
+                   $(LIB_HDRS)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ $< $(FUZZ_LIBSRCS) \
 	  $(shell pkg-config --libs json-c)
 

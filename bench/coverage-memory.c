@@ -7,7 +7,8 @@
 #include <stdlib.h>
 #include <time.h>
 
-#include "backupaccess.h"
+#include "coverage.h"
+#include "regions.h"
 
 #define TIB (UINT64_C (1) << 40)
 #define CLUSTER (UINT64_C (64) << 10)

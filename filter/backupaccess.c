@@ -27,7 +27,12 @@
 #include <json.h>
 #include <nbdkit-filter.h>
 
-#include "backupaccess.h"
+#include "cluster.h"
+#include "coverage.h"
+#include "discardq.h"
+#include "mapfile.h"
+#include "bitmap.h"
+#include "regions.h"
 
 /* -D backupaccess.verbose=1: one debug line per request. */
 NBDKIT_DLL_PUBLIC int backupaccess_debug_verbose = 0;
@@ -41,7 +46,7 @@ static char *bitmap_uri;
  */
 static char *plugin_socket, *plugin_export, *plugin_uri;
 static char *status_path;       /* counters for the helper, every second */
-static int64_t cluster_size = 65536;
+static int64_t cluster_size = BA_CLUSTER_DEFAULT;
 static bool discard = true;
 static bool clean_is_zero;
 static bool discard_clean;
@@ -251,10 +256,9 @@ backupaccess_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     cluster_size = nbdkit_parse_size (value);
     if (cluster_size == -1)
       return -1;
-    if (cluster_size < 512 || cluster_size > INT64_C (1024) * 1024 * 1024 ||
-        (cluster_size & (cluster_size - 1)) != 0) {
-      nbdkit_error ("backupaccess-cluster=%s: the cluster size must be a "
-                    "power of two between 512 and 1G", value);
+    if (!ba_cluster_size_valid (cluster_size)) {
+      nbdkit_error ("backupaccess-cluster=%s: the cluster size must be "
+                    BA_CLUSTER_RULE, value);
       return -1;
     }
     return 0;

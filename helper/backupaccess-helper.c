@@ -32,7 +32,9 @@
 #include <json.h>
 #include <libnbd.h>
 
-#include "backupaccess.h"
+#include "bitmap.h"
+#include "cluster.h"
+#include "regions.h"
 #include "qmp.h"
 #include "statefile.h"
 
@@ -820,12 +822,6 @@ bitmap_mode_of_action (const char *action)
   return "none";
 }
 
-static int64_t
-cbw_cluster (int64_t fleece_cluster)
-{
-  return fleece_cluster > 65536 ? fleece_cluster : 65536;
-}
-
 /* Checks made before anything is changed: the API's form, and the
  * fleecing nodes vzdump adds.
  */
@@ -914,7 +910,7 @@ setup_proxmox (const struct setup_opts *o, const char *form)
     set_str (d, "bitmap-node", get_str (r, "bitmap-node-name"));
     set_str (d, "fleece-node", fl);
     json_object_object_add (d, "cluster-size", json_object_new_int64
-                            (cbw_cluster (node_image_int
+                            (ba_cbw_cluster (node_image_int
                                           (find_node (nodes, fl),
                                            "cluster-size"))));
     json_object_array_add (devs, d);
@@ -1086,7 +1082,7 @@ setup_upstream (const struct setup_opts *o)
     set_str (d, "source-node", source);
     json_object_object_add (d, "size", json_object_new_int64 (size));
     json_object_object_add (d, "cluster-size",
-                            json_object_new_int64 (cbw_cluster (o->cluster)));
+                            json_object_new_int64 (ba_cbw_cluster (o->cluster)));
     json_object_array_add (devs, d);
 
     /* The fleecing image: recorded before it exists. */
@@ -1785,9 +1781,9 @@ serve_devices (const struct serve_opts *so)
     char *socket_arg = xasprintf ("socket=%s", get_str (d, "nbd-path"));
     char *export_arg = xasprintf ("export=%s", get_str (d, "export"));
     char *cluster_arg = xasprintf ("backupaccess-cluster=%" PRIi64,
-                                   get_int (d, "cluster-size", 65536));
+                                   get_int (d, "cluster-size", BA_CLUSTER_DEFAULT));
     char *plugin_cluster_arg = xasprintf ("cluster=%" PRIi64,
-                                          get_int (d, "cluster-size", 65536));
+                                          get_int (d, "cluster-size", BA_CLUSTER_DEFAULT));
     char *status_arg = xasprintf ("backupaccess-status=%s", status);
     char *bitmap_arg = get_str (d, "bitmap-name")
       ? xasprintf ("backupaccess-bitmap=%s", get_str (d, "bitmap-name"))
@@ -2034,7 +2030,7 @@ describe (void)
     set_str (o, "nbd-path", get_str (d, "nbd-path"));
     set_str (o, "export", get_str (d, "export"));
     json_object_object_add (o, "cluster-size", json_object_new_int64
-                            (get_int (d, "cluster-size", 65536)));
+                            (get_int (d, "cluster-size", BA_CLUSTER_DEFAULT)));
     set_str (o, "uri", get_str (d, "uri"));
     set_str (o, "file", get_str (d, "file"));
     json_object_array_add (list, o);
@@ -2229,7 +2225,7 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
   memset (o, 0, sizeof *o);
   o->success = -1;
   o->setup.backend = "auto";
-  o->setup.cluster = 65536;
+  o->setup.cluster = BA_CLUSTER_DEFAULT;
   o->setup.devs = calloc (argc + 1, sizeof (char *));
   while ((c = getopt_long (argc, argv, "+", long_options, NULL)) != -1) {
     switch (c) {
@@ -2241,9 +2237,11 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
     case OPT_FLEECING_DIR: o->setup.fleecing_dir = optarg; break;
     case OPT_CLUSTER:
       o->setup.cluster = parse_size ("--cluster-size", optarg);
-      if (o->setup.cluster < 512 || o->setup.cluster > (2 << 20) ||
+      if (o->setup.cluster < BA_QCOW2_CLUSTER_MIN ||
+          o->setup.cluster > BA_QCOW2_CLUSTER_MAX ||
           (o->setup.cluster & (o->setup.cluster - 1)))
-        die ("--cluster-size %s: a power of two from 512 to 2M", optarg);
+        die ("--cluster-size %s: a qcow2 cluster size, a power of two from "
+             "512 to 2M", optarg);
       break;
     case OPT_BACKEND: o->setup.backend = optarg; break;
     case OPT_TARGET_ID: o->setup.target_id = optarg; break;
@@ -2403,7 +2401,7 @@ do_serve_state (struct opts *o)
     set_str (d, "bitmap-mode", colon ? "reuse" : "none");
     json_object_object_add (d, "size", json_object_new_int64 (size));
     json_object_object_add (d, "cluster-size",
-                            json_object_new_int64 (cbw_cluster
+                            json_object_new_int64 (ba_cbw_cluster
                                                    (o->setup.cluster)));
     json_object_array_add (devices (), d);
     free (dev);

@@ -10,7 +10,7 @@
 
 #include <libnbd.h>
 
-#include "backupaccess.h"
+#include "bitmap.h"
 
 /* libnbd 1.14 block status takes at most 4 GiB - 1 a call; ask for
  * an aligned 2 GiB so that servers need not split odd lengths.

@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backupaccess.h"
+#include "coverage.h"
 
 #define PAGE_WORDS UINT64_C (512)       /* 4 KiB of bitmap */
 #define PAGE_BITS (PAGE_WORDS * 64)

@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backupaccess.h"
+#include "discardq.h"
 
 /* Separate ranges in the batch before all of it is sent. */
 #define MAX_BATCH_RANGES 1024

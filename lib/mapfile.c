@@ -1,5 +1,5 @@
 /* Map file parser: "nbdinfo --map=qemu:dirty-bitmap:NAME" output, or
- * plain "OFFSET LENGTH" lines.  See backupaccess.h for the rules.
+ * plain "OFFSET LENGTH" lines.  See mapfile.h for the rules.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backupaccess.h"
+#include "mapfile.h"
 
 enum form { FORM_UNKNOWN, FORM_PLAIN, FORM_NBDINFO };
 
@@ -219,20 +219,4 @@ ba_map_parse_file (const char *path, struct ba_regions *dirty,
     }
   }
   return r;
-}
-
-int
-ba_regions_check_size (const struct ba_regions *dirty, uint64_t disk_size,
-                       char *errbuf, size_t errlen)
-{
-  if (dirty->n > 0 && dirty->r[dirty->n - 1].end > disk_size) {
-    snprintf (errbuf, errlen,
-              "dirty region [%" PRIu64 ", %" PRIu64 ") ends past the end "
-              "of the disk (size %" PRIu64 ")",
-              dirty->r[dirty->n - 1].start, dirty->r[dirty->n - 1].end,
-              disk_size);
-    errno = EINVAL;
-    return -1;
-  }
-  return 0;
 }

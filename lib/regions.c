@@ -1,9 +1,11 @@
 /* ba_regions: a sorted set of disjoint byte ranges. */
 #include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "backupaccess.h"
+#include "regions.h"
 
 void
 ba_regions_init (struct ba_regions *set)
@@ -185,5 +187,21 @@ ba_regions_insert (struct ba_regions *set, uint64_t start, uint64_t end)
   }
   set->r[i].start = start;
   set->r[i].end = end;
+  return 0;
+}
+
+int
+ba_regions_check_size (const struct ba_regions *dirty, uint64_t disk_size,
+                       char *errbuf, size_t errlen)
+{
+  if (dirty->n > 0 && dirty->r[dirty->n - 1].end > disk_size) {
+    snprintf (errbuf, errlen,
+              "dirty region [%" PRIu64 ", %" PRIu64 ") ends past the end "
+              "of the disk (size %" PRIu64 ")",
+              dirty->r[dirty->n - 1].start, dirty->r[dirty->n - 1].end,
+              disk_size);
+    errno = EINVAL;
+    return -1;
+  }
   return 0;
 }

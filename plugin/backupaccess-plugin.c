@@ -19,14 +19,15 @@
 #include <nbdkit-plugin.h>
 #include <libnbd.h>
 
-#include "backupaccess.h"
+#include "bitmap.h"
+#include "cluster.h"
 
 /* QEMU serves at most 32 MiB per request. */
 #define MAX_REQUEST (32 * 1024 * 1024)
 
 static char *socket_path, *export_name, *uri;
 static unsigned connections = 4;
-static int64_t cluster_size = 65536;
+static int64_t cluster_size = BA_CLUSTER_DEFAULT;
 
 /* The pool.  The lock is held only to take or give back a handle. */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -88,10 +89,8 @@ backupaccess_config (const char *key, const char *value)
     cluster_size = nbdkit_parse_size (value);
     if (cluster_size == -1)
       return -1;
-    if (cluster_size < 512 || cluster_size > INT64_C (1024) * 1024 * 1024 ||
-        (cluster_size & (cluster_size - 1)) != 0) {
-      nbdkit_error ("cluster=%s: must be a power of two between 512 and 1G",
-                    value);
+    if (!ba_cluster_size_valid (cluster_size)) {
+      nbdkit_error ("cluster=%s: must be " BA_CLUSTER_RULE, value);
       return -1;
     }
     return 0;

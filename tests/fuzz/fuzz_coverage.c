@@ -34,7 +34,8 @@
 #include <stdbool.h>
 #include <string.h>
 
-#include "backupaccess.h"
+#include "coverage.h"
+#include "regions.h"
 #include "fuzz.h"
 
 #define MAX_DISK 16384

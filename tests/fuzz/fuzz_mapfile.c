@@ -9,7 +9,8 @@
 #include <stdbool.h>
 #include <string.h>
 
-#include "backupaccess.h"
+#include "mapfile.h"
+#include "regions.h"
 #include "fuzz.h"
 
 /* The set as a map of one form: plain "OFFSET LENGTH" lines, or

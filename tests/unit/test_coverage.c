@@ -13,7 +13,8 @@
 #include <string.h>
 #include <cmocka.h>
 
-#include "backupaccess.h"
+#include "coverage.h"
+#include "regions.h"
 
 #define C 4096                  /* cluster size of the fixed cases */
 

@@ -8,7 +8,8 @@
 #include <string.h>
 #include <cmocka.h>
 
-#include "backupaccess.h"
+#include "discardq.h"
+#include "regions.h"
 
 #define C 65536                 /* cluster size */
 

@@ -12,7 +12,8 @@
 #include <unistd.h>
 #include <cmocka.h>
 
-#include "backupaccess.h"
+#include "mapfile.h"
+#include "regions.h"
 
 #define M UINT64_MAX
 

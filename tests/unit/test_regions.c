@@ -6,7 +6,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
-#include "backupaccess.h"
+#include "regions.h"
 
 /* Asserts that set holds exactly the n ranges in want. */
 static void
