@@ -50,7 +50,7 @@ UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
 
 
-.PHONY: all deps print-build-deps install uninstall check check-asan check-valgrind unit-tests demo bench \
+.PHONY: all deps print-build-deps install uninstall check-package check check-asan check-valgrind unit-tests demo bench \
         clean lint fuzz fuzz-long
 
 all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE)
@@ -194,3 +194,8 @@ install: all
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
+
+# Builds the Debian package in a clean clone, installs it, checks the
+# installed files, removes it (root; CI runs it).
+check-package:
+	tests/package/check-package.sh
