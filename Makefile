@@ -16,16 +16,23 @@
 #   make fuzz       libFuzzer targets tests/fuzz/fuzz_* (clang); make fuzz-long
 #                   runs each for FUZZ_SECONDS (see tests/fuzz/README.md)
 
+# The version, in one place: debian/changelog's first line.
+VERSION := $(shell sed -n '1s/.*(\(.*\)).*/\1/p' debian/changelog)
+
 CC      ?= gcc
 CFLAGS  ?= -O2 -g
 WARNFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter
 ALL_CFLAGS = $(CFLAGS) $(WARNFLAGS) -std=gnu11 -fPIC -Ilib \
-             $(shell pkg-config --cflags nbdkit libnbd json-c fuse3)
+             -DPACKAGE_VERSION='"$(VERSION)"' \
+             $(shell pkg-config --cflags nbdkit libnbd json-c)
 
-# Debian packages for building, testing, the demo and the benchmark.
-DEB_PACKAGES = build-essential pkg-config perl \
-  nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin python3-libnbd \
-  libjson-c-dev libfuse3-dev fuse3 libcmocka-dev \
+# Debian packages to build (debian/control's Build-Depends are the same,
+# tests/integration/test-debian-control.sh checks it), ...
+DEB_BUILD_PACKAGES = build-essential debhelper pkg-config perl \
+  nbdkit nbdkit-plugin-dev libnbd-dev libjson-c-dev libcmocka-dev
+# ... and to test, lint, fuzz, run the demo and the benchmark.
+DEB_PACKAGES = $(DEB_BUILD_PACKAGES) \
+  libnbd-bin python3-libnbd fuse3 \
   qemu-utils qemu-system-x86 qemu-block-extra procps bc gnutls-bin \
   cppcheck clang-tidy strace valgrind
 DEB_PACKAGES += clang libclang-rt-14-dev
@@ -42,7 +49,8 @@ MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
 
-.PHONY: all deps check check-asan check-valgrind unit-tests demo bench \
+
+.PHONY: all deps print-build-deps install uninstall check-package check check-asan check-valgrind unit-tests demo bench \
         clean lint fuzz fuzz-long
 
 all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE)
@@ -69,21 +77,23 @@ $(LIB): $(LIB_OBJS)
 	ar rcs $@ $^
 
 $(FILTER): filter/backupaccess.c $(LIB) $(LIB_HDRS)
-	$(CC) $(ALL_CFLAGS) -shared -o $@ filter/backupaccess.c \
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -shared -o $@ filter/backupaccess.c \
 	  $(LIB) $(shell pkg-config --libs libnbd json-c) -lpthread
 
 $(PLUGIN): plugin/backupaccess-plugin.c $(LIB) $(LIB_HDRS)
-	$(CC) $(ALL_CFLAGS) -shared -o $@ plugin/backupaccess-plugin.c \
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -shared -o $@ plugin/backupaccess-plugin.c \
 	  $(LIB) $(shell pkg-config --libs libnbd) -lpthread
 
 $(HELPER): helper/backupaccess-helper.c $(LIB) $(LIB_HDRS)
-	$(CC) $(ALL_CFLAGS) -o $@ helper/backupaccess-helper.c \
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ helper/backupaccess-helper.c \
 	  $(LIB) $(shell pkg-config --libs libnbd json-c)
 
-%.1: %.pod
+# @VERSION@ in a page becomes the version.
+%.1: %.pod debian/changelog
 	podchecker $<
-	pod2man --section=1 --center="nbdkit-backupaccess" \
-	  --release="nbdkit-backupaccess" --name=$* $< > $@
+	sed 's/@VERSION@/$(VERSION)/g' $< | pod2man --section=1 \
+	  --center="nbdkit-backupaccess" \
+	  --release="nbdkit-backupaccess $(VERSION)" --name=$* > $@
 
 tests/unit/%: tests/unit/%.c $(LIB) $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB) $(shell pkg-config --libs cmocka libnbd json-c)
@@ -158,3 +168,34 @@ clean:
 	rm -f lib/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
 	rm -f $(FUZZERS)
 	rm -rf .san
+
+print-build-deps:
+	@echo $(DEB_BUILD_PACKAGES)
+
+# make install [PREFIX=/usr/local] [DESTDIR=...]: the filter and the
+# plugin into nbdkit's own directories (so that nbdkit finds them by
+# name), the programs into PREFIX/bin, the man pages into section 1.
+PREFIX           ?= /usr/local
+BINDIR           ?= $(PREFIX)/bin
+MANDIR           ?= $(PREFIX)/share/man
+NBDKIT_FILTERDIR ?= $(shell pkg-config --variable=filterdir nbdkit)
+NBDKIT_PLUGINDIR ?= $(shell pkg-config --variable=plugindir nbdkit)
+INSTALLED = $(NBDKIT_FILTERDIR)/$(FILTER) $(NBDKIT_PLUGINDIR)/$(PLUGIN) \
+            $(BINDIR)/$(notdir $(HELPER)) \
+            $(addprefix $(MANDIR)/man1/,$(MANPAGE))
+
+install: all
+	install -d $(DESTDIR)$(NBDKIT_FILTERDIR) $(DESTDIR)$(NBDKIT_PLUGINDIR) \
+	  $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1
+	install -m 0644 $(FILTER) $(DESTDIR)$(NBDKIT_FILTERDIR)/
+	install -m 0644 $(PLUGIN) $(DESTDIR)$(NBDKIT_PLUGINDIR)/
+	install -m 0755 $(HELPER) $(DESTDIR)$(BINDIR)/
+	install -m 0644 $(MANPAGE) $(DESTDIR)$(MANDIR)/man1/
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
+
+# Builds the Debian package in a clean clone, installs it, checks the
+# installed files, removes it (root; CI runs it).
+check-package:
+	tests/package/check-package.sh

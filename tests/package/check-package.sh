@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
+# make check-package: builds the Debian package in a clean clone of HEAD,
+# installs it with apt-get, checks the installed files alone (nothing
+# from the build tree: the filter and the plugin by name, the programs
+# from PATH, every man page), removes it and checks that nothing is
+# left.  Needs root; changes the system's packages while it runs.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/../.." && pwd)
+tmp=$(mktemp -d /tmp/backupaccess-package.XXXXXX)
+pkg=nbdkit-backupaccess
+installed=
+cleanup() {
+  if [ -n "$installed" ]; then
+    apt-get remove --purge -y -q "$pkg" >/dev/null 2>&1 || true
+  fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+fail() { echo "check-package: FAIL: $*" >&2; exit 1; }
+
+git clone -q "$top" "$tmp/src"
+(cd "$tmp/src" && dpkg-buildpackage -b -us -uc >"$tmp/build.log" 2>&1) ||
+  { tail -n 30 "$tmp/build.log"; fail "dpkg-buildpackage failed"; }
+deb=$(ls "$tmp"/${pkg}_*.deb)
+echo "built $(basename "$deb")"
+dpkg -I "$deb" | grep -q "Depends: nbdkit (= $(dpkg-query -W -f='${Version}' nbdkit))" ||
+  fail "the package does not depend on exactly the nbdkit it was built with"
+
+installed=1
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$deb" >"$tmp/install.log" 2>&1 ||
+  { cat "$tmp/install.log"; fail "apt-get install failed"; }
+dpkg -L "$pkg" | while read -r f; do [ -f "$f" ] && echo "$f"; done >"$tmp/files"
+
+# From a directory with nothing of ours in it, with no build tree in
+# the environment.
+cd "$tmp"
+unset BACKUPACCESS_FILTER BACKUPACCESS_PLUGIN
+version=$(sed -n '1s/.*(\(.*\)).*/\1/p' "$top/debian/changelog")
+nbdkit snapshotaccess --dump-plugin | grep -qx "version=$version" ||
+  fail "nbdkit snapshotaccess --dump-plugin does not print version=$version"
+out=$(nbdkit -U - --filter=backupaccess memory size=1M \
+        backupaccess-discard=false --run 'nbdinfo --size "$uri"') ||
+  fail "nbdkit --filter=backupaccess memory failed"
+[ "$out" = 1048576 ] || fail "the filter by name served $out bytes, not 1048576"
+command -v backupaccess-helper >/dev/null || fail "backupaccess-helper not in PATH"
+backupaccess-helper --version | grep -q "$version" || fail "backupaccess-helper --version"
+backupaccess-helper --help >/dev/null || fail "backupaccess-helper --help"
+for page in $(ls "$top"/*.pod | xargs -n1 basename | sed 's/\.pod$//'); do
+  man -w "$page" >/dev/null 2>&1 || fail "man cannot find $page"
+done
+echo "installed files work: filter and plugin by name, helper from PATH, $(ls "$top"/*.pod | wc -l) man pages"
+
+apt-get remove --purge -y -q "$pkg" >/dev/null
+installed=
+left=$(while read -r f; do [ -e "$f" ] && echo "$f"; done <"$tmp/files")
+[ -z "$left" ] || fail "left after removal: $left"
+dpkg-query -W "$pkg" >/dev/null 2>&1 && fail "$pkg is still known to dpkg"
+echo "check-package: OK ($(wc -l <"$tmp/files") files installed and removed)"
