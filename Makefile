@@ -38,6 +38,9 @@ LIB        = lib/libbackupaccess.a
 FILTER     = nbdkit-backupaccess-filter.so
 PLUGIN     = nbdkit-backupaccess-plugin.so
 HELPER     = helper/backupaccess-helper
+HELPER_SRCS = $(wildcard helper/*.c)
+HELPER_HDRS = $(wildcard helper/*.h)
+HELPER_OBJS = $(HELPER_SRCS:.c=.o)
 MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
@@ -76,8 +79,11 @@ $(PLUGIN): plugin/backupaccess-plugin.c $(LIB) $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) -shared -o $@ plugin/backupaccess-plugin.c \
 	  $(LIB) $(shell pkg-config --libs libnbd) -lpthread
 
-$(HELPER): helper/backupaccess-helper.c $(LIB) $(LIB_HDRS)
-	$(CC) $(ALL_CFLAGS) -o $@ helper/backupaccess-helper.c \
+helper/%.o: helper/%.c $(HELPER_HDRS) $(LIB_HDRS)
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+$(HELPER): $(HELPER_OBJS) $(LIB)
+	$(CC) $(ALL_CFLAGS) -o $@ $(HELPER_OBJS) \
 	  $(LIB) $(shell pkg-config --libs libnbd json-c)
 
 %.1: %.pod
@@ -126,7 +132,7 @@ bench: deps
 	bench/bench.sh
 
 C_SOURCES = $(LIB_SRCS) filter/backupaccess.c plugin/backupaccess-plugin.c \
-            helper/backupaccess-helper.c $(wildcard tests/fuzz/fuzz_*.c)
+            $(HELPER_SRCS) $(wildcard tests/fuzz/fuzz_*.c)
 
 lint:
 	cppcheck --quiet --enable=warning,performance,portability \
@@ -155,6 +161,6 @@ fuzz-long: fuzz
 	FUZZ_SECONDS=$(FUZZ_SECONDS) tests/integration/test-fuzz.sh
 
 clean:
-	rm -f lib/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
+	rm -f lib/*.o helper/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
 	rm -f $(FUZZERS)
 	rm -rf .san

@@ -1,0 +1,180 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* Proxmox VE's backup access API (backup-access-setup): finding it, the
+ * checks made before it is called, and recording what it set up.
+ */
+#define _GNU_SOURCE
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <json.h>
+
+#include "backend.h"
+#include "cluster.h"
+#include "qmpops.h"
+#include "state.h"
+#include "util.h"
+
+bool
+proxmox_api_available (void)
+{
+  char err[1024];
+  int qemu_error;
+  json_object *r = ba_qmp_cmd (qmp, "query-proxmox-support", NULL,
+                               &qemu_error, err, sizeof err);
+  bool ok = get_bool (r, "backup-access-api");
+
+  if (r == NULL && !qemu_error)
+    die ("QMP query-proxmox-support: %s", err);
+  json_object_put (r);
+  return ok;
+}
+
+/* Which form of backup-access-setup this QEMU takes, from its schema:
+ * "devices" (current) or "devlist" (the first version).
+ */
+static const char *
+proxmox_setup_form (void)
+{
+  json_object *schema = qmp_list ("query-qmp-schema", NULL);
+  const char *arg_type = NULL, *form = NULL;
+  size_t n = alen (schema);
+
+  for (size_t i = 0; i < n; i++) {
+    json_object *e = json_object_array_get_idx (schema, i);
+    if (strcmp (get_str (e, "name") ?: "", "backup-access-setup") == 0 &&
+        strcmp (get_str (e, "meta-type") ?: "", "command") == 0)
+      arg_type = get_str (e, "arg-type");
+  }
+  for (size_t i = 0; arg_type && i < n; i++) {
+    json_object *e = json_object_array_get_idx (schema, i), *members;
+    if (strcmp (get_str (e, "name") ?: "", arg_type) != 0 ||
+        !json_object_object_get_ex (e, "members", &members))
+      continue;
+    for (size_t j = 0; j < alen (members); j++) {
+      const char *m = get_str (json_object_array_get_idx (members, j),
+                               "name");
+      if (m && (strcmp (m, "devices") == 0 || strcmp (m, "devlist") == 0))
+        form = strcmp (m, "devices") == 0 ? "devices" : "devlist";
+    }
+  }
+  json_object_put (schema);
+  if (form == NULL)
+    die ("this QEMU reports backup-access-api, but its schema has no "
+         "backup-access-setup with 'devices' or 'devlist'");
+  return form;
+}
+
+/* The provider's vocabulary for Proxmox's bitmap-action. */
+static const char *
+bitmap_mode_of_action (const char *action)
+{
+  if (action == NULL)
+    return "none";
+  if (strcmp (action, "used") == 0)
+    return "reuse";
+  if (strcmp (action, "new") == 0 || strcmp (action, "invalid") == 0 ||
+      strcmp (action, "missing-recreated") == 0)
+    return "new";
+  return "none";
+}
+
+/* Checks made before anything is changed: the API's form, and the
+ * fleecing nodes vzdump adds.
+ */
+const char *
+preflight_proxmox (const struct setup_opts *o)
+{
+  const char *form = proxmox_setup_form ();
+  json_object *nodes = named_nodes ();
+
+  for (int i = 0; i < o->ndevs; i++) {
+    char *fl = xasprintf ("%s-fleecing", o->devs[i]);
+    if (find_node (nodes, fl) == NULL)
+      die ("device %s: fleecing node '%s' not found: add a qcow2 node of "
+           "the same size with discard=unmap first", o->devs[i], fl);
+    free (fl);
+  }
+  json_object_put (nodes);
+  return form;
+}
+
+void
+setup_proxmox (const struct setup_opts *o, const char *form)
+{
+  json_object *nodes = named_nodes (), *args, *result;
+  json_object *devs = devices ();
+
+  if (strcmp (form, "devices") == 0) {
+    json_object *list = json_object_new_array ();
+    for (int i = 0; i < o->ndevs; i++)
+      json_object_array_add (list, obj ("device", S (o->devs[i]),
+                                        "bitmap-mode", S (o->bitmap_mode),
+                                        END));
+    args = obj ("target-id", S (o->target_id), "devices", list, END);
+  }
+  else {
+    char *devlist = NULL;
+    for (int i = 0; i < o->ndevs; i++) {
+      char *d = xasprintf ("%s%s%s", devlist ? devlist : "",
+                           devlist ? "," : "", o->devs[i]);
+      free (devlist);
+      devlist = d;
+    }
+    args = obj ("target-id", S (o->target_id), "devlist", S (devlist), END);
+    if (strcmp (o->bitmap_mode, "none") != 0)
+      json_object_object_add (args, "bitmap-name", S (o->bitmap));
+    free (devlist);
+  }
+  /* Recorded first: teardown must call backup-access-teardown even if
+   * we die right after QEMU set it up.
+   */
+  json_object_object_add (state, "proxmox-setup",
+                          json_object_new_boolean (1));
+  save_state ();
+  result = qmp_list ("backup-access-setup", args);
+
+  for (size_t i = 0; i < alen (result); i++) {
+    json_object *r = json_object_array_get_idx (result, i);
+    json_object *d = json_object_new_object ();
+    const char *dev = get_str (r, "device");
+    char *fl;
+    bool asked = false;
+
+    if (dev == NULL || get_str (r, "node-name") == NULL)
+      die ("backup-access-setup returned an entry without device/node-name");
+    /* The device names file names and nbdkit's export=, the bitmap name
+     * nbdkit's backupaccess-bitmap=: both as plain as the user's.
+     */
+    check_name ("device returned by QEMU", dev, false);
+    for (int j = 0; j < o->ndevs; j++)
+      asked |= strcmp (o->devs[j], dev) == 0;
+    if (!asked)
+      die ("backup-access-setup returned device '%s', which was not asked "
+           "for", dev);
+    fl = xasprintf ("%s-fleecing", dev);
+    if (get_str (r, "bitmap-name"))
+      check_name ("bitmap name returned by QEMU", get_str (r, "bitmap-name"),
+                  true);
+    set_str (d, "device", dev);
+    set_str (d, "export", dev);
+    set_str (d, "node", get_str (r, "node-name"));
+    json_object_object_add (d, "size",
+                            json_object_new_int64 (get_int (r, "size", 0)));
+    set_str (d, "bitmap-mode",
+             bitmap_mode_of_action (get_str (r, "bitmap-action")));
+    set_str (d, "bitmap-name", get_str (r, "bitmap-name"));
+    set_str (d, "bitmap-node", get_str (r, "bitmap-node-name"));
+    set_str (d, "fleece-node", fl);
+    json_object_object_add (d, "cluster-size", json_object_new_int64
+                            (ba_cbw_cluster (node_image_int
+                                          (find_node (nodes, fl),
+                                           "cluster-size"))));
+    json_object_array_add (devs, d);
+    free (fl);
+  }
+  json_object_put (result);
+  json_object_put (nodes);
+  save_state ();
+}

@@ -1,0 +1,132 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* mount: nbdfuse per served device, and the dirty regions of each
+ * file for consumers that read files.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <json.h>
+
+#include "bitmap.h"
+#include "mount.h"
+#include "proc.h"
+#include "regions.h"
+#include "rundir.h"
+#include "state.h"
+#include "util.h"
+
+static json_object *
+dirty_regions_of (json_object *d)
+{
+  json_object *list = json_object_new_array ();
+  struct ba_regions dirty;
+  uint64_t size;
+  char err[1024];
+
+  if (get_str (d, "bitmap-name") == NULL) {
+    json_object *r = json_object_new_array ();
+    json_object_array_add (r, json_object_new_int64 (0));
+    json_object_array_add (r, json_object_new_int64 (get_int (d, "size", 0)));
+    json_object_array_add (list, r);
+    return list;
+  }
+  ba_regions_init (&dirty);
+  if (ba_bitmap_fetch (NULL, get_str (d, "nbd-path"), get_str (d, "export"),
+                       get_str (d, "bitmap-name"), &dirty, &size,
+                       err, sizeof err) == -1)
+    die ("device %s: %s", get_str (d, "device"), err);
+  for (size_t i = 0; i < dirty.n; i++) {
+    json_object *r = json_object_new_array ();
+    json_object_array_add (r, json_object_new_int64 (dirty.r[i].start));
+    json_object_array_add (r, json_object_new_int64 (dirty.r[i].end
+                                                     - dirty.r[i].start));
+    json_object_array_add (list, r);
+  }
+  ba_regions_free (&dirty);
+  return list;
+}
+
+void
+mount_devices (json_object *out)
+{
+  json_object *devs = devices (), *list = json_object_new_array ();
+
+  for (size_t i = 0; i < alen (devs); i++) {
+    json_object *d = json_object_array_get_idx (devs, i), *o;
+    const char *dev = get_str (d, "device");
+    char *mnt = xasprintf ("%s/%s.mnt", run_dir, dev);
+    char *file = xasprintf ("%s/%s", mnt, dev);
+    char *pidfile = xasprintf ("%s/%s.nbdfuse.pid", run_dir, dev);
+    char *log = xasprintf ("%s/%s.nbdfuse.log", run_dir, dev);
+
+    if (get_str (d, "uri") == NULL)
+      die ("device %s is not served: run 'serve' first", dev);
+    if (get_str (d, "tls-psk"))
+      die ("device %s is served with TLS, which nbdfuse cannot use (libnbd "
+           "1.14 takes no PSK file from its URI): serve it without "
+           "--tls-psk to mount it", dev);
+    if (get_str (d, "mount") == NULL) {
+      /* No allow_other: only the caller can open the file. */
+      char *argv[] = { "nbdfuse", "-P", pidfile, file,
+                       (char *) get_str (d, "uri"), NULL };
+      /* Recorded first, so that teardown removes it. */
+      set_str (d, "mount", mnt);
+      set_str (d, "mount-pidfile", pidfile);
+      save_state ();
+      if (mkdir (mnt, 0700) == -1 && errno != EEXIST)
+        die ("mkdir %s: %m", mnt);
+      unlink (pidfile);
+      pid_t pid = spawn (argv, log, true);
+      for (int w = 0; w < WAIT_SECONDS * 10 && !read_pidfile (pidfile); w++) {
+        if (waitpid (pid, NULL, WNOHANG) == pid)
+          break;                /* it failed */
+        sleep_ms (100);
+      }
+      if (!read_pidfile (pidfile))
+        die ("device %s: nbdfuse did not start: %s", dev, tail_of (log));
+      make_private (pidfile);
+      set_str (d, "file", file);
+      save_state ();
+    }
+    o = json_object_new_object ();
+    set_str (o, "device", dev);
+    set_str (o, "file", file);
+    json_object_object_add (o, "dirty-regions", dirty_regions_of (d));
+    json_object_array_add (list, o);
+    free (mnt);
+    free (file);
+    free (pidfile);
+    free (log);
+  }
+  json_object_object_add (out, "mounts", list);
+}
+
+/* Whether a directory is a mount point, from /proc/self/mounts. */
+bool
+is_mounted (const char *dir)
+{
+  FILE *fp = fopen ("/proc/self/mounts", "r");
+  char line[4096];
+  bool found = false;
+
+  if (fp == NULL)
+    return true;                /* cannot tell: try to unmount */
+  while (!found && fgets (line, sizeof line, fp)) {
+    char *sp = strchr (line, ' ');
+    size_t n = strlen (dir);
+    /* Field 2; our paths have no characters that mounts escapes. */
+    if (sp && strncmp (sp + 1, dir, n) == 0 && sp[1 + n] == ' ')
+      found = true;
+  }
+  fclose (fp);
+  return found;
+}

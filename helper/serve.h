@@ -1,0 +1,14 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* serve: nbdkit with the backupaccess filter and plugin per device. */
+#ifndef BACKUPACCESS_HELPER_SERVE_H
+#define BACKUPACCESS_HELPER_SERVE_H
+
+#include "options.h"
+
+void serve_preflight (const struct serve_opts *so, int ndevs,
+                      char **host, int *port, char **user);
+void do_serve_state (struct opts *o);
+void serve_devices (const struct serve_opts *so);
+void report_log (const char *dev, const char *log);
+
+#endif /* BACKUPACCESS_HELPER_SERVE_H */
