@@ -94,6 +94,13 @@ $(HELPER): $(HELPER_OBJS) $(LIB)
 tests/unit/%: tests/unit/%.c $(LIB) $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB) $(shell pkg-config --libs cmocka libnbd json-c)
 
+# The helper's typed state, with the helper units it needs.
+HELPER_STATE_OBJS = helper/state.o helper/util.o helper/rundir.o
+tests/unit/test_helper_state: tests/unit/test_helper_state.c \
+                              $(HELPER_STATE_OBJS) $(LIB) $(HELPER_HDRS)
+	$(CC) $(ALL_CFLAGS) -Ihelper -o $@ $< $(HELPER_STATE_OBJS) $(LIB) \
+	  $(shell pkg-config --libs cmocka libnbd json-c)
+
 unit-tests: $(UNIT_TESTS)
 
 check: deps

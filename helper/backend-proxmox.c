@@ -101,10 +101,10 @@ preflight_proxmox (const struct setup_opts *o)
 }
 
 void
-setup_proxmox (const struct setup_opts *o, const char *form)
+setup_proxmox (struct helper_state *st, const struct setup_opts *o,
+               const char *form)
 {
   json_object *nodes = named_nodes (), *args, *result;
-  json_object *devs = devices ();
 
   if (strcmp (form, "devices") == 0) {
     json_object *list = json_object_new_array ();
@@ -130,14 +130,13 @@ setup_proxmox (const struct setup_opts *o, const char *form)
   /* Recorded first: teardown must call backup-access-teardown even if
    * we die right after QEMU set it up.
    */
-  json_object_object_add (state, "proxmox-setup",
-                          json_object_new_boolean (1));
-  save_state ();
+  st->proxmox_setup = true;
+  state_save (st);
   result = qmp_list ("backup-access-setup", args);
 
   for (size_t i = 0; i < alen (result); i++) {
     json_object *r = json_object_array_get_idx (result, i);
-    json_object *d = json_object_new_object ();
+    struct device_state *d;
     const char *dev = get_str (r, "device");
     char *fl;
     bool asked = false;
@@ -157,24 +156,21 @@ setup_proxmox (const struct setup_opts *o, const char *form)
     if (get_str (r, "bitmap-name"))
       check_name ("bitmap name returned by QEMU", get_str (r, "bitmap-name"),
                   true);
-    set_str (d, "device", dev);
-    set_str (d, "export", dev);
-    set_str (d, "node", get_str (r, "node-name"));
-    json_object_object_add (d, "size",
-                            json_object_new_int64 (get_int (r, "size", 0)));
-    set_str (d, "bitmap-mode",
-             bitmap_mode_of_action (get_str (r, "bitmap-action")));
-    set_str (d, "bitmap-name", get_str (r, "bitmap-name"));
-    set_str (d, "bitmap-node", get_str (r, "bitmap-node-name"));
-    set_str (d, "fleece-node", fl);
-    json_object_object_add (d, "cluster-size", json_object_new_int64
-                            (ba_cbw_cluster (node_image_int
-                                          (find_node (nodes, fl),
-                                           "cluster-size"))));
-    json_object_array_add (devs, d);
+    d = state_add_device (st);
+    state_set (&d->device, dev);
+    state_set (&d->export, dev);
+    state_set (&d->node, get_str (r, "node-name"));
+    d->size = get_int (r, "size", 0);
+    state_set (&d->bitmap_mode,
+               bitmap_mode_of_action (get_str (r, "bitmap-action")));
+    state_set (&d->bitmap_name, get_str (r, "bitmap-name"));
+    state_set (&d->bitmap_node, get_str (r, "bitmap-node-name"));
+    state_set (&d->fleece_node, fl);
+    d->cluster_size = ba_cbw_cluster (node_image_int (find_node (nodes, fl),
+                                                      "cluster-size"));
     free (fl);
   }
   json_object_put (result);
   json_object_put (nodes);
-  save_state ();
+  state_save (st);
 }

@@ -115,19 +115,19 @@ free_bitmaps_seen (struct bitmaps_seen *b)
  * snapshot-access with discard.
  */
 void
-setup_upstream (const struct setup_opts *o)
+setup_upstream (struct helper_state *st, const struct setup_opts *o)
 {
-  json_object *devs = devices ();
   char tag[16];
 
   snprintf (tag, sizeof tag, "%06lx",
             ((unsigned long) getpid () * 2654435761UL ^
              (unsigned long) time (NULL)) & 0xffffff);
-  set_str (state, "tag", tag);
+  state_set (&st->tag, tag);
 
   for (int i = 0; i < o->ndevs; i++) {
     const char *dev = o->devs[i];
-    json_object *nodes = named_nodes (), *node, *d, *actions;
+    json_object *nodes = named_nodes (), *node, *actions;
+    struct device_state *d;
     char *source = resolve_device (dev);
     const char *mode = "none";
     char *fleece_file, *cluster_opt, *size_str;
@@ -148,20 +148,18 @@ setup_upstream (const struct setup_opts *o)
     if (size <= 0)
       die ("device %s: cannot learn its size", dev);
 
-    d = json_object_new_object ();
-    set_str (d, "device", dev);
-    set_str (d, "export", dev);
-    set_str (d, "source-node", source);
-    json_object_object_add (d, "size", json_object_new_int64 (size));
-    json_object_object_add (d, "cluster-size",
-                            json_object_new_int64 (ba_cbw_cluster (o->cluster)));
-    json_object_array_add (devs, d);
+    d = state_add_device (st);
+    state_set (&d->device, dev);
+    state_set (&d->export, dev);
+    state_set (&d->source_node, source);
+    d->size = size;
+    d->cluster_size = ba_cbw_cluster (o->cluster);
 
     /* The fleecing image: recorded before it exists. */
     fleece_file = xasprintf ("%s/%s.%s.fleecing.qcow2", o->fleecing_dir,
                              dev, tag);
-    set_str (d, "fleece-file", fleece_file);
-    save_state ();
+    state_set (&d->fleece_file, fleece_file);
+    state_save (st);
     {
       /* Never overwrite a file that is not ours. */
       int fd = open (fleece_file, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
@@ -180,8 +178,8 @@ setup_upstream (const struct setup_opts *o)
         die ("qemu-img create %s failed: %s", fleece_file, tail_of (log));
       free (log);
     }
-    set_str (d, "fleece-node", fleece_node);
-    save_state ();
+    state_set (&d->fleece_node, fleece_node);
+    state_save (st);
     json_object_put (qmp_run (false, "blockdev-add", obj (
       "driver", S ("qcow2"), "node-name", S (fleece_node),
       "discard", S ("unmap"),
@@ -232,9 +230,9 @@ setup_upstream (const struct setup_opts *o)
          * and removed at teardown.
          */
         marker = xasprintf ("ba-%s-%d-full", tag, i);
-        set_str (d, "created-bitmap", o->bitmap);
-        set_str (d, "marker-bitmap", marker);
-        save_state ();
+        state_set (&d->created_bitmap, o->bitmap);
+        state_set (&d->marker_bitmap, marker);
+        state_save (st);
         {
           json_object *args = obj ("node", S (source), "name", S (marker),
                                    "persistent", json_object_new_boolean (1),
@@ -248,8 +246,8 @@ setup_upstream (const struct setup_opts *o)
           if (!persistent) {
             if (!qe)
               die ("QMP block-dirty-bitmap-add: %s", err);
-            set_str (d, "marker-bitmap", NULL);
-            save_state ();
+            state_set (&d->marker_bitmap, NULL);
+            state_save (st);
           }
         }
         /* Persistent where the format allows, so that it outlives QEMU. */
@@ -296,7 +294,7 @@ setup_upstream (const struct setup_opts *o)
             obj ("node", S (source), "name", S (b.left[j]), END), END));
       }
       free_bitmaps_seen (&b);
-      set_str (d, "live-bitmap", o->bitmap);
+      state_set (&d->live_bitmap, o->bitmap);
     }
     json_object_array_add (actions, obj (
       "type", S ("blockdev-backup"), "data",
@@ -304,24 +302,24 @@ setup_upstream (const struct setup_opts *o)
            "sync", S ("none"), "filter-node-name", S (cbw_node),
            "auto-finalize", json_object_new_boolean (1),
            "auto-dismiss", json_object_new_boolean (1), END), END));
-    set_str (d, "job", job);
-    set_str (d, "cbw-node", cbw_node);
-    set_str (d, "frozen-bitmap", frozen);
-    set_str (d, "bitmap-mode", mode);
-    save_state ();
+    state_set (&d->job, job);
+    state_set (&d->cbw_node, cbw_node);
+    state_set (&d->frozen_bitmap, frozen);
+    state_set (&d->bitmap_mode, mode);
+    state_save (st);
     json_object_put (qmp_run (false, "transaction",
                               obj ("actions", actions, END)));
 
-    set_str (d, "node", snap_node);
-    save_state ();
+    state_set (&d->node, snap_node);
+    state_save (st);
     json_object_put (qmp_run (false, "blockdev-add", obj (
       "driver", S ("snapshot-access"), "node-name", S (snap_node),
       "file", S (cbw_node), "discard", S ("unmap"), END)));
     if (frozen) {
-      set_str (d, "bitmap-name", frozen);
-      set_str (d, "bitmap-node", source);
+      state_set (&d->bitmap_name, frozen);
+      state_set (&d->bitmap_node, source);
     }
-    save_state ();
+    state_save (st);
 
     free (fleece_file);
     free (cluster_opt);

@@ -19,60 +19,58 @@
  * export per device (name = device, writable only for discard).
  */
 void
-start_exports (void)
+start_exports (struct helper_state *st)
 {
-  json_object *devs = devices ();
   char *sock = xasprintf ("%s/qemu-nbd.sock", run_dir);
 
-  set_str (state, "nbd-path", sock);
+  state_set (&st->nbd_path, sock);
   /* Recorded first, in case we are killed right after QEMU did it; if
    * QEMU refuses (another NBD server runs), it is not ours to stop.
    */
-  json_object_object_add (state, "nbd-server-started",
-                          json_object_new_boolean (1));
-  save_state ();
+  st->nbd_server_started = true;
+  state_save (st);
   {
     json_object *r = qmp_run (true, "nbd-server-start", obj (
       "addr", obj ("type", S ("unix"), "data", obj ("path", S (sock), END),
                    END), END));
     if (r == NULL) {
-      json_object_object_add (state, "nbd-server-started", NULL);
-      save_state ();
+      st->nbd_server_started = false;
+      state_save (st);
       die ("QMP nbd-server-start failed (is another NBD server running in "
            "this QEMU?)");
     }
     json_object_put (r);
   }
-  for (size_t i = 0; i < alen (devs); i++) {
-    json_object *d = json_object_array_get_idx (devs, i);
-    json_object *args = obj ("type", S ("nbd"), "id", S (get_str (d, "export")),
-                             "node-name", S (get_str (d, "node")),
-                             "name", S (get_str (d, "export")),
+  for (size_t i = 0; i < st->ndevices; i++) {
+    struct device_state *d = &st->devices[i];
+    json_object *args = obj ("type", S ("nbd"), "id", S (d->export),
+                             "node-name", S (d->node),
+                             "name", S (d->export),
                              "writable", json_object_new_boolean (1), END);
-    if (get_str (d, "bitmap-name")) {
+    if (d->bitmap_name) {
       json_object *b = json_object_new_array ();
-      json_object_array_add (b, obj ("node", S (get_str (d, "bitmap-node")),
-                                     "name", S (get_str (d, "bitmap-name")),
+      json_object_array_add (b, obj ("node", S (d->bitmap_node),
+                                     "name", S (d->bitmap_name),
                                      END));
       json_object_object_add (args, "bitmaps", b);
     }
-    json_object_object_add (d, "exported", json_object_new_boolean (1));
-    save_state ();
+    d->exported = true;
+    state_save (st);
     {
       json_object *r = qmp_run (true, "block-export-add", args);
       if (r == NULL) {
-        json_object_object_add (d, "exported", NULL);
-        save_state ();
-        die ("QMP block-export-add for %s failed", get_str (d, "export"));
+        d->exported = false;
+        state_save (st);
+        die ("QMP block-export-add for %s failed", d->export);
       }
       json_object_put (r);
     }
     {
       char *p = xasprintf ("%s/qemu-nbd.sock", run_dir);
-      set_str (d, "nbd-path", p);
+      state_set (&d->nbd_path, p);
       free (p);
     }
   }
-  save_state ();
+  state_save (st);
   free (sock);
 }

@@ -3,6 +3,12 @@
 #ifndef BACKUPACCESS_HELPER_EXPORTS_H
 #define BACKUPACCESS_HELPER_EXPORTS_H
 
-void start_exports (void);
+#include "state.h"
+
+/* QEMU's NBD server on DIR/qemu-nbd.sock, and a writable export of each
+ * device's node (with its bitmap), named after the device; each step
+ * recorded first.
+ */
+void start_exports (struct helper_state *st);
 
 #endif /* BACKUPACCESS_HELPER_EXPORTS_H */

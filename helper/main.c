@@ -85,6 +85,7 @@ main (int argc, char **argv)
 {
   struct opts o;
   const char *cmd;
+  struct helper_state *st = NULL;
   json_object *out;
   int rc = 0;
 
@@ -103,37 +104,39 @@ main (int argc, char **argv)
 
   if (strcmp (cmd, "setup") == 0) {
     parse_options (argc, argv, &o, SETUP_USAGE);
-    do_setup (&o);
+    st = do_setup (&o);
     on_die (NULL);
-    out = describe ();
+    out = describe (st);
     print_json (out);
     json_object_put (out);
   }
   else if (strcmp (cmd, "serve") == 0) {
     parse_options (argc, argv, &o, SERVE_USAGE);
     serve_preflight (&o.serve, o.setup.ndevs, NULL, NULL, NULL);
-    do_serve_state (&o);
-    serve_devices (&o.serve);
-    out = describe ();
+    st = do_serve_state (&o);
+    serve_devices (st, &o.serve);
+    out = describe (st);
     print_json (out);
     json_object_put (out);
   }
   else if (strcmp (cmd, "mount") == 0) {
     parse_options (argc, argv, &o, MOUNT_USAGE);
     make_run_dir ();
-    if (!load_state ())
+    st = state_load ();
+    if (st == NULL)
       die ("%s has no backup access", run_dir);
     out = json_object_new_object ();
-    mount_devices (out);
+    mount_devices (st, out);
     print_json (out);
     json_object_put (out);
   }
   else if (strcmp (cmd, "status") == 0) {
     parse_options (argc, argv, &o, STATUS_USAGE);
     make_run_dir ();
-    if (!load_state ())
+    st = state_load ();
+    if (st == NULL)
       die ("%s has no backup access", run_dir);
-    status_command ();
+    status_command (st);
   }
   else if (strcmp (cmd, "teardown") == 0) {
     parse_options (argc, argv, &o, TEARDOWN_USAGE);
@@ -157,6 +160,6 @@ main (int argc, char **argv)
   free ((char *) o.setup.fleecing_dir);
   free ((char *) o.serve.tls_psk);
   free (run_dir);
-  json_object_put (state);
+  state_free (st);
   return rc;
 }

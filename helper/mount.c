@@ -25,25 +25,24 @@
 #include "util.h"
 
 static json_object *
-dirty_regions_of (json_object *d)
+dirty_regions_of (const struct device_state *d)
 {
   json_object *list = json_object_new_array ();
   struct ba_regions dirty;
   uint64_t size;
   char err[1024];
 
-  if (get_str (d, "bitmap-name") == NULL) {
+  if (d->bitmap_name == NULL) {
     json_object *r = json_object_new_array ();
     json_object_array_add (r, json_object_new_int64 (0));
-    json_object_array_add (r, json_object_new_int64 (get_int (d, "size", 0)));
+    json_object_array_add (r, json_object_new_int64 (d->size));
     json_object_array_add (list, r);
     return list;
   }
   ba_regions_init (&dirty);
-  if (ba_bitmap_fetch (NULL, get_str (d, "nbd-path"), get_str (d, "export"),
-                       get_str (d, "bitmap-name"), &dirty, &size,
-                       err, sizeof err) == -1)
-    die ("device %s: %s", get_str (d, "device"), err);
+  if (ba_bitmap_fetch (NULL, d->nbd_path, d->export, d->bitmap_name,
+                       &dirty, &size, err, sizeof err) == -1)
+    die ("device %s: %s", d->device, err);
   for (size_t i = 0; i < dirty.n; i++) {
     json_object *r = json_object_new_array ();
     json_object_array_add (r, json_object_new_int64 (dirty.r[i].start));
@@ -56,32 +55,32 @@ dirty_regions_of (json_object *d)
 }
 
 void
-mount_devices (json_object *out)
+mount_devices (struct helper_state *st, json_object *out)
 {
-  json_object *devs = devices (), *list = json_object_new_array ();
+  json_object *list = json_object_new_array ();
 
-  for (size_t i = 0; i < alen (devs); i++) {
-    json_object *d = json_object_array_get_idx (devs, i), *o;
-    const char *dev = get_str (d, "device");
+  for (size_t i = 0; i < st->ndevices; i++) {
+    struct device_state *d = &st->devices[i];
+    json_object *o;
+    const char *dev = d->device;
     char *mnt = xasprintf ("%s/%s.mnt", run_dir, dev);
     char *file = xasprintf ("%s/%s", mnt, dev);
     char *pidfile = xasprintf ("%s/%s.nbdfuse.pid", run_dir, dev);
     char *log = xasprintf ("%s/%s.nbdfuse.log", run_dir, dev);
 
-    if (get_str (d, "uri") == NULL)
+    if (d->uri == NULL)
       die ("device %s is not served: run 'serve' first", dev);
-    if (get_str (d, "tls-psk"))
+    if (d->tls_psk)
       die ("device %s is served with TLS, which nbdfuse cannot use (libnbd "
            "1.14 takes no PSK file from its URI): serve it without "
            "--tls-psk to mount it", dev);
-    if (get_str (d, "mount") == NULL) {
+    if (d->mount == NULL) {
       /* No allow_other: only the caller can open the file. */
-      char *argv[] = { "nbdfuse", "-P", pidfile, file,
-                       (char *) get_str (d, "uri"), NULL };
+      char *argv[] = { "nbdfuse", "-P", pidfile, file, d->uri, NULL };
       /* Recorded first, so that teardown removes it. */
-      set_str (d, "mount", mnt);
-      set_str (d, "mount-pidfile", pidfile);
-      save_state ();
+      state_set (&d->mount, mnt);
+      state_set (&d->mount_pidfile, pidfile);
+      state_save (st);
       if (mkdir (mnt, 0700) == -1 && errno != EEXIST)
         die ("mkdir %s: %m", mnt);
       unlink (pidfile);
@@ -94,8 +93,8 @@ mount_devices (json_object *out)
       if (!read_pidfile (pidfile))
         die ("device %s: nbdfuse did not start: %s", dev, tail_of (log));
       make_private (pidfile);
-      set_str (d, "file", file);
-      save_state ();
+      state_set (&d->file, file);
+      state_save (st);
     }
     o = json_object_new_object ();
     set_str (o, "device", dev);

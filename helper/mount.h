@@ -7,7 +7,9 @@
 
 #include <json.h>
 
-void mount_devices (json_object *out);
+#include "state.h"
+
+void mount_devices (struct helper_state *st, json_object *out);
 bool is_mounted (const char *dir);
 
 #endif /* BACKUPACCESS_HELPER_MOUNT_H */

@@ -50,6 +50,7 @@ on_signal (int sig)
 int
 do_run (struct opts *o, char **cmd)
 {
+  struct helper_state *st;
   json_object *out;
   char *json;
   pid_t pid;
@@ -66,28 +67,23 @@ do_run (struct opts *o, char **cmd)
    */
   sigaction (SIGINT, &sa, NULL);
   sigaction (SIGTERM, &sa, NULL);
-  if (o->setup.qmp)
-    do_setup (o);
-  else
-    do_serve_state (o);
+  st = o->setup.qmp ? do_setup (o) : do_serve_state (o);
   on_die (roll_back);
-  serve_devices (&o->serve);
-  out = describe ();
+  serve_devices (st, &o->serve);
+  out = describe (st);
   if (o->mount)
-    mount_devices (out);
+    mount_devices (st, out);
   json = strdup (json_object_to_json_string_ext (out, JSON_C_TO_STRING_PLAIN));
   setenv ("BACKUPACCESS_JSON", json, 1);
   setenv ("BACKUPACCESS_RUN_DIR", run_dir, 1);
-  {
-    json_object *devs = devices ();
-    for (size_t i = 0; i < alen (devs); i++) {
-      char *k = xasprintf ("BACKUPACCESS_URI_%zu", i);
-      setenv (k, get_str (json_object_array_get_idx (devs, i), "uri"), 1);
-      free (k);
-    }
+  for (size_t i = 0; i < st->ndevices; i++) {
+    char *k = xasprintf ("BACKUPACCESS_URI_%zu", i);
+    setenv (k, st->devices[i].uri, 1);
+    free (k);
   }
   json_object_put (out);
   free (json);
+  state_free (st);
   on_die (NULL);
 
   /* Blocked until child_pid is set, and in the child until its

@@ -200,14 +200,13 @@ serve_preflight (const struct serve_opts *so, int ndevs,
 }
 
 void
-serve_devices (const struct serve_opts *so)
+serve_devices (struct helper_state *st, const struct serve_opts *so)
 {
-  json_object *devs = devices ();
   int64_t bandwidth = so->bandwidth;
   char *host = NULL, *user = NULL, *psk_esc = NULL;
   int port = 0;
 
-  serve_preflight (so, (int) alen (devs), &host, &port, &user);
+  serve_preflight (so, (int) st->ndevices, &host, &port, &user);
   if (so->tls_psk)
     psk_esc = uri_escape (so->tls_psk);
   char *filter = module_path ("BACKUPACCESS_FILTER",
@@ -217,23 +216,23 @@ serve_devices (const struct serve_opts *so)
                               "nbdkit-backupaccess-plugin.so",
                               "backupaccess");
 
-  for (size_t i = 0; i < alen (devs); i++) {
-    json_object *d = json_object_array_get_idx (devs, i);
-    const char *dev = get_str (d, "device");
+  for (size_t i = 0; i < st->ndevices; i++) {
+    struct device_state *d = &st->devices[i];
+    const char *dev = d->device;
     char *sock = xasprintf ("%s/%s.sock", run_dir, dev);
     char *pidfile = xasprintf ("%s/%s.nbdkit.pid", run_dir, dev);
     char *log = xasprintf ("%s/%s.nbdkit.log", run_dir, dev);
     char *status = xasprintf ("%s/%s.status.json", run_dir, dev);
     char *filter_arg = xasprintf ("--filter=%s", filter);
-    char *socket_arg = xasprintf ("socket=%s", get_str (d, "nbd-path"));
-    char *export_arg = xasprintf ("export=%s", get_str (d, "export"));
+    char *socket_arg = xasprintf ("socket=%s", d->nbd_path);
+    char *export_arg = xasprintf ("export=%s", d->export);
     char *cluster_arg = xasprintf ("backupaccess-cluster=%" PRIi64,
-                                   get_int (d, "cluster-size", BA_CLUSTER_DEFAULT));
+                                   d->cluster_size);
     char *plugin_cluster_arg = xasprintf ("cluster=%" PRIi64,
-                                          get_int (d, "cluster-size", BA_CLUSTER_DEFAULT));
+                                          d->cluster_size);
     char *status_arg = xasprintf ("backupaccess-status=%s", status);
-    char *bitmap_arg = get_str (d, "bitmap-name")
-      ? xasprintf ("backupaccess-bitmap=%s", get_str (d, "bitmap-name"))
+    char *bitmap_arg = d->bitmap_name
+      ? xasprintf ("backupaccess-bitmap=%s", d->bitmap_name)
       : NULL;
     char *rate_arg = bandwidth > 0
       ? xasprintf ("rate=%" PRIi64, bandwidth * 8) : NULL;
@@ -244,10 +243,10 @@ serve_devices (const struct serve_opts *so)
     int a = 0, go;
     pid_t pid;
 
-    if (get_str (d, "pidfile") && read_pidfile (get_str (d, "pidfile")) &&
-        kill (read_pidfile (get_str (d, "pidfile")), 0) == 0)
+    if (d->pidfile && read_pidfile (d->pidfile) &&
+        kill (read_pidfile (d->pidfile), 0) == 0)
       goto next;                /* already served */
-    if (get_str (d, "uri"))
+    if (d->uri)
       die ("device %s: its nbdkit has gone: what it read is discarded in "
            "QEMU, and a new one would take that for a broken snapshot; this "
            "backup cannot go on: tear it down with --failure (the bitmap "
@@ -285,26 +284,26 @@ serve_devices (const struct serve_opts *so)
       /* Upstream copy-before-write has no bitmap: it would copy clean
        * clusters, which nobody reads, into the fleecing image.
        */
-      if (strcmp (get_str (state, "backend") ?: "", "upstream") == 0)
+      if (strcmp (st->backend ?: "", "upstream") == 0)
         argv[a++] = "backupaccess-discard-clean=true";
     }
     if (rate_arg)
       argv[a++] = rate_arg;
     argv[a] = NULL;
 
-    set_str (d, "pidfile", pidfile);
-    set_str (d, "socket", host ? NULL : sock);
-    set_str (d, "tls-psk", so->tls_psk);
-    set_str (d, "status-file", status);
-    set_str (d, "nbdkit-log", log);
-    save_state ();
+    state_set (&d->pidfile, pidfile);
+    state_set (&d->socket, host ? NULL : sock);
+    state_set (&d->tls_psk, so->tls_psk);
+    state_set (&d->status_file, status);
+    state_set (&d->nbdkit_log, log);
+    state_save (st);
     /* Left by an nbdkit that died: ours, in our directory. */
     unlink (pidfile);
     unlink (sock);
     /* It writes the pidfile once it listens. */
     pid = spawn_detached (argv, log, &go);
-    json_object_object_add (d, "nbdkit-pid", json_object_new_int64 (pid));
-    save_state ();
+    d->nbdkit_pid = pid;
+    state_save (st);
     if (write (go, "g", 1) != 1)
       die ("starting nbdkit: %m");
     close (go);
@@ -337,10 +336,10 @@ serve_devices (const struct serve_opts *so)
                      user ? user : "", user ? "@" : "", esc,
                      psk_esc ? "&tls-psk-file=" : "", psk_esc ? psk_esc : "");
       free (esc);
-      set_str (d, "uri", uri);
+      state_set (&d->uri, uri);
       free (uri);
     }
-    save_state ();
+    state_save (st);
   next:
     free (sock);
     free (pidfile);
@@ -393,24 +392,26 @@ report_log (const char *dev, const char *log)
 }
 
 /* serve for an export that exists already (a provider's nbd-path). */
-void
+struct helper_state *
 do_serve_state (struct opts *o)
 {
+  struct helper_state *st;
+
   make_run_dir ();
   if (o->nbd_path == NULL) {
-    if (!load_state ())
+    st = state_load ();
+    if (st == NULL)
       die ("%s has no backup access: run 'setup', or give --nbd-path",
            run_dir);
-    return;
+    return st;
   }
   if (o->setup.ndevs == 0)
     die ("serve --nbd-path needs at least one --device DEV[:BITMAP]");
-  if (load_state ())
+  if (state_exists ())
     die ("%s already holds a backup access: tear it down first", run_dir);
-  state = json_object_new_object ();
-  set_str (state, "backend", "serve");
+  st = state_new ("serve");
   for (int i = 0; i < o->setup.ndevs; i++) {
-    json_object *d = json_object_new_object ();
+    struct device_state *d;
     char *dev = strdup (o->setup.devs[i]);
     char *colon = strchr (dev, ':');
     struct ba_regions none;
@@ -427,17 +428,16 @@ do_serve_state (struct opts *o)
     if (ba_bitmap_fetch (NULL, o->nbd_path, dev, NULL, &none, &size,
                          err, sizeof err) == -1)
       die ("device %s: %s", dev, err);
-    set_str (d, "device", dev);
-    set_str (d, "export", dev);
-    set_str (d, "nbd-path", o->nbd_path);
-    set_str (d, "bitmap-name", colon ? colon + 1 : NULL);
-    set_str (d, "bitmap-mode", colon ? "reuse" : "none");
-    json_object_object_add (d, "size", json_object_new_int64 (size));
-    json_object_object_add (d, "cluster-size",
-                            json_object_new_int64 (ba_cbw_cluster
-                                                   (o->setup.cluster)));
-    json_object_array_add (devices (), d);
+    d = state_add_device (st);
+    state_set (&d->device, dev);
+    state_set (&d->export, dev);
+    state_set (&d->nbd_path, o->nbd_path);
+    state_set (&d->bitmap_name, colon ? colon + 1 : NULL);
+    state_set (&d->bitmap_mode, colon ? "reuse" : "none");
+    d->size = (int64_t) size;
+    d->cluster_size = ba_cbw_cluster (o->setup.cluster);
     free (dev);
   }
-  save_state ();
+  state_save (st);
+  return st;
 }

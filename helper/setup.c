@@ -21,12 +21,13 @@
 #include "teardown.h"
 #include "util.h"
 
-/* setup, from parsed options. */
-void
+/* setup, from parsed options; returns the state. */
+struct helper_state *
 do_setup (struct opts *o)
 {
   struct setup_opts *s = &o->setup;
   const char *backend = s->backend, *form = NULL;
+  struct helper_state *st;
 
   if (s->qmp == NULL || s->ndevs == 0)
     die ("setup needs --qmp SOCKET and at least one --device");
@@ -47,7 +48,7 @@ do_setup (struct opts *o)
     check_name ("target id", s->target_id, true);
   if (access (run_dir, F_OK) == 0) {
     make_run_dir ();
-    if (load_state ())
+    if (state_exists ())
       die ("%s already holds a backup access: tear it down first", run_dir);
   }
 
@@ -75,23 +76,23 @@ do_setup (struct opts *o)
   if (strcmp (backend, "proxmox") == 0)
     form = preflight_proxmox (s);
   else {
-    struct stat st;
+    struct stat sb;
     for (int i = 0; i < s->ndevs; i++)
       free (resolve_device (s->devs[i]));
-    if (stat (s->fleecing_dir, &st) == -1 || !S_ISDIR (st.st_mode))
+    if (stat (s->fleecing_dir, &sb) == -1 || !S_ISDIR (sb.st_mode))
       die ("--fleecing-dir %s: not a directory", s->fleecing_dir);
   }
 
   make_run_dir ();
-  state = json_object_new_object ();
-  set_str (state, "backend", backend);
-  set_str (state, "qmp", s->qmp);
-  set_str (state, "target-id", s->target_id);
-  save_state ();
+  st = state_new (backend);
+  state_set (&st->qmp, s->qmp);
+  state_set (&st->target_id, s->target_id);
+  state_save (st);
   on_die (roll_back);
   if (strcmp (backend, "proxmox") == 0)
-    setup_proxmox (s, form);
+    setup_proxmox (st, s, form);
   else
-    setup_upstream (s);
-  start_exports ();
+    setup_upstream (st, s);
+  start_exports (st);
+  return st;
 }

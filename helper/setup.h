@@ -4,7 +4,12 @@
 #define BACKUPACCESS_HELPER_SETUP_H
 
 #include "options.h"
+#include "state.h"
 
-void do_setup (struct opts *o);
+/* Checks the options and QEMU, then sets up snapshot access and QEMU's
+ * exports, each step recorded first; returns the state.  Dies on error,
+ * after undoing what was set up.
+ */
+struct helper_state *do_setup (struct opts *o);
 
 #endif /* BACKUPACCESS_HELPER_SETUP_H */

@@ -5,7 +5,12 @@
 
 #include <json.h>
 
-json_object *describe (void);
-void status_command (void);
+#include "state.h"
+
+/* The devices as setup, serve and run print them. */
+json_object *describe (const struct helper_state *st);
+
+/* status: prints the counters of each device. */
+void status_command (const struct helper_state *st);
 
 #endif /* BACKUPACCESS_HELPER_STATUS_H */

@@ -24,60 +24,59 @@
 #include "util.h"
 
 static bool
-teardown_qemu (bool success)
+teardown_qemu (struct helper_state *st, bool success)
 {
-  json_object *devs = devices ();
-  bool proxmox = strcmp (get_str (state, "backend") ?: "", "proxmox") == 0;
+  bool proxmox = strcmp (st->backend ?: "", "proxmox") == 0;
 
   /* Exports first: an exported bitmap is busy, and merging it back
    * would fail (or abort QEMU).
    */
-  for (size_t i = 0; i < alen (devs); i++) {
-    json_object *d = json_object_array_get_idx (devs, i);
-    if (get_bool (d, "exported")) {
+  for (size_t i = 0; i < st->ndevices; i++) {
+    struct device_state *d = &st->devices[i];
+    if (d->exported) {
       json_object *r = qmp_run (true, "block-export-del",
-                                obj ("id", S (get_str (d, "export")), END));
+                                obj ("id", S (d->export), END));
       json_object_put (r);
-      wait_gone ("query-block-exports", "id", get_str (d, "export"));
-      json_object_object_add (d, "exported", NULL);
-      save_state ();
+      wait_gone ("query-block-exports", "id", d->export);
+      d->exported = false;
+      state_save (st);
     }
   }
-  if (get_bool (state, "nbd-server-started")) {
+  if (st->nbd_server_started) {
     json_object_put (qmp_run (true, "nbd-server-stop", NULL));
-    json_object_object_add (state, "nbd-server-started", NULL);
-    save_state ();
+    st->nbd_server_started = false;
+    state_save (st);
   }
 
   if (proxmox) {
-    if (get_bool (state, "proxmox-setup")) {
+    if (st->proxmox_setup) {
       /* Errors are reported, not fatal: vzdump does the same. */
       json_object_put (qmp_run (true, "backup-access-teardown", obj (
-        "target-id", S (get_str (state, "target-id")),
+        "target-id", S (st->target_id),
         "success", json_object_new_boolean (success), END)));
-      json_object_object_add (state, "proxmox-setup", NULL);
-      save_state ();
+      st->proxmox_setup = false;
+      state_save (st);
     }
     return true;
   }
 
-  for (size_t i = 0; i < alen (devs); i++) {
-    json_object *d = json_object_array_get_idx (devs, i);
-    const char *source = get_str (d, "source-node");
-    const char *frozen = get_str (d, "frozen-bitmap");
-    const char *live = get_str (d, "live-bitmap");
+  for (size_t i = 0; i < st->ndevices; i++) {
+    struct device_state *d = &st->devices[i];
+    const char *source = d->source_node;
+    const char *frozen = d->frozen_bitmap;
+    const char *live = d->live_bitmap;
     json_object *nodes = named_nodes ();
 
-    if (get_str (d, "node") && find_node (nodes, get_str (d, "node")))
+    if (d->node && find_node (nodes, d->node))
       json_object_put (qmp_run (true, "blockdev-del",
-                                obj ("node-name", S (get_str (d, "node")),
+                                obj ("node-name", S (d->node),
                                      END)));
-    if (get_str (d, "job")) {
+    if (d->job) {
       /* Cancelling the sync=none job removes copy-before-write. */
       json_object_put (qmp_run (true, "block-job-cancel", obj (
-        "device", S (get_str (d, "job")),
+        "device", S (d->job),
         "force", json_object_new_boolean (1), END)));
-      wait_gone ("query-block-jobs", "device", get_str (d, "job"));
+      wait_gone ("query-block-jobs", "device", d->job);
     }
     if (frozen && source) {
       if (node_has_bitmap (nodes, source, frozen)) {
@@ -93,48 +92,45 @@ teardown_qemu (bool success)
                                        "name", S (frozen), END)));
       }
     }
-    if (!success && source && get_str (d, "created-bitmap")) {
+    if (!success && source && d->created_bitmap) {
       /* A full backup that failed: no base for an incremental. */
       json_object_put (qmp_run (true, "block-dirty-bitmap-remove", obj (
-        "node", S (source), "name", S (get_str (d, "created-bitmap")),
+        "node", S (source), "name", S (d->created_bitmap),
         END)));
     }
     /* Only now, after that: the live bitmap can be trusted. */
-    if (source && get_str (d, "marker-bitmap") &&
-        node_has_bitmap (nodes, source, get_str (d, "marker-bitmap")))
+    if (source && d->marker_bitmap &&
+        node_has_bitmap (nodes, source, d->marker_bitmap))
       json_object_put (qmp_run (true, "block-dirty-bitmap-remove", obj (
-        "node", S (source), "name", S (get_str (d, "marker-bitmap")),
+        "node", S (source), "name", S (d->marker_bitmap),
         END)));
-    if (get_str (d, "fleece-node") && find_node (nodes,
-                                                 get_str (d, "fleece-node")))
+    if (d->fleece_node && find_node (nodes, d->fleece_node))
       json_object_put (qmp_run (true, "blockdev-del", obj (
-        "node-name", S (get_str (d, "fleece-node")), END)));
+        "node-name", S (d->fleece_node), END)));
     json_object_put (nodes);
-    if (get_str (d, "fleece-file") && unlink (get_str (d, "fleece-file"))
-        == -1 && errno != ENOENT)
-      warn ("removing %s: %m", get_str (d, "fleece-file"));
-    json_object_object_add (d, "job", NULL);
-    json_object_object_add (d, "frozen-bitmap", NULL);
-    json_object_object_add (d, "marker-bitmap", NULL);
-    json_object_object_add (d, "node", NULL);
-    json_object_object_add (d, "fleece-node", NULL);
-    save_state ();
+    if (d->fleece_file && unlink (d->fleece_file) == -1 && errno != ENOENT)
+      warn ("removing %s: %m", d->fleece_file);
+    state_set (&d->job, NULL);
+    state_set (&d->frozen_bitmap, NULL);
+    state_set (&d->marker_bitmap, NULL);
+    state_set (&d->node, NULL);
+    state_set (&d->fleece_node, NULL);
+    state_save (st);
   }
   return true;
 }
 
 /* What QEMU's going away during a backup means for the next one. */
 static void
-explain_qemu_gone (void)
+explain_qemu_gone (const struct helper_state *st)
 {
-  json_object *devs = devices ();
-  bool proxmox = strcmp (get_str (state, "backend") ?: "", "proxmox") == 0;
+  bool proxmox = strcmp (st->backend ?: "", "proxmox") == 0;
 
-  for (size_t i = 0; i < json_object_array_length (devs); i++) {
-    json_object *d = json_object_array_get_idx (devs, i);
-    const char *dev = get_str (d, "device") ?: "?";
-    const char *live = get_str (d, "live-bitmap");
-    const char *frozen = get_str (d, "frozen-bitmap");
+  for (size_t i = 0; i < st->ndevices; i++) {
+    const struct device_state *d = &st->devices[i];
+    const char *dev = d->device ?: "?";
+    const char *live = d->live_bitmap;
+    const char *frozen = d->frozen_bitmap;
 
     if (proxmox)
       warn ("device %s: QEMU keeps its dirty bitmaps in memory: the next "
@@ -152,48 +148,45 @@ explain_qemu_gone (void)
 }
 
 static void
-stop_local (void)
+stop_local (struct helper_state *st)
 {
-  json_object *devs = devices ();
-
-  for (size_t i = 0; i < alen (devs); i++) {
-    json_object *d = json_object_array_get_idx (devs, i);
-    const char *mnt = get_str (d, "mount");
+  for (size_t i = 0; i < st->ndevices; i++) {
+    struct device_state *d = &st->devices[i];
+    const char *mnt = d->mount;
     if (mnt) {
       char *argv[] = { "fusermount3", "-u", (char *) mnt, NULL };
       char *lazy[] = { "fusermount3", "-u", "-z", (char *) mnt, NULL };
-      pid_t pid = get_str (d, "mount-pidfile")
-        ? read_pidfile (get_str (d, "mount-pidfile")) : 0;
+      pid_t pid = d->mount_pidfile ? read_pidfile (d->mount_pidfile) : 0;
       if (run_wait (argv, NULL) != 0 && is_mounted (mnt)) {
         /* Busy: a process still has the file open.  Detached now, gone
          * when it closes the file; its reads fail once nbdfuse stops.
          */
         warn ("device %s: %s is busy (a process has the file open): "
-              "unmounted lazily", get_str (d, "device"), mnt);
+              "unmounted lazily", d->device, mnt);
         run_wait (lazy, NULL);
       }
       stop_pid (pid);
-      if (get_str (d, "mount-pidfile"))
-        unlink (get_str (d, "mount-pidfile"));
+      if (d->mount_pidfile)
+        unlink (d->mount_pidfile);
       rmdir (mnt);
-      json_object_object_add (d, "mount", NULL);
-      save_state ();
+      state_set (&d->mount, NULL);
+      state_save (st);
     }
-    if (get_str (d, "pidfile")) {
-      pid_t pid = read_pidfile (get_str (d, "pidfile"));
-      long started = (long) get_int (d, "nbdkit-pid", 0);
+    if (d->pidfile) {
+      pid_t pid = read_pidfile (d->pidfile);
+      long started = (long) d->nbdkit_pid;
       /* Not listening yet, or never told to go on. */
       if (pid == 0 && process_running ((pid_t) started) &&
           cmdline_mentions (started, run_dir))
         pid = (pid_t) started;
       stop_pid (pid);
-      if (get_str (d, "nbdkit-log"))
-        report_log (get_str (d, "device"), get_str (d, "nbdkit-log"));
-      unlink (get_str (d, "pidfile"));
-      if (get_str (d, "socket"))
-        unlink (get_str (d, "socket"));
-      json_object_object_add (d, "pidfile", NULL);
-      save_state ();
+      if (d->nbdkit_log)
+        report_log (d->device, d->nbdkit_log);
+      unlink (d->pidfile);
+      if (d->socket)
+        unlink (d->socket);
+      state_set (&d->pidfile, NULL);
+      state_save (st);
     }
   }
   stop_strays ();
@@ -203,6 +196,7 @@ void
 do_teardown (bool success)
 {
   bool ok = true;
+  struct helper_state *st;
 
   if (access (run_dir, F_OK) == -1 && errno == ENOENT) {
     warn ("%s: nothing to tear down", run_dir);
@@ -216,18 +210,18 @@ do_teardown (bool success)
     free (tmp);
     free (p);
   }
-  if (!load_state ()) {
+  st = state_load ();
+  if (st == NULL) {
     /* The state is written before any change: there is none. */
     warn ("%s: nothing to tear down", run_dir);
     rmdir (run_dir);
     return;
   }
-  stop_local ();
-  if (strcmp (get_str (state, "backend") ?: "", "serve") != 0) {
+  stop_local (st);
+  if (strcmp (st->backend ?: "", "serve") != 0) {
     char err[1024];
     if (qmp == NULL)            /* else a roll-back: the same connection */
-      qmp = ba_qmp_connect (get_str (state, "qmp"), qmp_timeout_ms (),
-                            err, sizeof err);
+      qmp = ba_qmp_connect (st->qmp, qmp_timeout_ms (), err, sizeof err);
     if (qmp == NULL) {
       /* Nothing listens: QEMU is gone, and nothing is left in it to
        * undo.  Anything else (another QMP client, a timeout): keep the
@@ -236,25 +230,24 @@ do_teardown (bool success)
       if (errno != ENOENT && errno != ECONNREFUSED)
         die ("%s: nothing was torn down; try again", err);
       warn ("%s (QEMU is gone: only local state is cleaned up)", err);
-      explain_qemu_gone ();
+      explain_qemu_gone (st);
       ok = false;
     }
     else
-      teardown_qemu (success);
+      teardown_qemu (st, success);
   }
   {
     char *p = state_path ();
-    json_object *devs = devices ();
-    for (size_t i = 0; i < alen (devs); i++) {
-      json_object *d = json_object_array_get_idx (devs, i);
-      const char *f = get_str (d, "fleece-file");
+    for (size_t i = 0; i < st->ndevices; i++) {
+      const struct device_state *d = &st->devices[i];
+      const char *f = d->fleece_file;
       if (!ok && f)
         unlink (f);
-      if (get_str (d, "status-file"))
-        unlink (get_str (d, "status-file"));
+      if (d->status_file)
+        unlink (d->status_file);
       for (const char *const *ext = (const char *const[]) {
              "nbdkit.log", "nbdfuse.log", NULL }; *ext; ext++) {
-        char *f = xasprintf ("%s/%s.%s", run_dir, get_str (d, "device"), *ext);
+        char *f = xasprintf ("%s/%s.%s", run_dir, d->device, *ext);
         unlink (f);
         free (f);
       }
@@ -267,7 +260,7 @@ do_teardown (bool success)
     /* QEMU removes its NBD server's socket when told to stop the
      * server, not when it dies or quits.
      */
-    if (!ok && get_bool (state, "nbd-server-started")) {
+    if (!ok && st->nbd_server_started) {
       p = xasprintf ("%s/qemu-nbd.sock", run_dir);
       unlink (p);
       free (p);
@@ -276,6 +269,7 @@ do_teardown (bool success)
     if (rmdir (run_dir) == -1)
       warn ("rmdir %s: %m", run_dir);
   }
+  state_free (st);
   if (!ok)
     exit (1);
 }
