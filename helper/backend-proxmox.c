@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* Proxmox VE's backup access API (backup-access-setup): finding it, the
- * checks made before it is called, and recording what it set up.
+/* The backend for Proxmox VE's backup access API: finding it, the checks
+ * made before backup-access-setup is called, recording what it set up,
+ * and backup-access-teardown.
  */
 #define _GNU_SOURCE
 #include <stdbool.h>
@@ -16,17 +17,15 @@
 #include "state.h"
 #include "util.h"
 
-bool
-proxmox_api_available (void)
+/* The form of backup-access-setup, found by the preflight. */
+static const char *setup_form;
+
+static bool
+proxmox_available (void)
 {
-  char err[1024];
-  int qemu_error;
-  json_object *r = ba_qmp_cmd (qmp, "query-proxmox-support", NULL,
-                               &qemu_error, err, sizeof err);
+  json_object *r = qmp_try ("query-proxmox-support", NULL);
   bool ok = get_bool (r, "backup-access-api");
 
-  if (r == NULL && !qemu_error)
-    die ("QMP query-proxmox-support: %s", err);
   json_object_put (r);
   return ok;
 }
@@ -80,14 +79,20 @@ bitmap_mode_of_action (const char *action)
   return "none";
 }
 
-/* Checks made before anything is changed: the API's form, and the
- * fleecing nodes vzdump adds.
+/* Checks made before anything is changed: the options, the API's
+ * form, and the fleecing nodes vzdump adds.
  */
-const char *
-preflight_proxmox (const struct setup_opts *o)
+static void
+proxmox_preflight (struct setup_opts *o)
 {
-  const char *form = proxmox_setup_form ();
-  json_object *nodes = named_nodes ();
+  json_object *nodes;
+
+  if (o->target_id == NULL)
+    o->target_id = o->bitmap ? o->bitmap : "backupaccess";
+  if (o->bitmap == NULL && strcmp (o->bitmap_mode, "none") != 0)
+    die ("--bitmap-mode %s needs --bitmap", o->bitmap_mode);
+  setup_form = proxmox_setup_form ();
+  nodes = named_nodes ();
 
   for (int i = 0; i < o->ndevs; i++) {
     char *fl = xasprintf ("%s-fleecing", o->devs[i]);
@@ -97,16 +102,14 @@ preflight_proxmox (const struct setup_opts *o)
     free (fl);
   }
   json_object_put (nodes);
-  return form;
 }
 
-void
-setup_proxmox (struct helper_state *st, const struct setup_opts *o,
-               const char *form)
+static void
+proxmox_setup (struct helper_state *st, const struct setup_opts *o)
 {
   json_object *nodes = named_nodes (), *args, *result;
 
-  if (strcmp (form, "devices") == 0) {
+  if (strcmp (setup_form, "devices") == 0) {
     json_object *list = json_object_new_array ();
     for (int i = 0; i < o->ndevs; i++)
       json_object_array_add (list, obj ("device", S (o->devs[i]),
@@ -174,3 +177,34 @@ setup_proxmox (struct helper_state *st, const struct setup_opts *o,
   json_object_put (nodes);
   state_save (st);
 }
+
+static void
+proxmox_teardown (struct helper_state *st, bool success)
+{
+  if (!st->proxmox_setup)
+    return;
+  /* Errors are reported, not fatal: vzdump does the same. */
+  json_object_put (qmp_run (true, "backup-access-teardown", obj (
+    "target-id", S (st->target_id),
+    "success", json_object_new_boolean (success), END)));
+  st->proxmox_setup = false;
+  state_save (st);
+}
+
+static void
+proxmox_explain_qemu_gone (const struct helper_state *st)
+{
+  for (size_t i = 0; i < st->ndevices; i++)
+    warn ("device %s: QEMU keeps its dirty bitmaps in memory: the next "
+          "backup is a full one", st->devices[i].device ?: "?");
+}
+
+const struct backend backend_proxmox = {
+  .name = "proxmox",
+  .available = proxmox_available,
+  .preflight = proxmox_preflight,
+  .setup = proxmox_setup,
+  .teardown = proxmox_teardown,
+  .explain_qemu_gone = proxmox_explain_qemu_gone,
+  .discard_clean = false,
+};

@@ -1,15 +1,19 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* Upstream QEMU (7.2 and later), set up by hand: a fleecing image, a
- * frozen copy of the dirty bitmap and copy-before-write inserted in one
- * transaction, then snapshot-access with discard.
+/* The backend for upstream QEMU (7.2 and later), by hand: per device a
+ * fleecing image, a frozen copy of the dirty bitmap and copy-before-write
+ * inserted in one transaction, then snapshot-access with discard; and
+ * the way back, which keeps every change in the bitmap when the backup
+ * failed.
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -18,7 +22,6 @@
 #include "backend.h"
 #include "cluster.h"
 #include "proc.h"
-#include "qmp.h"
 #include "qmpops.h"
 #include "rundir.h"
 #include "state.h"
@@ -110,12 +113,37 @@ free_bitmaps_seen (struct bitmaps_seen *b)
   free (b->left_frozen);
 }
 
-/* Upstream QEMU (7.2 and later), by hand: fleecing image, a frozen copy
- * of the bitmap and copy-before-write inserted in one transaction, then
- * snapshot-access with discard.
+static bool
+upstream_available (void)
+{
+  return true;
+}
+
+/* Checks made before anything is changed: the options, the devices'
+ * nodes, and the fleecing directory.
  */
-void
-setup_upstream (struct helper_state *st, const struct setup_opts *o)
+static void
+upstream_preflight (struct setup_opts *o)
+{
+  struct stat sb;
+
+  if (o->fleecing_dir == NULL)
+    die ("upstream QEMU: --fleecing-dir DIR is needed for the fleecing "
+         "images");
+  if (strcmp (o->bitmap_mode, "new") == 0)
+    die ("--bitmap-mode new: only with Proxmox's API; upstream, a missing "
+         "--bitmap is created (a full backup)");
+  for (int i = 0; i < o->ndevs; i++)
+    free (resolve_device (o->devs[i]));
+  if (stat (o->fleecing_dir, &sb) == -1 || !S_ISDIR (sb.st_mode))
+    die ("--fleecing-dir %s: not a directory", o->fleecing_dir);
+}
+
+/* Fleecing image, a frozen copy of the bitmap and copy-before-write
+ * inserted in one transaction, then snapshot-access with discard.
+ */
+static void
+upstream_setup (struct helper_state *st, const struct setup_opts *o)
 {
   char tag[16];
 
@@ -214,9 +242,6 @@ setup_upstream (struct helper_state *st, const struct setup_opts *o)
         b.live = false;
       }
       if (!b.live) {
-        char err[1024];
-        int qe;
-        json_object *r;
         /* A full backup: the frozen copies of unfinished backups add
          * nothing to it.
          */
@@ -234,18 +259,13 @@ setup_upstream (struct helper_state *st, const struct setup_opts *o)
         state_set (&d->marker_bitmap, marker);
         state_save (st);
         {
-          json_object *args = obj ("node", S (source), "name", S (marker),
-                                   "persistent", json_object_new_boolean (1),
-                                   "disabled", json_object_new_boolean (1),
-                                   END);
-          r = ba_qmp_cmd (qmp, "block-dirty-bitmap-add", args, &qe,
-                          err, sizeof err);
-          json_object_put (args);
+          json_object *r = qmp_try ("block-dirty-bitmap-add", obj (
+            "node", S (source), "name", S (marker),
+            "persistent", json_object_new_boolean (1),
+            "disabled", json_object_new_boolean (1), END));
           persistent = r != NULL;
           json_object_put (r);
           if (!persistent) {
-            if (!qe)
-              die ("QMP block-dirty-bitmap-add: %s", err);
             state_set (&d->marker_bitmap, NULL);
             state_save (st);
           }
@@ -334,3 +354,103 @@ setup_upstream (struct helper_state *st, const struct setup_opts *o)
     json_object_put (nodes);
   }
 }
+
+/* Deletes the nodes, cancels the job (which removes copy-before-write),
+ * merges the frozen bitmap back on failure, removes the bitmaps made
+ * for this backup and the fleecing image.
+ */
+static void
+upstream_teardown (struct helper_state *st, bool success)
+{
+  for (size_t i = 0; i < st->ndevices; i++) {
+    struct device_state *d = &st->devices[i];
+    const char *source = d->source_node;
+    const char *frozen = d->frozen_bitmap;
+    const char *live = d->live_bitmap;
+    json_object *nodes = named_nodes ();
+
+    if (d->node && find_node (nodes, d->node))
+      json_object_put (qmp_run (true, "blockdev-del",
+                                obj ("node-name", S (d->node),
+                                     END)));
+    if (d->job) {
+      /* Cancelling the sync=none job removes copy-before-write. */
+      json_object_put (qmp_run (true, "block-job-cancel", obj (
+        "device", S (d->job),
+        "force", json_object_new_boolean (1), END)));
+      wait_gone ("query-block-jobs", "device", d->job);
+    }
+    if (frozen && source) {
+      if (node_has_bitmap (nodes, source, frozen)) {
+        /* On failure the next incremental must still see every change. */
+        if (!success && live) {
+          json_object *list = json_object_new_array ();
+          json_object_array_add (list, S (frozen));
+          json_object_put (qmp_run (false, "block-dirty-bitmap-merge", obj (
+            "node", S (source), "target", S (live), "bitmaps", list, END)));
+        }
+        json_object_put (qmp_run (false, "block-dirty-bitmap-remove",
+                                  obj ("node", S (source),
+                                       "name", S (frozen), END)));
+      }
+    }
+    if (!success && source && d->created_bitmap) {
+      /* A full backup that failed: no base for an incremental. */
+      json_object_put (qmp_run (true, "block-dirty-bitmap-remove", obj (
+        "node", S (source), "name", S (d->created_bitmap),
+        END)));
+    }
+    /* Only now, after that: the live bitmap can be trusted. */
+    if (source && d->marker_bitmap &&
+        node_has_bitmap (nodes, source, d->marker_bitmap))
+      json_object_put (qmp_run (true, "block-dirty-bitmap-remove", obj (
+        "node", S (source), "name", S (d->marker_bitmap),
+        END)));
+    if (d->fleece_node && find_node (nodes, d->fleece_node))
+      json_object_put (qmp_run (true, "blockdev-del", obj (
+        "node-name", S (d->fleece_node), END)));
+    json_object_put (nodes);
+    if (d->fleece_file && unlink (d->fleece_file) == -1 && errno != ENOENT)
+      warn ("removing %s: %m", d->fleece_file);
+    state_set (&d->job, NULL);
+    state_set (&d->frozen_bitmap, NULL);
+    state_set (&d->marker_bitmap, NULL);
+    state_set (&d->node, NULL);
+    state_set (&d->fleece_node, NULL);
+    state_save (st);
+  }
+}
+
+static void
+upstream_explain_qemu_gone (const struct helper_state *st)
+{
+  for (size_t i = 0; i < st->ndevices; i++) {
+    const struct device_state *d = &st->devices[i];
+    const char *dev = d->device ?: "?";
+    const char *live = d->live_bitmap;
+    const char *frozen = d->frozen_bitmap;
+
+    if (live && frozen)
+      warn ("device %s: if QEMU shut down cleanly, it saved the changes "
+            "of this backup in bitmap '%s', and the next setup with "
+            "--bitmap %s adds them back; if it was killed, bitmap '%s' is "
+            "inconsistent and the next setup makes a full backup",
+            dev, frozen, live, live);
+    else if (live)
+      warn ("device %s: this full backup did not finish: the next setup "
+            "with --bitmap %s makes a full backup again", dev, live);
+  }
+}
+
+const struct backend backend_upstream = {
+  .name = "upstream",
+  .available = upstream_available,
+  .preflight = upstream_preflight,
+  .setup = upstream_setup,
+  .teardown = upstream_teardown,
+  .explain_qemu_gone = upstream_explain_qemu_gone,
+  /* Copy-before-write without a bitmap: it would copy clean clusters,
+   * which nobody reads, into the fleecing image.
+   */
+  .discard_clean = true,
+};

@@ -74,3 +74,27 @@ start_exports (struct helper_state *st)
   state_save (st);
   free (sock);
 }
+
+/* An exported bitmap is busy: merging it back would fail (or abort
+ * QEMU).  So this comes before anything else in QEMU is undone.
+ */
+void
+stop_exports (struct helper_state *st)
+{
+  for (size_t i = 0; i < st->ndevices; i++) {
+    struct device_state *d = &st->devices[i];
+    if (d->exported) {
+      json_object *r = qmp_run (true, "block-export-del",
+                                obj ("id", S (d->export), END));
+      json_object_put (r);
+      wait_gone ("query-block-exports", "id", d->export);
+      d->exported = false;
+      state_save (st);
+    }
+  }
+  if (st->nbd_server_started) {
+    json_object_put (qmp_run (true, "nbd-server-stop", NULL));
+    st->nbd_server_started = false;
+    state_save (st);
+  }
+}

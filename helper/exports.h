@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* QEMU's NBD server and its exports of the devices. */
+/* QEMU's NBD server and its exports of the devices' snapshot-access
+ * nodes, which nbdkit's plugin reads.
+ */
 #ifndef BACKUPACCESS_HELPER_EXPORTS_H
 #define BACKUPACCESS_HELPER_EXPORTS_H
 
@@ -10,5 +12,10 @@
  * recorded first.
  */
 void start_exports (struct helper_state *st);
+
+/* Removes the exports and stops the NBD server that st records, each
+ * step recorded as it is done; QEMU's refusals are warnings.
+ */
+void stop_exports (struct helper_state *st);
 
 #endif /* BACKUPACCESS_HELPER_EXPORTS_H */

@@ -19,12 +19,13 @@
 
 #define QMP_TIMEOUT_MS 60000
 
-struct ba_qmp *qmp;
+/* The connection to QEMU, one per run of the helper. */
+static struct ba_qmp *qmp;
 
 /* How long QEMU may take to answer a command: 60 s, or
  * BACKUPACCESS_QMP_TIMEOUT seconds.
  */
-int
+static int
 qmp_timeout_ms (void)
 {
   const char *s = getenv ("BACKUPACCESS_QMP_TIMEOUT");
@@ -49,6 +50,29 @@ qmp_open (const char *path)
     die ("%s", err);
 }
 
+int
+qmp_connect (const char *path, char *err, size_t errlen)
+{
+  if (qmp == NULL)
+    qmp = ba_qmp_connect (path, qmp_timeout_ms (), err, errlen);
+  return qmp ? 0 : -1;
+}
+
+bool
+qmp_is_open (void)
+{
+  return qmp != NULL;
+}
+
+void
+qmp_close (void)
+{
+  if (qmp) {
+    ba_qmp_close (qmp);
+    qmp = NULL;
+  }
+}
+
 /* Runs a QMP command; dies on error unless ok_errors, in which case
  * it returns NULL.  args is consumed.
  */
@@ -65,6 +89,19 @@ qmp_run (bool ok_errors, const char *cmd, json_object *args)
       die ("QMP %s: %s", cmd, err);
     warn ("QMP %s: %s (ignored)", cmd, err);
   }
+  return r;
+}
+
+json_object *
+qmp_try (const char *cmd, json_object *args)
+{
+  char err[1024];
+  int qemu_error;
+  json_object *r = ba_qmp_cmd (qmp, cmd, args, &qemu_error, err, sizeof err);
+
+  json_object_put (args);
+  if (r == NULL && !qemu_error)
+    die ("QMP %s: %s", cmd, err);
   return r;
 }
 

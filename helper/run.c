@@ -20,7 +20,6 @@
 
 #include "mount.h"
 #include "options.h"
-#include "qmp.h"
 #include "qmpops.h"
 #include "run.h"
 #include "rundir.h"
@@ -128,10 +127,7 @@ do_run (struct opts *o, char **cmd)
     rc = 128 + got_signal;
   warn ("%s exited with %d: tearing down with %s", cmd[0], rc,
         rc == 0 ? "success" : "failure");
-  if (qmp) {
-    ba_qmp_close (qmp);
-    qmp = NULL;
-  }
+  qmp_close ();
   do_teardown (rc == 0);
   return rc;
 }

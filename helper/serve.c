@@ -19,6 +19,7 @@
 
 #include <json.h>
 
+#include "backend.h"
 #include "bitmap.h"
 #include "cluster.h"
 #include "options.h"
@@ -202,6 +203,7 @@ serve_preflight (const struct serve_opts *so, int ndevs,
 void
 serve_devices (struct helper_state *st, const struct serve_opts *so)
 {
+  const struct backend *be = backend_named (st->backend);
   int64_t bandwidth = so->bandwidth;
   char *host = NULL, *user = NULL, *psk_esc = NULL;
   int port = 0;
@@ -281,10 +283,7 @@ serve_devices (struct helper_state *st, const struct serve_opts *so)
     argv[a++] = status_arg;
     if (bitmap_arg) {
       argv[a++] = bitmap_arg;
-      /* Upstream copy-before-write has no bitmap: it would copy clean
-       * clusters, which nobody reads, into the fleecing image.
-       */
-      if (strcmp (st->backend ?: "", "upstream") == 0)
+      if (be && be->discard_clean)
         argv[a++] = "backupaccess-discard-clean=true";
     }
     if (rate_arg)

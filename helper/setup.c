@@ -21,14 +21,10 @@
 #include "teardown.h"
 #include "util.h"
 
-/* setup, from parsed options; returns the state. */
-struct helper_state *
-do_setup (struct opts *o)
+/* The options, checked before QEMU is asked anything. */
+static void
+check_options (struct setup_opts *s)
 {
-  struct setup_opts *s = &o->setup;
-  const char *backend = s->backend, *form = NULL;
-  struct helper_state *st;
-
   if (s->qmp == NULL || s->ndevs == 0)
     die ("setup needs --qmp SOCKET and at least one --device");
   for (int i = 0; i < s->ndevs; i++)
@@ -41,11 +37,22 @@ do_setup (struct opts *o)
       strcmp (s->bitmap_mode, "new") != 0 &&
       strcmp (s->bitmap_mode, "use") != 0)
     die ("--bitmap-mode %s: expected none, new or use", s->bitmap_mode);
-  if (strcmp (backend, "auto") != 0 && strcmp (backend, "proxmox") != 0 &&
-      strcmp (backend, "upstream") != 0)
-    die ("--backend %s: expected auto, proxmox or upstream", backend);
+  if (strcmp (s->backend, "auto") != 0 &&
+      strcmp (s->backend, "proxmox") != 0 &&
+      strcmp (s->backend, "upstream") != 0)
+    die ("--backend %s: expected auto, proxmox or upstream", s->backend);
   if (s->target_id)
     check_name ("target id", s->target_id, true);
+}
+
+struct helper_state *
+do_setup (struct opts *o)
+{
+  struct setup_opts *s = &o->setup;
+  const struct backend *be;
+  struct helper_state *st;
+
+  check_options (s);
   if (access (run_dir, F_OK) == 0) {
     make_run_dir ();
     if (state_exists ())
@@ -53,46 +60,17 @@ do_setup (struct opts *o)
   }
 
   qmp_open (s->qmp);
-  if (strcmp (backend, "auto") == 0)
-    backend = proxmox_api_available () ? "proxmox" : "upstream";
-  else if (strcmp (backend, "proxmox") == 0 && !proxmox_api_available ())
-    die ("this QEMU has no Proxmox backup access API "
-         "(query-proxmox-support: backup-access-api)");
-  if (strcmp (backend, "upstream") == 0) {
-    if (s->fleecing_dir == NULL)
-      die ("upstream QEMU: --fleecing-dir DIR is needed for the fleecing "
-           "images");
-    if (strcmp (s->bitmap_mode, "new") == 0)
-      die ("--bitmap-mode new: only with Proxmox's API; upstream, a missing "
-           "--bitmap is created (a full backup)");
-  }
-  else if (s->target_id == NULL)
-    s->target_id = s->bitmap ? s->bitmap : "backupaccess";
-  if (strcmp (backend, "proxmox") == 0 && s->bitmap == NULL &&
-      strcmp (s->bitmap_mode, "none") != 0)
-    die ("--bitmap-mode %s needs --bitmap", s->bitmap_mode);
-
+  be = backend_for_setup (s->backend);
   /* Everything that can be checked before a change, is. */
-  if (strcmp (backend, "proxmox") == 0)
-    form = preflight_proxmox (s);
-  else {
-    struct stat sb;
-    for (int i = 0; i < s->ndevs; i++)
-      free (resolve_device (s->devs[i]));
-    if (stat (s->fleecing_dir, &sb) == -1 || !S_ISDIR (sb.st_mode))
-      die ("--fleecing-dir %s: not a directory", s->fleecing_dir);
-  }
+  be->preflight (s);
 
   make_run_dir ();
-  st = state_new (backend);
+  st = state_new (be->name);
   state_set (&st->qmp, s->qmp);
   state_set (&st->target_id, s->target_id);
   state_save (st);
   on_die (roll_back);
-  if (strcmp (backend, "proxmox") == 0)
-    setup_proxmox (st, s, form);
-  else
-    setup_upstream (st, s);
+  be->setup (st, s);
   start_exports (st);
   return st;
 }

@@ -12,6 +12,7 @@
 
 #include <json.h>
 
+#include "backend.h"
 #include "cluster.h"
 #include "qmpops.h"
 #include "rundir.h"
@@ -54,7 +55,7 @@ fleecing_bytes (const struct device_state *d)
 
   if (file)
     return stat (file, &sb) == 0 ? (int64_t) sb.st_blocks * 512 : -1;
-  if (qmp && d->fleece_node) {
+  if (qmp_is_open () && d->fleece_node) {
     json_object *nodes = named_nodes ();
     int64_t r = node_image_int (find_node (nodes, d->fleece_node),
                                 "actual-size");
@@ -69,7 +70,7 @@ status_command (const struct helper_state *st)
 {
   json_object *out = json_object_new_object (), *list = json_object_new_array ();
 
-  if (st->qmp && strcmp (st->backend ?: "", "serve") != 0)
+  if (st->qmp && backend_of_state (st))
     qmp_open (st->qmp);
   for (size_t i = 0; i < st->ndevices; i++) {
     const struct device_state *d = &st->devices[i];

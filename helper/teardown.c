@@ -13,9 +13,10 @@
 
 #include <json.h>
 
+#include "backend.h"
+#include "exports.h"
 #include "mount.h"
 #include "proc.h"
-#include "qmp.h"
 #include "qmpops.h"
 #include "rundir.h"
 #include "serve.h"
@@ -23,128 +24,15 @@
 #include "teardown.h"
 #include "util.h"
 
-static bool
-teardown_qemu (struct helper_state *st, bool success)
-{
-  bool proxmox = strcmp (st->backend ?: "", "proxmox") == 0;
-
-  /* Exports first: an exported bitmap is busy, and merging it back
-   * would fail (or abort QEMU).
-   */
-  for (size_t i = 0; i < st->ndevices; i++) {
-    struct device_state *d = &st->devices[i];
-    if (d->exported) {
-      json_object *r = qmp_run (true, "block-export-del",
-                                obj ("id", S (d->export), END));
-      json_object_put (r);
-      wait_gone ("query-block-exports", "id", d->export);
-      d->exported = false;
-      state_save (st);
-    }
-  }
-  if (st->nbd_server_started) {
-    json_object_put (qmp_run (true, "nbd-server-stop", NULL));
-    st->nbd_server_started = false;
-    state_save (st);
-  }
-
-  if (proxmox) {
-    if (st->proxmox_setup) {
-      /* Errors are reported, not fatal: vzdump does the same. */
-      json_object_put (qmp_run (true, "backup-access-teardown", obj (
-        "target-id", S (st->target_id),
-        "success", json_object_new_boolean (success), END)));
-      st->proxmox_setup = false;
-      state_save (st);
-    }
-    return true;
-  }
-
-  for (size_t i = 0; i < st->ndevices; i++) {
-    struct device_state *d = &st->devices[i];
-    const char *source = d->source_node;
-    const char *frozen = d->frozen_bitmap;
-    const char *live = d->live_bitmap;
-    json_object *nodes = named_nodes ();
-
-    if (d->node && find_node (nodes, d->node))
-      json_object_put (qmp_run (true, "blockdev-del",
-                                obj ("node-name", S (d->node),
-                                     END)));
-    if (d->job) {
-      /* Cancelling the sync=none job removes copy-before-write. */
-      json_object_put (qmp_run (true, "block-job-cancel", obj (
-        "device", S (d->job),
-        "force", json_object_new_boolean (1), END)));
-      wait_gone ("query-block-jobs", "device", d->job);
-    }
-    if (frozen && source) {
-      if (node_has_bitmap (nodes, source, frozen)) {
-        /* On failure the next incremental must still see every change. */
-        if (!success && live) {
-          json_object *list = json_object_new_array ();
-          json_object_array_add (list, S (frozen));
-          json_object_put (qmp_run (false, "block-dirty-bitmap-merge", obj (
-            "node", S (source), "target", S (live), "bitmaps", list, END)));
-        }
-        json_object_put (qmp_run (false, "block-dirty-bitmap-remove",
-                                  obj ("node", S (source),
-                                       "name", S (frozen), END)));
-      }
-    }
-    if (!success && source && d->created_bitmap) {
-      /* A full backup that failed: no base for an incremental. */
-      json_object_put (qmp_run (true, "block-dirty-bitmap-remove", obj (
-        "node", S (source), "name", S (d->created_bitmap),
-        END)));
-    }
-    /* Only now, after that: the live bitmap can be trusted. */
-    if (source && d->marker_bitmap &&
-        node_has_bitmap (nodes, source, d->marker_bitmap))
-      json_object_put (qmp_run (true, "block-dirty-bitmap-remove", obj (
-        "node", S (source), "name", S (d->marker_bitmap),
-        END)));
-    if (d->fleece_node && find_node (nodes, d->fleece_node))
-      json_object_put (qmp_run (true, "blockdev-del", obj (
-        "node-name", S (d->fleece_node), END)));
-    json_object_put (nodes);
-    if (d->fleece_file && unlink (d->fleece_file) == -1 && errno != ENOENT)
-      warn ("removing %s: %m", d->fleece_file);
-    state_set (&d->job, NULL);
-    state_set (&d->frozen_bitmap, NULL);
-    state_set (&d->marker_bitmap, NULL);
-    state_set (&d->node, NULL);
-    state_set (&d->fleece_node, NULL);
-    state_save (st);
-  }
-  return true;
-}
-
-/* What QEMU's going away during a backup means for the next one. */
+/* Undoes what the state records in QEMU: the exports first, then the
+ * backend's setup.
+ */
 static void
-explain_qemu_gone (const struct helper_state *st)
+teardown_qemu (struct helper_state *st, const struct backend *be,
+               bool success)
 {
-  bool proxmox = strcmp (st->backend ?: "", "proxmox") == 0;
-
-  for (size_t i = 0; i < st->ndevices; i++) {
-    const struct device_state *d = &st->devices[i];
-    const char *dev = d->device ?: "?";
-    const char *live = d->live_bitmap;
-    const char *frozen = d->frozen_bitmap;
-
-    if (proxmox)
-      warn ("device %s: QEMU keeps its dirty bitmaps in memory: the next "
-            "backup is a full one", dev);
-    else if (live && frozen)
-      warn ("device %s: if QEMU shut down cleanly, it saved the changes "
-            "of this backup in bitmap '%s', and the next setup with "
-            "--bitmap %s adds them back; if it was killed, bitmap '%s' is "
-            "inconsistent and the next setup makes a full backup",
-            dev, frozen, live, live);
-    else if (live)
-      warn ("device %s: this full backup did not finish: the next setup "
-            "with --bitmap %s makes a full backup again", dev, live);
-  }
+  stop_exports (st);
+  be->teardown (st, success);
 }
 
 static void
@@ -197,6 +85,7 @@ do_teardown (bool success)
 {
   bool ok = true;
   struct helper_state *st;
+  const struct backend *be;
 
   if (access (run_dir, F_OK) == -1 && errno == ENOENT) {
     warn ("%s: nothing to tear down", run_dir);
@@ -218,11 +107,10 @@ do_teardown (bool success)
     return;
   }
   stop_local (st);
-  if (strcmp (st->backend ?: "", "serve") != 0) {
+  be = backend_of_state (st);
+  if (be) {
     char err[1024];
-    if (qmp == NULL)            /* else a roll-back: the same connection */
-      qmp = ba_qmp_connect (st->qmp, qmp_timeout_ms (), err, sizeof err);
-    if (qmp == NULL) {
+    if (qmp_connect (st->qmp, err, sizeof err) == -1) {
       /* Nothing listens: QEMU is gone, and nothing is left in it to
        * undo.  Anything else (another QMP client, a timeout): keep the
        * state, so that teardown can be run again.
@@ -230,11 +118,11 @@ do_teardown (bool success)
       if (errno != ENOENT && errno != ECONNREFUSED)
         die ("%s: nothing was torn down; try again", err);
       warn ("%s (QEMU is gone: only local state is cleaned up)", err);
-      explain_qemu_gone (st);
+      be->explain_qemu_gone (st);
       ok = false;
     }
     else
-      teardown_qemu (st, success);
+      teardown_qemu (st, be, success);
   }
   {
     char *p = state_path ();
