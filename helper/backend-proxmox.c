@@ -104,10 +104,12 @@ proxmox_preflight (struct setup_opts *o)
   json_object_put (nodes);
 }
 
-static void
-proxmox_setup (struct helper_state *st, const struct setup_opts *o)
+/* backup-access-setup's arguments, in the form this QEMU takes. */
+static json_object *
+setup_args (const struct setup_opts *o)
 {
-  json_object *nodes = named_nodes (), *args, *result;
+  json_object *args;
+  char *devlist = NULL;
 
   if (strcmp (setup_form, "devices") == 0) {
     json_object *list = json_object_new_array ();
@@ -115,64 +117,76 @@ proxmox_setup (struct helper_state *st, const struct setup_opts *o)
       json_object_array_add (list, obj ("device", S (o->devs[i]),
                                         "bitmap-mode", S (o->bitmap_mode),
                                         END));
-    args = obj ("target-id", S (o->target_id), "devices", list, END);
+    return obj ("target-id", S (o->target_id), "devices", list, END);
   }
-  else {
-    char *devlist = NULL;
-    for (int i = 0; i < o->ndevs; i++) {
-      char *d = xasprintf ("%s%s%s", devlist ? devlist : "",
-                           devlist ? "," : "", o->devs[i]);
-      free (devlist);
-      devlist = d;
-    }
-    args = obj ("target-id", S (o->target_id), "devlist", S (devlist), END);
-    if (strcmp (o->bitmap_mode, "none") != 0)
-      json_object_object_add (args, "bitmap-name", S (o->bitmap));
+  for (int i = 0; i < o->ndevs; i++) {
+    char *d = xasprintf ("%s%s%s", devlist ? devlist : "",
+                         devlist ? "," : "", o->devs[i]);
     free (devlist);
+    devlist = d;
   }
+  args = obj ("target-id", S (o->target_id), "devlist", S (devlist), END);
+  if (strcmp (o->bitmap_mode, "none") != 0)
+    json_object_object_add (args, "bitmap-name", S (o->bitmap));
+  free (devlist);
+  return args;
+}
+
+/* A device of backup-access-setup's answer r, checked, into st (nodes:
+ * named_nodes, for the fleecing node's cluster size).
+ */
+static void
+add_device (struct helper_state *st, const struct setup_opts *o,
+            json_object *r, json_object *nodes)
+{
+  struct device_state *d;
+  const char *dev = get_str (r, "device");
+  char *fl;
+  bool asked = false;
+
+  if (dev == NULL || get_str (r, "node-name") == NULL)
+    die ("backup-access-setup returned an entry without device/node-name");
+  /* The device names file names and nbdkit's export=, the bitmap name
+   * nbdkit's backupaccess-bitmap=: both as plain as the user's.
+   */
+  check_name ("device returned by QEMU", dev, false);
+  for (int j = 0; j < o->ndevs; j++)
+    asked |= strcmp (o->devs[j], dev) == 0;
+  if (!asked)
+    die ("backup-access-setup returned device '%s', which was not asked "
+         "for", dev);
+  fl = xasprintf ("%s-fleecing", dev);
+  if (get_str (r, "bitmap-name"))
+    check_name ("bitmap name returned by QEMU", get_str (r, "bitmap-name"),
+                true);
+  d = state_add_device (st);
+  state_set (&d->device, dev);
+  state_set (&d->export, dev);
+  state_set (&d->node, get_str (r, "node-name"));
+  d->size = get_int (r, "size", 0);
+  state_set (&d->bitmap_mode,
+             bitmap_mode_of_action (get_str (r, "bitmap-action")));
+  state_set (&d->bitmap_name, get_str (r, "bitmap-name"));
+  state_set (&d->bitmap_node, get_str (r, "bitmap-node-name"));
+  state_set (&d->fleece_node, fl);
+  d->cluster_size = ba_cbw_cluster (node_image_int (find_node (nodes, fl),
+                                                    "cluster-size"));
+  free (fl);
+}
+
+static void
+proxmox_setup (struct helper_state *st, const struct setup_opts *o)
+{
+  json_object *nodes = named_nodes (), *args = setup_args (o), *result;
+
   /* Recorded first: teardown must call backup-access-teardown even if
    * we die right after QEMU set it up.
    */
   st->proxmox_setup = true;
   state_save (st);
   result = qmp_list ("backup-access-setup", args);
-
-  for (size_t i = 0; i < alen (result); i++) {
-    json_object *r = json_object_array_get_idx (result, i);
-    struct device_state *d;
-    const char *dev = get_str (r, "device");
-    char *fl;
-    bool asked = false;
-
-    if (dev == NULL || get_str (r, "node-name") == NULL)
-      die ("backup-access-setup returned an entry without device/node-name");
-    /* The device names file names and nbdkit's export=, the bitmap name
-     * nbdkit's backupaccess-bitmap=: both as plain as the user's.
-     */
-    check_name ("device returned by QEMU", dev, false);
-    for (int j = 0; j < o->ndevs; j++)
-      asked |= strcmp (o->devs[j], dev) == 0;
-    if (!asked)
-      die ("backup-access-setup returned device '%s', which was not asked "
-           "for", dev);
-    fl = xasprintf ("%s-fleecing", dev);
-    if (get_str (r, "bitmap-name"))
-      check_name ("bitmap name returned by QEMU", get_str (r, "bitmap-name"),
-                  true);
-    d = state_add_device (st);
-    state_set (&d->device, dev);
-    state_set (&d->export, dev);
-    state_set (&d->node, get_str (r, "node-name"));
-    d->size = get_int (r, "size", 0);
-    state_set (&d->bitmap_mode,
-               bitmap_mode_of_action (get_str (r, "bitmap-action")));
-    state_set (&d->bitmap_name, get_str (r, "bitmap-name"));
-    state_set (&d->bitmap_node, get_str (r, "bitmap-node-name"));
-    state_set (&d->fleece_node, fl);
-    d->cluster_size = ba_cbw_cluster (node_image_int (find_node (nodes, fl),
-                                                      "cluster-size"));
-    free (fl);
-  }
+  for (size_t i = 0; i < alen (result); i++)
+    add_device (st, o, json_object_array_get_idx (result, i), nodes);
   json_object_put (result);
   json_object_put (nodes);
   state_save (st);

@@ -7,7 +7,9 @@
  * so that "teardown" can undo a setup that stopped half-way, and can run
  * twice.  No shell is ever used: child processes get an argv.
  *
- * This file: the commands and their usage.
+ * This file: the commands and their usage.  The QMP sequences are in
+ * backend-proxmox.c, backend-upstream.c (and upstream-bitmaps.c) and
+ * exports.c; the state's record is state.h.
  */
 #define _GNU_SOURCE
 #include <getopt.h>
@@ -23,6 +25,7 @@
 #include "options.h"
 #include "run.h"
 #include "rundir.h"
+#include "listen.h"
 #include "serve.h"
 #include "setup.h"
 #include "state.h"
@@ -80,14 +83,112 @@ usage (FILE *fp, int status)
   exit (status);
 }
 
+static void
+print_devices (const struct helper_state *st)
+{
+  json_object *out = describe (st);
+
+  print_json (out);
+  json_object_put (out);
+}
+
+/* The state in the run directory, which there must be. */
+static struct helper_state *
+existing_state (void)
+{
+  struct helper_state *st;
+
+  make_run_dir ();
+  st = state_load ();
+  if (st == NULL)
+    die ("%s has no backup access", run_dir);
+  return st;
+}
+
+static int
+cmd_setup (struct opts *o, int argc, char **argv)
+{
+  struct helper_state *st = do_setup (o);
+
+  on_die (NULL);
+  print_devices (st);
+  state_free (st);
+  return 0;
+}
+
+static int
+cmd_serve (struct opts *o, int argc, char **argv)
+{
+  struct helper_state *st;
+
+  serve_preflight (&o->serve, o->setup.ndevs, NULL);
+  st = do_serve_state (o);
+  serve_devices (st, &o->serve);
+  print_devices (st);
+  state_free (st);
+  return 0;
+}
+
+static int
+cmd_mount (struct opts *o, int argc, char **argv)
+{
+  struct helper_state *st = existing_state ();
+  json_object *out = json_object_new_object ();
+
+  mount_devices (st, out);
+  print_json (out);
+  json_object_put (out);
+  state_free (st);
+  return 0;
+}
+
+static int
+cmd_status (struct opts *o, int argc, char **argv)
+{
+  struct helper_state *st = existing_state ();
+
+  print_status (st);
+  state_free (st);
+  return 0;
+}
+
+static int
+cmd_teardown (struct opts *o, int argc, char **argv)
+{
+  if (o->success == -1)
+    die ("teardown needs --success or --failure");
+  do_teardown (o->success);
+  return 0;
+}
+
+static int
+cmd_run (struct opts *o, int argc, char **argv)
+{
+  if (optind >= argc)
+    die ("run needs -- COMMAND [ARGS...]");
+  return do_run (o, argv + optind);
+}
+
+static const struct command {
+  const char *name;
+  const char *usage;
+  /* After the options are parsed (argv[0]: the command): exit status. */
+  int (*run) (struct opts *o, int argc, char **argv);
+} commands[] = {
+  { "setup", SETUP_USAGE, cmd_setup },
+  { "serve", SERVE_USAGE, cmd_serve },
+  { "mount", MOUNT_USAGE, cmd_mount },
+  { "status", STATUS_USAGE, cmd_status },
+  { "teardown", TEARDOWN_USAGE, cmd_teardown },
+  { "run", RUN_USAGE, cmd_run },
+};
+
 int
 main (int argc, char **argv)
 {
+  const struct command *c = NULL;
   struct opts o;
-  const char *cmd;
-  struct helper_state *st = NULL;
-  json_object *out;
-  int rc = 0;
+  int rc;
 
   /* Everything made here and by the children (state, logs, pidfiles,
    * nbdkit's sockets, the filter's status files, fleecing images) is
@@ -96,70 +197,18 @@ main (int argc, char **argv)
   caller_umask = umask (077);
   if (argc < 2)
     usage (stderr, 2);
-  cmd = argv[1];
-  if (strcmp (cmd, "--help") == 0 || strcmp (cmd, "-h") == 0)
+  if (strcmp (argv[1], "--help") == 0 || strcmp (argv[1], "-h") == 0)
     usage (stdout, 0);
-  argv++;
-  argc--;
-
-  if (strcmp (cmd, "setup") == 0) {
-    parse_options (argc, argv, &o, SETUP_USAGE);
-    st = do_setup (&o);
-    on_die (NULL);
-    out = describe (st);
-    print_json (out);
-    json_object_put (out);
-  }
-  else if (strcmp (cmd, "serve") == 0) {
-    parse_options (argc, argv, &o, SERVE_USAGE);
-    serve_preflight (&o.serve, o.setup.ndevs, NULL, NULL, NULL);
-    st = do_serve_state (&o);
-    serve_devices (st, &o.serve);
-    out = describe (st);
-    print_json (out);
-    json_object_put (out);
-  }
-  else if (strcmp (cmd, "mount") == 0) {
-    parse_options (argc, argv, &o, MOUNT_USAGE);
-    make_run_dir ();
-    st = state_load ();
-    if (st == NULL)
-      die ("%s has no backup access", run_dir);
-    out = json_object_new_object ();
-    mount_devices (st, out);
-    print_json (out);
-    json_object_put (out);
-  }
-  else if (strcmp (cmd, "status") == 0) {
-    parse_options (argc, argv, &o, STATUS_USAGE);
-    make_run_dir ();
-    st = state_load ();
-    if (st == NULL)
-      die ("%s has no backup access", run_dir);
-    status_command (st);
-  }
-  else if (strcmp (cmd, "teardown") == 0) {
-    parse_options (argc, argv, &o, TEARDOWN_USAGE);
-    if (o.success == -1)
-      die ("teardown needs --success or --failure");
-    do_teardown (o.success);
-  }
-  else if (strcmp (cmd, "run") == 0) {
-    parse_options (argc, argv, &o, RUN_USAGE);
-    if (optind >= argc)
-      die ("run needs -- COMMAND [ARGS...]");
-    rc = do_run (&o, argv + optind);
-  }
-  else {
-    fprintf (stderr, "%s: unknown command '%s'\n", progname, cmd);
+  for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+    if (strcmp (argv[1], commands[i].name) == 0)
+      c = &commands[i];
+  if (c == NULL) {
+    fprintf (stderr, "%s: unknown command '%s'\n", progname, argv[1]);
     usage (stderr, 2);
   }
-  free (o.setup.devs);
-  free ((char *) o.nbd_path);
-  free ((char *) o.setup.qmp);
-  free ((char *) o.setup.fleecing_dir);
-  free ((char *) o.serve.tls_psk);
+  parse_options (argc - 1, argv + 1, &o, c->usage);
+  rc = c->run (&o, argc - 1, argv + 1);
+  free_options (&o);
   free (run_dir);
-  state_free (st);
   return rc;
 }

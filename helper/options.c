@@ -156,3 +156,13 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
   if (o->serve.tls_psk)         /* nbdkit changes to / */
     o->serve.tls_psk = absolute (o->serve.tls_psk);
 }
+
+void
+free_options (struct opts *o)
+{
+  free (o->setup.devs);
+  free ((char *) o->nbd_path);
+  free ((char *) o->setup.qmp);
+  free ((char *) o->setup.fleecing_dir);
+  free ((char *) o->serve.tls_psk);
+}

@@ -126,9 +126,6 @@ spawn_detached (char **argv, const char *log, int *go)
   return pid;
 }
 
-/* Whether a process exists and is not a zombie: a daemon that died
- * stays one until its parent (often init) reaps it.
- */
 /* Reads /proc/PID/NAME into buf (NUL-terminated, cut at size - 1).
  * Returns the length, or -1 if the process or file is not there.
  */
@@ -148,6 +145,9 @@ read_proc (long pid, const char *name, char *buf, size_t size)
   return (ssize_t) n;
 }
 
+/* Whether a process exists and is not a zombie: a daemon that died
+ * stays one until its parent (often init) reaps it.
+ */
 bool
 process_running (pid_t pid)
 {
@@ -160,6 +160,22 @@ process_running (pid_t pid)
   return paren && paren[1] == ' ' && paren[2] != 'Z' && paren[2] != 'X';
 }
 
+/* The programs the helper starts, and stops. */
+static const char *const our_programs[] = { "nbdkit", "nbdfuse" };
+
+/* Whether name is one of them; with prefix, whether it begins with one
+ * (a process's comm is cut at 15 characters, and ends in a newline).
+ */
+static bool
+is_our_program (const char *name, bool prefix)
+{
+  for (size_t i = 0; i < sizeof our_programs / sizeof our_programs[0]; i++)
+    if (prefix ? strncmp (name, our_programs[i], strlen (our_programs[i])) == 0
+        : strcmp (name, our_programs[i]) == 0)
+      return true;
+  return false;
+}
+
 /* Whether a process is one of ours (nbdkit or nbdfuse), running. */
 static bool
 our_program (long pid)
@@ -168,7 +184,7 @@ our_program (long pid)
 
   if (pid <= 1 || read_proc (pid, "comm", comm, sizeof comm) == -1)
     return false;
-  if (strncmp (comm, "nbdkit", 6) != 0 && strncmp (comm, "nbdfuse", 7) != 0)
+  if (!is_our_program (comm, true))
     return false;
   return process_running ((pid_t) pid);
 }
@@ -205,7 +221,7 @@ read_pidfile (const char *path)
   {
     const char *base = strrchr (cmdline, '/') ? strrchr (cmdline, '/') + 1
       : cmdline;
-    if (strcmp (base, "nbdkit") != 0 && strcmp (base, "nbdfuse") != 0)
+    if (!is_our_program (base, false))
       return 0;
   }
   for (size_t i = strlen (cmdline) + 1; i < n; i += strlen (cmdline + i) + 1)
@@ -280,13 +296,11 @@ cmdline_mentions (long pid, const char *text)
  * directory (private to us, so they are ours), and mounts in it.
  */
 void
-stop_strays (void)
+stop_stray_processes (void)
 {
   char *prefix = xasprintf ("%s/", run_dir);
   DIR *dir = opendir ("/proc");
-  FILE *fp;
   struct dirent *e;
-  char line[4096];
 
   while (dir && (e = readdir (dir)) != NULL) {
     long pid = strtol (e->d_name, NULL, 10);
@@ -297,21 +311,5 @@ stop_strays (void)
   }
   if (dir)
     closedir (dir);
-  fp = fopen ("/proc/self/mounts", "r");
-  while (fp && fgets (line, sizeof line, fp)) {
-    char *mnt = strchr (line, ' '), *end;
-    if (mnt == NULL || strncmp (mnt + 1, prefix, strlen (prefix)) != 0 ||
-        (end = strchr (mnt + 1, ' ')) == NULL)
-      continue;
-    *end = '\0';
-    {
-      char *argv[] = { "fusermount3", "-u", "-z", mnt + 1, NULL };
-      warn ("unmounting %s, left by a helper that was killed", mnt + 1);
-      run_wait (argv, NULL);
-      rmdir (mnt + 1);
-    }
-  }
-  if (fp)
-    fclose (fp);
   free (prefix);
 }

@@ -23,6 +23,7 @@
 #include "qmpops.h"
 #include "run.h"
 #include "rundir.h"
+#include "listen.h"
 #include "serve.h"
 #include "setup.h"
 #include "state.h"
@@ -33,10 +34,11 @@
 /* The caller's umask, given back to COMMAND in run. */
 mode_t caller_umask;
 
-/* run: the child's exit status decides success. */
+/* The signal that came (SIGINT, SIGTERM), passed on to the command
+ * while it runs.
+ */
 static volatile sig_atomic_t got_signal;
-
-static volatile sig_atomic_t child_pid;    /* the command, while it runs */
+static volatile sig_atomic_t child_pid;
 
 static void
 on_signal (int sig)
@@ -46,18 +48,84 @@ on_signal (int sig)
     kill (child_pid, sig);
 }
 
+/* The devices, for COMMAND: BACKUPACCESS_JSON (as printed, on one
+ * line), BACKUPACCESS_RUN_DIR, BACKUPACCESS_URI_n.
+ */
+static void
+set_environment (const struct helper_state *st, json_object *out)
+{
+  char *json = strdup (json_object_to_json_string_ext
+                       (out, JSON_C_TO_STRING_PLAIN));
+
+  setenv ("BACKUPACCESS_JSON", json, 1);
+  setenv ("BACKUPACCESS_RUN_DIR", run_dir, 1);
+  for (size_t i = 0; i < st->ndevices; i++) {
+    char *k = xasprintf ("BACKUPACCESS_URI_%zu", i);
+    setenv (k, st->devices[i].uri, 1);
+    free (k);
+  }
+  free (json);
+}
+
+/* Runs COMMAND with the caller's umask, passing on SIGINT and SIGTERM;
+ * its exit status, or 128 + the signal that ended it or was passed on.
+ */
+static int
+run_command (char **cmd)
+{
+  pid_t pid, parent = getpid ();
+  int status, rc;
+  sigset_t stop, old;
+
+  /* Blocked until child_pid is set, and in the child until its
+   * handlers are the default ones: a signal in between, or one that
+   * came before, still ends the command.
+   */
+  sigemptyset (&stop);
+  sigaddset (&stop, SIGINT);
+  sigaddset (&stop, SIGTERM);
+  sigprocmask (SIG_BLOCK, &stop, &old);
+  pid = fork ();
+  if (pid == -1)
+    die ("fork: %m");
+  if (pid == 0) {
+    signal (SIGINT, SIG_DFL);
+    signal (SIGTERM, SIG_DFL);
+    umask (caller_umask);
+    /* The backup lives as long as we do: a helper killed (SIGKILL, no
+     * teardown) ends the command too.
+     */
+    prctl (PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid () != parent)
+      _exit (128 + SIGTERM);
+    sigprocmask (SIG_SETMASK, &old, NULL);
+    execvp (cmd[0], cmd);
+    fprintf (stderr, "%s: cannot run %s: %m\n", progname, cmd[0]);
+    _exit (127);
+  }
+  child_pid = pid;
+  if (got_signal)
+    kill (pid, got_signal);
+  sigprocmask (SIG_SETMASK, &old, NULL);
+  while (waitpid (pid, &status, 0) == -1)
+    if (errno != EINTR)
+      die ("waitpid: %m");
+  child_pid = 0;                /* reaped: its pid may be reused */
+  rc = WIFEXITED (status) ? WEXITSTATUS (status) : 128 + WTERMSIG (status);
+  if (got_signal && rc == 0)
+    rc = 128 + got_signal;
+  return rc;
+}
+
 int
 do_run (struct opts *o, char **cmd)
 {
   struct helper_state *st;
   json_object *out;
-  char *json;
-  pid_t pid;
-  int status, rc;
+  int rc;
   struct sigaction sa = { .sa_handler = on_signal, .sa_flags = SA_RESTART };
-  sigset_t stop, old;
 
-  serve_preflight (&o->serve, o->setup.ndevs, NULL, NULL, NULL);
+  serve_preflight (&o->serve, o->setup.ndevs, NULL);
   if (o->mount && o->serve.tls_psk)
     die ("--mount: nbdfuse cannot use TLS (libnbd 1.14 takes no PSK file "
          "from its URI): give no --tls-psk to mount");
@@ -72,59 +140,12 @@ do_run (struct opts *o, char **cmd)
   out = describe (st);
   if (o->mount)
     mount_devices (st, out);
-  json = strdup (json_object_to_json_string_ext (out, JSON_C_TO_STRING_PLAIN));
-  setenv ("BACKUPACCESS_JSON", json, 1);
-  setenv ("BACKUPACCESS_RUN_DIR", run_dir, 1);
-  for (size_t i = 0; i < st->ndevices; i++) {
-    char *k = xasprintf ("BACKUPACCESS_URI_%zu", i);
-    setenv (k, st->devices[i].uri, 1);
-    free (k);
-  }
+  set_environment (st, out);
   json_object_put (out);
-  free (json);
   state_free (st);
   on_die (NULL);
 
-  /* Blocked until child_pid is set, and in the child until its
-   * handlers are the default ones: a signal in between, or one that
-   * came before, still ends the command.
-   */
-  sigemptyset (&stop);
-  sigaddset (&stop, SIGINT);
-  sigaddset (&stop, SIGTERM);
-  sigprocmask (SIG_BLOCK, &stop, &old);
-  {
-    pid_t parent = getpid ();
-    pid = fork ();
-    if (pid == -1)
-      die ("fork: %m");
-    if (pid == 0) {
-      signal (SIGINT, SIG_DFL);
-      signal (SIGTERM, SIG_DFL);
-      umask (caller_umask);
-      /* The backup lives as long as we do: a helper killed (SIGKILL,
-       * no teardown) ends the command too.
-       */
-      prctl (PR_SET_PDEATHSIG, SIGTERM);
-      if (getppid () != parent)
-        _exit (128 + SIGTERM);
-      sigprocmask (SIG_SETMASK, &old, NULL);
-      execvp (cmd[0], cmd);
-      fprintf (stderr, "%s: cannot run %s: %m\n", progname, cmd[0]);
-      _exit (127);
-    }
-  }
-  child_pid = pid;
-  if (got_signal)
-    kill (pid, got_signal);
-  sigprocmask (SIG_SETMASK, &old, NULL);
-  while (waitpid (pid, &status, 0) == -1)
-    if (errno != EINTR)
-      die ("waitpid: %m");
-  child_pid = 0;                /* reaped: its pid may be reused */
-  rc = WIFEXITED (status) ? WEXITSTATUS (status) : 128 + WTERMSIG (status);
-  if (got_signal && rc == 0)
-    rc = 128 + got_signal;
+  rc = run_command (cmd);
   warn ("%s exited with %d: tearing down with %s", cmd[0], rc,
         rc == 0 ? "success" : "failure");
   qmp_close ();

@@ -10,6 +10,11 @@
 /* The caller's umask, given back to COMMAND. */
 extern mode_t caller_umask;
 
+/* setup (with --qmp) or serve, then cmd with the devices in its
+ * environment, then teardown, with success only if cmd exited 0;
+ * SIGINT and SIGTERM are passed on to cmd and end in a teardown with
+ * failure.  Returns cmd's exit status (128 + a signal).
+ */
 int do_run (struct opts *o, char **cmd);
 
 #endif /* BACKUPACCESS_HELPER_RUN_H */

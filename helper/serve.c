@@ -21,6 +21,7 @@
 
 #include "backend.h"
 #include "bitmap.h"
+#include "listen.h"
 #include "cluster.h"
 #include "options.h"
 #include "proc.h"
@@ -64,308 +65,184 @@ module_path (const char *env, const char *file, const char *installed)
   return strdup (installed);
 }
 
-/* A path as a URI query value: '&', '#', '%', spaces, anything not
- * plain is percent-encoded (libnbd decodes it), so that a directory's
- * name can neither break the URI nor add parameters to it.
- */
-static char *
-uri_escape (const char *s)
-{
-  char *out = malloc (strlen (s) * 3 + 1), *p = out;
+/* What the nbdkit of every device shares. */
+struct serving {
+  const struct serve_opts *so;
+  const struct backend *be;     /* NULL for serve --nbd-path */
+  struct listen_addr la;
+  char *filter, *plugin;
+};
 
-  if (out == NULL)
-    die ("out of memory");
-  for (; *s; s++) {
-    unsigned char c = *s;
-    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-        (c >= '0' && c <= '9') || strchr ("-._~/", c))
-      *p++ = c;
-    else
-      p += sprintf (p, "%%%02X", c);
-  }
-  *p = '\0';
-  return out;
+/* nbdkit's command line for a device, and the files it makes. */
+struct nbdkit_cmd {
+  char *sock, *pidfile, *log, *status;
+  char *made[12];               /* the arguments formatted here */
+  size_t nmade;
+  char *argv[24];
+};
+
+static char *
+made (struct nbdkit_cmd *c, char *arg)
+{
+  c->made[c->nmade++] = arg;
+  return arg;
 }
 
-/* The user name of a PSK file ("USER:HEXKEY" lines, as psktool(1)
- * writes them), after checking that only its owner (root or the caller)
- * can read it and that its first key is long enough.
- */
-static char *
-psk_user (const char *path)
-{
-  int fd = open (path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
-  struct stat st;
-  char line[1024], *colon, *user;
-  FILE *fp;
-  size_t i, hex;
-
-  if (fd == -1)
-    die ("--tls-psk %s: %m", path);
-  if (fstat (fd, &st) == -1)
-    die ("--tls-psk %s: %m", path);
-  if (!S_ISREG (st.st_mode))
-    die ("--tls-psk %s: not a regular file", path);
-  if ((st.st_uid != 0 && st.st_uid != geteuid ()) || (st.st_mode & 077))
-    die ("--tls-psk %s: must be owned by root or you and readable by its "
-         "owner only (chmod 600)", path);
-  fp = fdopen (fd, "r");
-  if (fp == NULL)
-    die ("--tls-psk %s: %m", path);
-  if (fgets (line, sizeof line, fp) == NULL)
-    line[0] = '\0';
-  fclose (fp);
-  line[strcspn (line, "\r\n")] = '\0';
-  colon = strchr (line, ':');
-  for (i = 0; colon && line + i < colon; i++)
-    if (!((line[i] >= 'a' && line[i] <= 'z') ||
-          (line[i] >= 'A' && line[i] <= 'Z') ||
-          (line[i] >= '0' && line[i] <= '9') || strchr ("-._", line[i])))
-      break;
-  for (hex = 0; colon && colon[1 + hex] &&
-         strchr ("0123456789abcdefABCDEF", colon[1 + hex]); hex++)
-    ;
-  if (colon == NULL || colon == line || line + i != colon ||
-      colon[1 + hex] != '\0' || hex % 2 != 0 || hex < 32)
-    die ("--tls-psk %s: the first line must be USER:HEXKEY (a user name of "
-         "letters, digits, '-', '.', '_' and a key of at least 16 bytes), "
-         "as 'psktool -u USER -p FILE' writes it", path);
-  user = strndup (line, colon - line);
-  if (user == NULL)
-    die ("out of memory");
-  return user;
-}
-
-/* HOST:PORT, [IPV6]:PORT. */
 static void
-parse_listen (const char *listen, char **host, int *port, int ndevs)
+nbdkit_cmd_init (struct nbdkit_cmd *c, const struct serving *sv,
+                 const struct device_state *d, int i)
 {
-  const char *colon = strrchr (listen, ':');
-  char *end;
-  long p;
-  size_t n;
+  const struct serve_opts *so = sv->so;
+  const char *dev = d->device;
+  size_t a = 0;
 
-  if (colon == NULL || colon == listen)
-    die ("--listen %s: expected HOST:PORT", listen);
-  errno = 0;
-  p = strtol (colon + 1, &end, 10);
-  if (errno || end == colon + 1 || *end || p < 1 || p + ndevs - 1 > 65535)
-    die ("--listen %s: the port must be 1 to 65535, and one more per "
-         "further device", listen);
-  n = colon - listen;
-  if (listen[0] == '[' && n > 2 && listen[n - 1] == ']')
-    *host = strndup (listen + 1, n - 2);
-  else
-    *host = strndup (listen, n);
-  if (*host == NULL)
-    die ("out of memory");
-  for (const char *c = *host; *c; c++)
-    if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
-          (*c >= '0' && *c <= '9') || strchr ("-.:", *c)))
-      die ("--listen %s: not a host name or an IP address", listen);
-  *port = (int) p;
+  memset (c, 0, sizeof *c);
+  c->sock = xasprintf ("%s/%s.sock", run_dir, dev);
+  c->pidfile = xasprintf ("%s/%s.nbdkit.pid", run_dir, dev);
+  c->log = xasprintf ("%s/%s.nbdkit.log", run_dir, dev);
+  c->status = xasprintf ("%s/%s.status.json", run_dir, dev);
+  c->argv[a++] = "nbdkit";
+  c->argv[a++] = "-f";          /* so that its errors reach the log */
+  c->argv[a++] = "--log=stderr";
+  c->argv[a++] = "--pidfile";
+  c->argv[a++] = c->pidfile;
+  if (sv->la.host) {
+    c->argv[a++] = "-i";
+    c->argv[a++] = sv->la.host;
+    c->argv[a++] = "-p";
+    c->argv[a++] = made (c, xasprintf ("%d", sv->la.port + i));
+  }
+  else {
+    c->argv[a++] = "-U";
+    c->argv[a++] = c->sock;
+  }
+  if (so->tls_psk) {
+    c->argv[a++] = "--tls=require";
+    c->argv[a++] = made (c, xasprintf ("--tls-psk=%s", so->tls_psk));
+  }
+  if (so->bandwidth > 0)
+    c->argv[a++] = "--filter=rate";
+  c->argv[a++] = made (c, xasprintf ("--filter=%s", sv->filter));
+  c->argv[a++] = sv->plugin;
+  c->argv[a++] = made (c, xasprintf ("socket=%s", d->nbd_path));
+  c->argv[a++] = made (c, xasprintf ("export=%s", d->export));
+  c->argv[a++] = made (c, xasprintf ("backupaccess-cluster=%" PRIi64,
+                                     d->cluster_size));
+  c->argv[a++] = made (c, xasprintf ("cluster=%" PRIi64, d->cluster_size));
+  c->argv[a++] = made (c, xasprintf ("backupaccess-status=%s", c->status));
+  if (d->bitmap_name) {
+    c->argv[a++] = made (c, xasprintf ("backupaccess-bitmap=%s",
+                                       d->bitmap_name));
+    if (sv->be && sv->be->discard_clean)
+      c->argv[a++] = "backupaccess-discard-clean=true";
+  }
+  if (so->bandwidth > 0)
+    c->argv[a++] = made (c, xasprintf ("rate=%" PRIi64, so->bandwidth * 8));
+  c->argv[a] = NULL;
 }
 
-/* Checks serve's options (also before run sets anything up); returns
- * the host, port and PSK user when asked for them.
- */
-void
-serve_preflight (const struct serve_opts *so, int ndevs,
-                 char **host, int *port, char **user)
+static void
+nbdkit_cmd_free (struct nbdkit_cmd *c)
 {
-  char *h = NULL, *u = NULL;
-  int p = 0;
+  for (size_t j = 0; j < c->nmade; j++)
+    free (c->made[j]);
+  free (c->sock);
+  free (c->pidfile);
+  free (c->log);
+  free (c->status);
+}
 
-  if (so->listen && !so->tls_psk && !so->insecure_no_tls)
-    die ("--listen %s: TCP is served with TLS only: give --tls-psk FILE "
-         "(or, on a network where anyone may read the disks, "
-         "--insecure-no-tls)", so->listen);
-  if (so->insecure_no_tls && (!so->listen || so->tls_psk))
-    die ("--insecure-no-tls goes with --listen, and without --tls-psk");
-  if (so->bandwidth > INT64_MAX / 8)
-    die ("--bandwidth-limit: too large");
-  if (so->listen)
-    parse_listen (so->listen, &h, &p, ndevs > 0 ? ndevs : 1);
-  if (so->tls_psk)
-    u = psk_user (so->tls_psk);
-  if (host)
-    *host = h;
-  else
-    free (h);
-  if (port)
-    *port = p;
-  if (user)
-    *user = u;
-  else
-    free (u);
+/* Starts device d's nbdkit, recorded first, and waits until it
+ * listens.
+ */
+static void
+start_nbdkit (struct helper_state *st, struct device_state *d,
+              const struct nbdkit_cmd *c, const struct serving *sv)
+{
+  const char *dev = d->device;
+  int go;
+  pid_t pid;
+
+  state_set (&d->pidfile, c->pidfile);
+  state_set (&d->socket, sv->la.host ? NULL : c->sock);
+  state_set (&d->tls_psk, sv->so->tls_psk);
+  state_set (&d->status_file, c->status);
+  state_set (&d->nbdkit_log, c->log);
+  state_save (st);
+  /* Left by an nbdkit that died: ours, in our directory. */
+  unlink (c->pidfile);
+  unlink (c->sock);
+  /* It writes the pidfile once it listens. */
+  pid = spawn_detached ((char **) c->argv, c->log, &go);
+  d->nbdkit_pid = pid;
+  state_save (st);
+  if (write (go, "g", 1) != 1)
+    die ("starting nbdkit: %m");
+  close (go);
+  for (int w = 0; w < WAIT_SECONDS * 10 && !read_pidfile (c->pidfile); w++) {
+    if (!process_running (pid))
+      die ("device %s: nbdkit failed: %s", dev, tail_of (c->log));
+    sleep_ms (100);
+  }
+  if (!read_pidfile (c->pidfile)) {
+    stop_pid (pid);
+    die ("device %s: nbdkit did not start: %s", dev, tail_of (c->log));
+  }
+  /* .after_fork errors end it just after it wrote the pidfile. */
+  sleep_ms (200);
+  if (!read_pidfile (c->pidfile))
+    die ("device %s: nbdkit exited: %s", dev, tail_of (c->log));
+  make_private (c->pidfile);
+  if (!sv->la.host)
+    make_private (c->sock);
+}
+
+/* Device i: nbdkit started unless it runs already, and its URI. */
+static void
+serve_device (struct helper_state *st, struct device_state *d,
+              const struct serving *sv, int i)
+{
+  struct nbdkit_cmd c;
+  char *uri;
+
+  if (d->pidfile && read_pidfile (d->pidfile) &&
+      kill (read_pidfile (d->pidfile), 0) == 0)
+    return;                     /* already served */
+  if (d->uri)
+    die ("device %s: its nbdkit has gone: what it read is discarded in "
+         "QEMU, and a new one would take that for a broken snapshot; this "
+         "backup cannot go on: tear it down with --failure (the bitmap "
+         "keeps every change) and start again", d->device);
+  nbdkit_cmd_init (&c, sv, d, i);
+  start_nbdkit (st, d, &c, sv);
+  uri = client_uri (&sv->la, i, c.sock);
+  state_set (&d->uri, uri);
+  free (uri);
+  state_save (st);
+  nbdkit_cmd_free (&c);
 }
 
 void
 serve_devices (struct helper_state *st, const struct serve_opts *so)
 {
-  const struct backend *be = backend_named (st->backend);
-  int64_t bandwidth = so->bandwidth;
-  char *host = NULL, *user = NULL, *psk_esc = NULL;
-  int port = 0;
+  struct serving sv = { .so = so, .be = backend_named (st->backend) };
 
-  serve_preflight (so, (int) st->ndevices, &host, &port, &user);
-  if (so->tls_psk)
-    psk_esc = uri_escape (so->tls_psk);
-  char *filter = module_path ("BACKUPACCESS_FILTER",
-                              "nbdkit-backupaccess-filter.so",
-                              "backupaccess");
-  char *plugin = module_path ("BACKUPACCESS_PLUGIN",
-                              "nbdkit-backupaccess-plugin.so",
-                              "backupaccess");
-
-  for (size_t i = 0; i < st->ndevices; i++) {
-    struct device_state *d = &st->devices[i];
-    const char *dev = d->device;
-    char *sock = xasprintf ("%s/%s.sock", run_dir, dev);
-    char *pidfile = xasprintf ("%s/%s.nbdkit.pid", run_dir, dev);
-    char *log = xasprintf ("%s/%s.nbdkit.log", run_dir, dev);
-    char *status = xasprintf ("%s/%s.status.json", run_dir, dev);
-    char *filter_arg = xasprintf ("--filter=%s", filter);
-    char *socket_arg = xasprintf ("socket=%s", d->nbd_path);
-    char *export_arg = xasprintf ("export=%s", d->export);
-    char *cluster_arg = xasprintf ("backupaccess-cluster=%" PRIi64,
-                                   d->cluster_size);
-    char *plugin_cluster_arg = xasprintf ("cluster=%" PRIi64,
-                                          d->cluster_size);
-    char *status_arg = xasprintf ("backupaccess-status=%s", status);
-    char *bitmap_arg = d->bitmap_name
-      ? xasprintf ("backupaccess-bitmap=%s", d->bitmap_name)
-      : NULL;
-    char *rate_arg = bandwidth > 0
-      ? xasprintf ("rate=%" PRIi64, bandwidth * 8) : NULL;
-    char *port_arg = xasprintf ("%d", port + (int) i);
-    char *psk_arg = so->tls_psk ? xasprintf ("--tls-psk=%s", so->tls_psk)
-      : NULL;
-    char *argv[24];
-    int a = 0, go;
-    pid_t pid;
-
-    if (d->pidfile && read_pidfile (d->pidfile) &&
-        kill (read_pidfile (d->pidfile), 0) == 0)
-      goto next;                /* already served */
-    if (d->uri)
-      die ("device %s: its nbdkit has gone: what it read is discarded in "
-           "QEMU, and a new one would take that for a broken snapshot; this "
-           "backup cannot go on: tear it down with --failure (the bitmap "
-           "keeps every change) and start again", dev);
-    argv[a++] = "nbdkit";
-    argv[a++] = "-f";           /* so that its errors reach the log */
-    argv[a++] = "--log=stderr";
-    argv[a++] = "--pidfile";
-    argv[a++] = pidfile;
-    if (host) {
-      argv[a++] = "-i";
-      argv[a++] = host;
-      argv[a++] = "-p";
-      argv[a++] = port_arg;
-    }
-    else {
-      argv[a++] = "-U";
-      argv[a++] = sock;
-    }
-    if (psk_arg) {
-      argv[a++] = "--tls=require";
-      argv[a++] = psk_arg;
-    }
-    if (rate_arg)
-      argv[a++] = "--filter=rate";
-    argv[a++] = filter_arg;
-    argv[a++] = plugin;
-    argv[a++] = socket_arg;
-    argv[a++] = export_arg;
-    argv[a++] = cluster_arg;
-    argv[a++] = plugin_cluster_arg;
-    argv[a++] = status_arg;
-    if (bitmap_arg) {
-      argv[a++] = bitmap_arg;
-      if (be && be->discard_clean)
-        argv[a++] = "backupaccess-discard-clean=true";
-    }
-    if (rate_arg)
-      argv[a++] = rate_arg;
-    argv[a] = NULL;
-
-    state_set (&d->pidfile, pidfile);
-    state_set (&d->socket, host ? NULL : sock);
-    state_set (&d->tls_psk, so->tls_psk);
-    state_set (&d->status_file, status);
-    state_set (&d->nbdkit_log, log);
-    state_save (st);
-    /* Left by an nbdkit that died: ours, in our directory. */
-    unlink (pidfile);
-    unlink (sock);
-    /* It writes the pidfile once it listens. */
-    pid = spawn_detached (argv, log, &go);
-    d->nbdkit_pid = pid;
-    state_save (st);
-    if (write (go, "g", 1) != 1)
-      die ("starting nbdkit: %m");
-    close (go);
-    for (int w = 0; w < WAIT_SECONDS * 10 && !read_pidfile (pidfile); w++) {
-      if (!process_running (pid))
-        die ("device %s: nbdkit failed: %s", dev, tail_of (log));
-      sleep_ms (100);
-    }
-    if (!read_pidfile (pidfile)) {
-      stop_pid (pid);
-      die ("device %s: nbdkit did not start: %s", dev, tail_of (log));
-    }
-    /* .after_fork errors end it just after it wrote the pidfile. */
-    sleep_ms (200);
-    if (!read_pidfile (pidfile))
-      die ("device %s: nbdkit exited: %s", dev, tail_of (log));
-    make_private (pidfile);
-    if (!host)
-      make_private (sock);
-    {
-      char *esc = uri_escape (sock);
-      /* IPv6 addresses in brackets; the PSK's user before the host. */
-      bool v6 = host && strchr (host, ':');
-      char *uri = host
-        ? xasprintf ("nbd%s://%s%s%s%s%s:%s/%s%s", psk_esc ? "s" : "",
-                     user ? user : "", user ? "@" : "", v6 ? "[" : "", host,
-                     v6 ? "]" : "", port_arg, psk_esc ? "?tls-psk-file=" : "",
-                     psk_esc ? psk_esc : "")
-        : xasprintf ("nbd%s+unix://%s%s/?socket=%s%s%s", psk_esc ? "s" : "",
-                     user ? user : "", user ? "@" : "", esc,
-                     psk_esc ? "&tls-psk-file=" : "", psk_esc ? psk_esc : "");
-      free (esc);
-      state_set (&d->uri, uri);
-      free (uri);
-    }
-    state_save (st);
-  next:
-    free (sock);
-    free (pidfile);
-    free (log);
-    free (status);
-    free (filter_arg);
-    free (socket_arg);
-    free (export_arg);
-    free (cluster_arg);
-    free (plugin_cluster_arg);
-    free (status_arg);
-    free (bitmap_arg);
-    free (rate_arg);
-    free (port_arg);
-    free (psk_arg);
-  }
-  free (filter);
-  free (plugin);
-  free (host);
-  free (user);
-  free (psk_esc);
+  serve_preflight (so, (int) st->ndevices, &sv.la);
+  sv.filter = module_path ("BACKUPACCESS_FILTER",
+                           "nbdkit-backupaccess-filter.so", "backupaccess");
+  sv.plugin = module_path ("BACKUPACCESS_PLUGIN",
+                           "nbdkit-backupaccess-plugin.so", "backupaccess");
+  for (size_t i = 0; i < st->ndevices; i++)
+    serve_device (st, &st->devices[i], &sv, (int) i);
+  free (sv.filter);
+  free (sv.plugin);
+  listen_addr_free (&sv.la);
 }
 
 /* What nbdkit's log says, before teardown removes it: the filter's
  * summary, and the last errors.
  */
-void
+static void
 report_log (const char *dev, const char *log)
 {
   FILE *fp = fopen (log, "r");
@@ -388,6 +265,30 @@ report_log (const char *dev, const char *log)
     warn ("device %s: nbdkit logged %u error(s), the last:", dev, errors);
   for (unsigned i = errors > 3 ? errors - 3 : 0; i < errors; i++)
     warn ("  %s", last[i % 3]);
+}
+
+void
+serve_stop (struct helper_state *st, struct device_state *d)
+{
+  pid_t pid;
+  long started;
+
+  if (d->pidfile == NULL)
+    return;
+  pid = read_pidfile (d->pidfile);
+  started = (long) d->nbdkit_pid;
+  /* Not listening yet, or never told to go on. */
+  if (pid == 0 && process_running ((pid_t) started) &&
+      cmdline_mentions (started, run_dir))
+    pid = (pid_t) started;
+  stop_pid (pid);
+  if (d->nbdkit_log)
+    report_log (d->device, d->nbdkit_log);
+  unlink (d->pidfile);
+  if (d->socket)
+    unlink (d->socket);
+  state_set (&d->pidfile, NULL);
+  state_save (st);
 }
 
 /* serve for an export that exists already (a provider's nbd-path). */

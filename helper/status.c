@@ -24,7 +24,8 @@
 json_object *
 describe (const struct helper_state *st)
 {
-  json_object *out = json_object_new_object (), *list = json_object_new_array ();
+  json_object *out = json_object_new_object ();
+  json_object *list = json_object_new_array ();
 
   set_str (out, "run-dir", run_dir);
   set_str (out, "backend", st->backend);
@@ -66,9 +67,10 @@ fleecing_bytes (const struct device_state *d)
 }
 
 void
-status_command (const struct helper_state *st)
+print_status (const struct helper_state *st)
 {
-  json_object *out = json_object_new_object (), *list = json_object_new_array ();
+  json_object *out = json_object_new_object ();
+  json_object *list = json_object_new_array ();
 
   if (st->qmp && backend_of_state (st))
     qmp_open (st->qmp);

@@ -11,6 +11,6 @@
 json_object *describe (const struct helper_state *st);
 
 /* status: prints the counters of each device. */
-void status_command (const struct helper_state *st);
+void print_status (const struct helper_state *st);
 
 #endif /* BACKUPACCESS_HELPER_STATUS_H */
