@@ -15,9 +15,7 @@
 #include "state.h"
 #include "util.h"
 
-/* QEMU's NBD server on a unix socket in the run directory, and an
- * export per device (name = device, writable only for discard).
- */
+/* The exports are writable only for discard. */
 void
 start_exports (struct helper_state *st)
 {
@@ -65,11 +63,7 @@ start_exports (struct helper_state *st)
       }
       json_object_put (r);
     }
-    {
-      char *p = xasprintf ("%s/qemu-nbd.sock", run_dir);
-      state_set (&d->nbd_path, p);
-      free (p);
-    }
+    state_set (&d->nbd_path, sock);
   }
   state_save (st);
   free (sock);

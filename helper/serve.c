@@ -73,18 +73,21 @@ struct serving {
   char *filter, *plugin;
 };
 
-/* nbdkit's command line for a device, and the files it makes. */
+/* nbdkit's command line for a device, and the files it makes.  The
+ * arrays hold every option nbdkit_cmd_init may give: grow them with it.
+ */
 struct nbdkit_cmd {
   char *sock, *pidfile, *log, *status;
-  char *made[12];               /* the arguments formatted here */
-  size_t nmade;
+  char *formatted[12];          /* the arguments formatted here */
+  size_t nformatted;
   char *argv[24];
 };
 
+/* arg, kept to be freed with c. */
 static char *
-made (struct nbdkit_cmd *c, char *arg)
+keep (struct nbdkit_cmd *c, char *arg)
 {
-  c->made[c->nmade++] = arg;
+  c->formatted[c->nformatted++] = arg;
   return arg;
 }
 
@@ -110,7 +113,7 @@ nbdkit_cmd_init (struct nbdkit_cmd *c, const struct serving *sv,
     c->argv[a++] = "-i";
     c->argv[a++] = sv->la.host;
     c->argv[a++] = "-p";
-    c->argv[a++] = made (c, xasprintf ("%d", sv->la.port + i));
+    c->argv[a++] = keep (c, xasprintf ("%d", sv->la.port + i));
   }
   else {
     c->argv[a++] = "-U";
@@ -118,34 +121,34 @@ nbdkit_cmd_init (struct nbdkit_cmd *c, const struct serving *sv,
   }
   if (so->tls_psk) {
     c->argv[a++] = "--tls=require";
-    c->argv[a++] = made (c, xasprintf ("--tls-psk=%s", so->tls_psk));
+    c->argv[a++] = keep (c, xasprintf ("--tls-psk=%s", so->tls_psk));
   }
   if (so->bandwidth > 0)
     c->argv[a++] = "--filter=rate";
-  c->argv[a++] = made (c, xasprintf ("--filter=%s", sv->filter));
+  c->argv[a++] = keep (c, xasprintf ("--filter=%s", sv->filter));
   c->argv[a++] = sv->plugin;
-  c->argv[a++] = made (c, xasprintf ("socket=%s", d->nbd_path));
-  c->argv[a++] = made (c, xasprintf ("export=%s", d->export));
-  c->argv[a++] = made (c, xasprintf ("backupaccess-cluster=%" PRIi64,
+  c->argv[a++] = keep (c, xasprintf ("socket=%s", d->nbd_path));
+  c->argv[a++] = keep (c, xasprintf ("export=%s", d->export));
+  c->argv[a++] = keep (c, xasprintf ("backupaccess-cluster=%" PRIi64,
                                      d->cluster_size));
-  c->argv[a++] = made (c, xasprintf ("cluster=%" PRIi64, d->cluster_size));
-  c->argv[a++] = made (c, xasprintf ("backupaccess-status=%s", c->status));
+  c->argv[a++] = keep (c, xasprintf ("cluster=%" PRIi64, d->cluster_size));
+  c->argv[a++] = keep (c, xasprintf ("backupaccess-status=%s", c->status));
   if (d->bitmap_name) {
-    c->argv[a++] = made (c, xasprintf ("backupaccess-bitmap=%s",
+    c->argv[a++] = keep (c, xasprintf ("backupaccess-bitmap=%s",
                                        d->bitmap_name));
     if (sv->be && sv->be->discard_clean)
       c->argv[a++] = "backupaccess-discard-clean=true";
   }
   if (so->bandwidth > 0)
-    c->argv[a++] = made (c, xasprintf ("rate=%" PRIi64, so->bandwidth * 8));
+    c->argv[a++] = keep (c, xasprintf ("rate=%" PRIi64, so->bandwidth * 8));
   c->argv[a] = NULL;
 }
 
 static void
 nbdkit_cmd_free (struct nbdkit_cmd *c)
 {
-  for (size_t j = 0; j < c->nmade; j++)
-    free (c->made[j]);
+  for (size_t j = 0; j < c->nformatted; j++)
+    free (c->formatted[j]);
   free (c->sock);
   free (c->pidfile);
   free (c->log);
