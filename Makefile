@@ -45,6 +45,9 @@ LIB        = lib/libbackupaccess.a
 FILTER     = nbdkit-backupaccess-filter.so
 PLUGIN     = nbdkit-backupaccess-plugin.so
 HELPER     = helper/backupaccess-helper
+HELPER_SRCS = $(wildcard helper/*.c)
+HELPER_HDRS = $(wildcard helper/*.h)
+HELPER_OBJS = $(HELPER_SRCS:.c=.o)
 MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
@@ -84,8 +87,11 @@ $(PLUGIN): plugin/backupaccess-plugin.c $(LIB) $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -shared -o $@ plugin/backupaccess-plugin.c \
 	  $(LIB) $(shell pkg-config --libs libnbd) -lpthread
 
-$(HELPER): helper/backupaccess-helper.c $(LIB) $(LIB_HDRS)
-	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ helper/backupaccess-helper.c \
+helper/%.o: helper/%.c $(HELPER_HDRS) $(LIB_HDRS)
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+$(HELPER): $(HELPER_OBJS) $(LIB)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $(HELPER_OBJS) \
 	  $(LIB) $(shell pkg-config --libs libnbd json-c)
 
 # @VERSION@ in a page becomes the version.
@@ -97,6 +103,13 @@ $(HELPER): helper/backupaccess-helper.c $(LIB) $(LIB_HDRS)
 
 tests/unit/%: tests/unit/%.c $(LIB) $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB) $(shell pkg-config --libs cmocka libnbd json-c)
+
+# The helper's typed state, with the helper units it needs.
+HELPER_STATE_OBJS = helper/state.o helper/util.o helper/rundir.o
+tests/unit/test_helper_state: tests/unit/test_helper_state.c \
+                              $(HELPER_STATE_OBJS) $(LIB) $(HELPER_HDRS)
+	$(CC) $(ALL_CFLAGS) -Ihelper -o $@ $< $(HELPER_STATE_OBJS) $(LIB) \
+	  $(shell pkg-config --libs cmocka libnbd json-c)
 
 unit-tests: $(UNIT_TESTS)
 
@@ -136,7 +149,7 @@ bench: deps
 	bench/bench.sh
 
 C_SOURCES = $(LIB_SRCS) filter/backupaccess.c plugin/backupaccess-plugin.c \
-            helper/backupaccess-helper.c $(wildcard tests/fuzz/fuzz_*.c)
+            $(HELPER_SRCS) $(wildcard tests/fuzz/fuzz_*.c)
 
 lint:
 	cppcheck --quiet --enable=warning,performance,portability \
@@ -165,7 +178,7 @@ fuzz-long: fuzz
 	FUZZ_SECONDS=$(FUZZ_SECONDS) tests/integration/test-fuzz.sh
 
 clean:
-	rm -f lib/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
+	rm -f lib/*.o helper/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
 	rm -f $(FUZZERS)
 	rm -rf .san
 

@@ -5,10 +5,10 @@
  * a state (the helper's reader before it moved into the library), with
  * the same content, except what does not have the shape the helper
  * needs (an object; "devices", if any, an array of objects), and
- * refuses the rest with a message; a state it accepts can be used the
- * way the helper uses it (devices () and its loops in
- * backupaccess-helper.c) and, written back as save_state writes it,
- * reads back the same.
+ * refuses the rest with a message; a state it accepts can be walked the
+ * way helper/state.c reads it into its typed record (every item of
+ * "devices" an object, its members read with their types checked) and,
+ * written back with json-c as the helper writes it, reads back the same.
  */
 #define _GNU_SOURCE
 #include <stdbool.h>
@@ -54,9 +54,9 @@ has_shape (json_object *o)
   return true;
 }
 
-/* Does with a state what the helper does: devices () (which adds an
- * empty array when there is none), the loops over it, the fields read
- * and the fields cleared.
+/* Does with a state what helper/state.c does: the loop over "devices"
+ * (an empty list when there is none), members read only when they have
+ * the type read, and a member cleared.
  */
 static void
 use_like_the_helper (json_object *state)
@@ -69,8 +69,14 @@ use_like_the_helper (json_object *state)
   }
   for (size_t i = 0; i < json_object_array_length (devs); i++) {
     json_object *d = json_object_array_get_idx (devs, i);
-    if (json_object_object_get_ex (d, "device", &v))
+    if (json_object_object_get_ex (d, "device", &v) &&
+        json_object_is_type (v, json_type_string))
       (void) json_object_get_string (v);
+    if (json_object_object_get_ex (d, "size", &v) &&
+        json_object_is_type (v, json_type_int))
+      (void) json_object_get_int64 (v);
+    if (json_object_object_get_ex (d, "exported", &v))
+      (void) json_object_get_boolean (v);
     json_object_object_add (d, "job", NULL);
   }
 }
@@ -105,7 +111,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
 
   use_like_the_helper (state);
 
-  /* save_state, then load_state. */
+  /* Saved, then loaded. */
   {
     char *saved = strdup (text_of (state));
     CHECK (saved != NULL);

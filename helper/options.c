@@ -1,0 +1,168 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* The helper's command line: the options every command takes, into
+ * struct opts, with sizes parsed and paths made absolute (and the run
+ * and fleecing directories checked) once.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <json.h>
+
+#include "cluster.h"
+#include "options.h"
+#include "rundir.h"
+#include "util.h"
+
+enum {
+  OPT_QMP = 256, OPT_RUN_DIR, OPT_DEVICE, OPT_BITMAP, OPT_BITMAP_MODE,
+  OPT_FLEECING_DIR, OPT_CLUSTER, OPT_BACKEND, OPT_TARGET_ID, OPT_NBD_PATH,
+  OPT_BANDWIDTH, OPT_SUCCESS, OPT_FAILURE, OPT_MOUNT, OPT_HELP,
+  OPT_LISTEN, OPT_TLS_PSK, OPT_INSECURE_NO_TLS,
+};
+
+static const struct option long_options[] = {
+  { "qmp", required_argument, NULL, OPT_QMP },
+  { "run-dir", required_argument, NULL, OPT_RUN_DIR },
+  { "device", required_argument, NULL, OPT_DEVICE },
+  { "bitmap", required_argument, NULL, OPT_BITMAP },
+  { "bitmap-mode", required_argument, NULL, OPT_BITMAP_MODE },
+  { "fleecing-dir", required_argument, NULL, OPT_FLEECING_DIR },
+  { "cluster-size", required_argument, NULL, OPT_CLUSTER },
+  { "backend", required_argument, NULL, OPT_BACKEND },
+  { "target-id", required_argument, NULL, OPT_TARGET_ID },
+  { "nbd-path", required_argument, NULL, OPT_NBD_PATH },
+  { "bandwidth-limit", required_argument, NULL, OPT_BANDWIDTH },
+  { "success", no_argument, NULL, OPT_SUCCESS },
+  { "failure", no_argument, NULL, OPT_FAILURE },
+  { "mount", no_argument, NULL, OPT_MOUNT },
+  { "listen", required_argument, NULL, OPT_LISTEN },
+  { "tls-psk", required_argument, NULL, OPT_TLS_PSK },
+  { "insecure-no-tls", no_argument, NULL, OPT_INSECURE_NO_TLS },
+  { "help", no_argument, NULL, OPT_HELP },
+  { NULL, 0, NULL, 0 },
+};
+
+static char *
+absolute (const char *path)
+{
+  char cwd[PATH_MAX];
+
+  if (path[0] == '/')
+    return strdup (path);
+  if (getcwd (cwd, sizeof cwd) == NULL)
+    die ("getcwd: %m");
+  return xasprintf ("%s/%s", cwd, path);
+}
+
+static int64_t
+parse_size (const char *what, const char *s)
+{
+  char *end;
+  unsigned long long v;
+
+  errno = 0;
+  v = strtoull (s, &end, 10);
+  if (errno || end == s || s[0] == '-')
+    die ("%s '%s': not a number", what, s);
+  switch (*end) {
+  case 'k': case 'K':
+    if (v > (INT64_MAX >> 10))
+      die ("%s '%s': too large", what, s);
+    v <<= 10; end++;
+    break;
+  case 'm': case 'M':
+    if (v > (INT64_MAX >> 20))
+      die ("%s '%s': too large", what, s);
+    v <<= 20; end++;
+    break;
+  case '\0': break;
+  }
+  if (*end || v > INT64_MAX)
+    die ("%s '%s': not a size (a number, optionally with K or M)", what, s);
+  return (int64_t) v;
+}
+
+void
+parse_options (int argc, char **argv, struct opts *o, const char *help)
+{
+  int c;
+
+  memset (o, 0, sizeof *o);
+  o->success = -1;
+  o->setup.backend = "auto";
+  o->setup.cluster = BA_CLUSTER_DEFAULT;
+  o->setup.devs = calloc (argc + 1, sizeof (char *));
+  while ((c = getopt_long (argc, argv, "+", long_options, NULL)) != -1) {
+    switch (c) {
+    case OPT_QMP: o->setup.qmp = optarg; break;
+    case OPT_RUN_DIR: run_dir = optarg; break;
+    case OPT_DEVICE: o->setup.devs[o->setup.ndevs++] = optarg; break;
+    case OPT_BITMAP: o->setup.bitmap = optarg; break;
+    case OPT_BITMAP_MODE: o->setup.bitmap_mode = optarg; break;
+    case OPT_FLEECING_DIR: o->setup.fleecing_dir = optarg; break;
+    case OPT_CLUSTER:
+      o->setup.cluster = parse_size ("--cluster-size", optarg);
+      if (o->setup.cluster < BA_QCOW2_CLUSTER_MIN ||
+          o->setup.cluster > BA_QCOW2_CLUSTER_MAX ||
+          (o->setup.cluster & (o->setup.cluster - 1)))
+        die ("--cluster-size %s: a qcow2 cluster size, a power of two from "
+             "512 to 2M", optarg);
+      break;
+    case OPT_BACKEND: o->setup.backend = optarg; break;
+    case OPT_TARGET_ID: o->setup.target_id = optarg; break;
+    case OPT_NBD_PATH: o->nbd_path = optarg; break;
+    case OPT_BANDWIDTH:
+      o->serve.bandwidth = parse_size ("--bandwidth-limit", optarg);
+      break;
+    case OPT_LISTEN: o->serve.listen = optarg; break;
+    case OPT_TLS_PSK: o->serve.tls_psk = optarg; break;
+    case OPT_INSECURE_NO_TLS: o->serve.insecure_no_tls = true; break;
+    case OPT_SUCCESS: o->success = 1; break;
+    case OPT_FAILURE: o->success = 0; break;
+    case OPT_MOUNT: o->mount = true; break;
+    case OPT_HELP:
+      printf ("Usage: %s\n%s", progname, help);
+      exit (0);
+    default:
+      fprintf (stderr, "Usage: %s\n%s", progname, help);
+      exit (2);
+    }
+  }
+  if (run_dir == NULL)
+    die ("--run-dir DIR is required");
+  /* Later commands may run from another directory. */
+  {
+    char *abs = absolute (run_dir);
+    run_dir = checked_dir_path ("--run-dir", abs, false);
+    free (abs);
+  }
+  if (o->setup.qmp)
+    o->setup.qmp = absolute (o->setup.qmp);
+  if (o->setup.fleecing_dir) {
+    char *abs = absolute (o->setup.fleecing_dir);
+    o->setup.fleecing_dir = checked_dir_path ("--fleecing-dir", abs, true);
+    free (abs);
+  }
+  if (o->nbd_path)
+    o->nbd_path = absolute (o->nbd_path);
+  if (o->serve.tls_psk)         /* nbdkit changes to / */
+    o->serve.tls_psk = absolute (o->serve.tls_psk);
+}
+
+void
+free_options (struct opts *o)
+{
+  free (o->setup.devs);
+  free ((char *) o->nbd_path);
+  free ((char *) o->setup.qmp);
+  free ((char *) o->setup.fleecing_dir);
+  free ((char *) o->serve.tls_psk);
+}

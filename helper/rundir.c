@@ -1,0 +1,125 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* The run directory: where it is (resolved once, every directory above
+ * it safe from other users), its creation, private to the caller, and
+ * the sockets left in it.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <json.h>
+
+#include "rundir.h"
+#include "util.h"
+
+char *run_dir;
+
+/* A directory only root and the caller can change the entries of:
+ * owned by one of them, and not writable by others unless sticky (then
+ * only an entry's owner may rename or remove it).
+ */
+static bool
+dir_is_safe (const struct stat *st)
+{
+  return S_ISDIR (st->st_mode) &&
+    (st->st_uid == 0 || st->st_uid == geteuid ()) &&
+    ((st->st_mode & 022) == 0 || (st->st_mode & S_ISVTX) != 0);
+}
+
+/* The real path of a directory (or of one to be made, in an existing
+ * parent), used from then on: every directory above it must be safe,
+ * so that nobody else can swap a component of it for a symlink (to
+ * make us write or serve elsewhere) once it has been checked.  With
+ * check_self the directory itself must be safe too.
+ */
+char *
+checked_dir_path (const char *what, const char *path, bool check_self)
+{
+  char *r = realpath (path, NULL);
+  struct stat st;
+
+  if (r == NULL) {
+    char *copy, *slash, *parent;
+    if (errno != ENOENT)
+      die ("%s %s: %m", what, path);
+    copy = strdup (path);
+    if (copy == NULL)
+      die ("out of memory");
+    for (size_t n = strlen (copy); n > 1 && copy[n - 1] == '/'; n--)
+      copy[n - 1] = '\0';
+    slash = strrchr (copy, '/');
+    if (slash == NULL || slash[1] == '\0')
+      die ("%s %s: not a directory name", what, path);
+    *slash = '\0';
+    parent = realpath (slash == copy ? "/" : copy, NULL);
+    if (parent == NULL)
+      die ("%s %s: %m", what, copy);
+    r = xasprintf ("%s/%s", strcmp (parent, "/") == 0 ? "" : parent,
+                   slash + 1);
+    free (parent);
+    free (copy);
+    check_self = false;         /* it does not exist yet */
+  }
+  /* Every ancestor: "/", "/a", "/a/b", ... */
+  for (char *p = r; p; p = strchr (p + 1, '/')) {
+    char *prefix = p == r ? strdup ("/") : strndup (r, p - r);
+    if (prefix == NULL)
+      die ("out of memory");
+    if (lstat (prefix, &st) == -1)
+      die ("%s %s: %s: %m", what, path, prefix);
+    if (!dir_is_safe (&st))
+      die ("%s %s: %s can be changed by another user (it must be owned "
+           "by root or you, and not writable by others unless sticky)",
+           what, path, prefix);
+    free (prefix);
+  }
+  if (check_self && (lstat (r, &st) == -1 || !dir_is_safe (&st)))
+    die ("%s %s: must be a directory of root's or yours, not writable by "
+         "others unless sticky", what, path);
+  return r;
+}
+
+/* Creates the run directory, private to the caller, or checks that an
+ * existing one is.
+ */
+void
+make_run_dir (void)
+{
+  struct stat st;
+
+  if (mkdir (run_dir, 0700) == -1 && errno != EEXIST)
+    die ("mkdir %s: %m", run_dir);
+  if (lstat (run_dir, &st) == -1)
+    die ("%s: %m", run_dir);
+  if (!S_ISDIR (st.st_mode) || st.st_uid != geteuid () ||
+      (st.st_mode & 077) != 0)
+    die ("%s: must be a directory owned by you with mode 0700", run_dir);
+}
+
+/* Sockets left in the run directory by processes stop_strays ended
+ * (they do not remove them): nothing else listens there.
+ */
+void
+remove_stray_sockets (void)
+{
+  DIR *dir = opendir (run_dir);
+  struct dirent *e;
+  struct stat st;
+
+  while (dir && (e = readdir (dir)) != NULL) {
+    char *p = xasprintf ("%s/%s", run_dir, e->d_name);
+    if (lstat (p, &st) == 0 && S_ISSOCK (st.st_mode))
+      unlink (p);
+    free (p);
+  }
+  if (dir)
+    closedir (dir);
+}

@@ -1,0 +1,27 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* The run directory (--run-dir): where the state, sockets, pidfiles,
+ * logs and mounts of one backup access are.
+ */
+#ifndef BACKUPACCESS_HELPER_RUNDIR_H
+#define BACKUPACCESS_HELPER_RUNDIR_H
+
+#include <stdbool.h>
+
+/* Its real path, set by parse_options. */
+extern char *run_dir;
+
+/* The real path of a directory (or of one to be made, in an existing
+ * parent); dies unless every directory above it (and with check_self
+ * the directory itself) can be changed by root or the caller only.
+ */
+char *checked_dir_path (const char *what, const char *path, bool check_self);
+
+/* Creates the run directory, private to the caller, or dies unless an
+ * existing one is.
+ */
+void make_run_dir (void);
+
+/* Removes the sockets in the run directory. */
+void remove_stray_sockets (void);
+
+#endif /* BACKUPACCESS_HELPER_RUNDIR_H */
