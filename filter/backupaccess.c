@@ -45,6 +45,10 @@ static char *bitmap_uri;
  * plugin), seen on the way through: the default place of the bitmap.
  */
 static char *plugin_socket, *plugin_export, *plugin_uri;
+/* The backupaccess plugin's cluster=, seen on the way through: the
+ * same setting, which must agree with backupaccess-cluster.
+ */
+static int64_t plugin_cluster = -1;
 static char *status_path;       /* counters for the helper, every second */
 static int64_t cluster_size = BA_CLUSTER_DEFAULT;
 static bool discard = true;
@@ -85,6 +89,11 @@ static pthread_cond_t flush_cond = PTHREAD_COND_INITIALIZER;
 static pthread_cond_t flushed_cond = PTHREAD_COND_INITIALIZER;
 static uint64_t disk_size;
 static bool disk_size_known;
+/* The preferred block size advertised to clients (see
+ * backupaccess_block_size), set in .after_fork.
+ */
+static uint32_t preferred_size;
+static bool preferred_safe;     /* the dirty regions are aligned to it */
 static struct ba_coverage *coverage;
 static struct {
   uint64_t bytes_read, reads, refused, trims_sent, bytes_discarded,
@@ -98,10 +107,12 @@ static struct {
   "                            qemu:dirty-bitmap:NAME at start-up.\n" \
   "backupaccess-uri=URI        Where to read the bitmap (default: the\n" \
   "                            plugin's socket=/export= or uri=).\n" \
-  "backupaccess-cluster=SIZE   Copy-before-write cluster size (default 64K).\n" \
+  "backupaccess-cluster=SIZE   Copy-before-write cluster size (default:\n" \
+  "                            the backupaccess plugin's cluster=, or 64K).\n" \
   "backupaccess-discard=BOOL   Discard clusters once read (default true).\n" \
-  "backupaccess-clean=hole|zero  How unreadable regions are reported\n" \
-  "                            in extents (default hole).\n" \
+  "backupaccess-clean=hole|zero  How clean regions are reported in\n" \
+  "                            extents (default hole; zero: for a copy\n" \
+  "                            into an overlay of the previous backup).\n" \
   "backupaccess-discard-clean=BOOL  Discard the clean clusters at\n" \
   "                            start-up (default false).\n" \
   "backupaccess-trim-batch=SIZE  Send discards in batches of SIZE\n" \
@@ -355,6 +366,11 @@ backupaccess_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     if (plugin_socket == NULL)
       return -1;
   }
+  else if (strcmp (key, "cluster") == 0) {
+    plugin_cluster = nbdkit_parse_size (value);
+    if (plugin_cluster == -1)
+      return -1;
+  }
   else if (strcmp (key, "export") == 0 || strcmp (key, "uri") == 0) {
     char **copy = key[0] == 'e' ? &plugin_export : &plugin_uri;
     free (*copy);
@@ -383,6 +399,22 @@ backupaccess_config_complete (nbdkit_next_config_complete *next,
     nbdkit_error ("backupaccess-bitmap: no place to read it from: give "
                   "backupaccess-uri=URI, or the plugin's socket= or uri=");
     return -1;
+  }
+  /* One cluster size for both: the plugin's alone is taken as the
+   * filter's too; two different ones are a mistake that costs either
+   * every discard or, on QEMU 7.x, the VM.
+   */
+  if (plugin_cluster != -1) {
+    if (!(params_seen & 2))
+      cluster_size = plugin_cluster;
+    else if (plugin_cluster != cluster_size) {
+      nbdkit_error ("backupaccess-cluster=%" PRIi64 " and the plugin's "
+                    "cluster=%" PRIi64 " differ: both are QEMU's "
+                    "copy-before-write cluster size (the larger of 64K and "
+                    "the fleecing image's cluster size); give it once, as "
+                    "cluster=SIZE", cluster_size, plugin_cluster);
+      return -1;
+    }
   }
   if (map_path) {
     char err[512];
@@ -637,6 +669,34 @@ withdraw_from_flusher (nbdkit_next *next)
   pthread_mutex_unlock (&lock);
 }
 
+/* The preferred block size: a cluster (whole aligned clusters are
+ * discarded at once), but never more than the alignment of the dirty
+ * regions, so that aligned requests of that size never mix clean and
+ * dirty bytes.  nbdcopy rounds its requests up to the preferred size:
+ * with a cluster larger than a bitmap granule, every request of it that
+ * reached a clean granule would mix clean and dirty bytes (and be
+ * refused).
+ */
+static void
+set_preferred_size (void)
+{
+  uint64_t p = cluster_size < BA_PREFERRED_MAX ? cluster_size
+    : BA_PREFERRED_MAX;
+
+  if (have_dirty)
+    p = ba_regions_alignment (&dirty, disk_size, p);
+  if (p < BA_PREFERRED_MIN) {
+    nbdkit_debug ("backupaccess: the dirty regions are aligned to %" PRIu64
+                  " bytes only: requests of the smallest preferred block "
+                  "size, %d, can mix clean and dirty bytes, and are then "
+                  "refused", p, (int) BA_PREFERRED_MIN);
+    p = BA_PREFERRED_MIN;
+  }
+  else
+    preferred_safe = true;
+  preferred_size = p;
+}
+
 /* Sets up the state once, before any client is served, and checks the
  * dirty regions against the disk: bad input stops nbdkit here.
  */
@@ -667,6 +727,7 @@ backupaccess_after_fork (nbdkit_backend *backend)
     ba_coverage_get_stats (coverage, &cs);
     stats.peak_memory = cs.memory_bytes;
   }
+  set_preferred_size ();
   queue = ba_discard_queue_new (trim_batch, discard_lag, cluster_size);
   if (queue == NULL) {
     nbdkit_error ("backupaccess: cannot set up the discard queue: %m");
@@ -731,6 +792,28 @@ backupaccess_prepare (nbdkit_next *next, void *handle, int readonly)
   }
   if (discard && flush_running)
     return offer_to_flusher (next);
+  return 0;
+}
+
+/* The plugin's limits, with our preferred size (set_preferred_size)
+ * inside them.
+ */
+static int
+backupaccess_block_size (nbdkit_next *next, void *handle,
+                         uint32_t *minimum, uint32_t *preferred,
+                         uint32_t *maximum)
+{
+  if (next->block_size (next, minimum, preferred, maximum) == -1)
+    return -1;
+  if (*minimum == 0) {          /* the plugin has no constraints */
+    *minimum = 1;
+    *maximum = 0xffffffff;
+  }
+  *preferred = preferred_size;
+  if (*preferred < *minimum)
+    *preferred = *minimum;
+  while (*preferred > *maximum && *preferred > *minimum)
+    *preferred /= 2;            /* powers of two */
   return 0;
 }
 
@@ -867,15 +950,33 @@ consume (nbdkit_next *next, uint64_t offset, uint64_t count, int *err)
   return r == -1 || r2 == -1 ? -1 : 0;
 }
 
+/* A read that touches clean bytes is refused, whatever extents say
+ * about them: with backupaccess-clean=zero they are zero holes, and a
+ * copier that read them anyway would write those zeroes over the
+ * previous backup.  A read that mixes clean and dirty bytes is what a
+ * client with requests larger than a bitmap granule sends: say so.
+ */
 static int
 refuse (const char *what, uint64_t offset, uint32_t count,
-        const struct ba_range *bad, bool discarded, int *err)
+        const struct ba_range *bad, bool discarded, bool mixed, int *err)
 {
+  char hint[256] = "";
+
+  if (mixed && preferred_safe)
+    snprintf (hint, sizeof hint, "; the read mixes clean and dirty bytes: "
+              "read what extents report as data, in aligned requests of "
+              "at most %" PRIu32 " bytes, the preferred block size "
+              "(nbdcopy --request-size=%" PRIu32 ")",
+              preferred_size, preferred_size);
+  else if (mixed)
+    snprintf (hint, sizeof hint, "; the read mixes clean and dirty bytes: "
+              "read only what extents report as data");
   nbdkit_error ("backupaccess: %s [%" PRIu64 ", +%" PRIu32 ") refused: "
-                "[%" PRIu64 ", %" PRIu64 ") %s", what, offset, count,
+                "[%" PRIu64 ", %" PRIu64 ") %s%s", what, offset, count,
                 bad->start, bad->end,
                 discarded ? "was already read and discarded"
-                : "is outside the dirty regions (clean, not in this backup)");
+                : "is outside the dirty regions (clean, not in this backup)",
+                hint);
   pthread_mutex_lock (&lock);
   stats.refused++;
   pthread_mutex_unlock (&lock);
@@ -918,44 +1019,6 @@ upstream_refused (uint64_t offset, uint32_t count, int *err)
   return -1;
 }
 
-/* With backupaccess-clean=zero, clean regions are advertised as
- * zeroes, so a read that touches them gets zeroes there and only its
- * dirty pieces go upstream.  (nbdcopy reads whole requests across
- * extent boundaries.)  Discarded pieces are still refused.
- */
-static int
-read_with_clean_zeroes (nbdkit_next *next, char *buf, uint32_t count,
-                        uint64_t offset, uint32_t flags, int *err)
-{
-  uint64_t pos = offset, end = offset + count;
-
-  while (pos < end) {
-    bool readable, clean;
-    uint64_t len;
-
-    pthread_mutex_lock (&lock);
-    len = ba_coverage_run (coverage, pos, end, &readable);
-    clean = !readable && !ba_regions_contains (&dirty, pos, pos + 1);
-    pthread_mutex_unlock (&lock);
-    if (readable) {
-      if (next->pread (next, buf + (pos - offset), len, pos, flags,
-                       err) == -1) {
-        if (*err == EINVAL || *err == EPERM)
-          return upstream_refused (pos, len, err);
-        return -1;
-      }
-    }
-    else if (clean)
-      memset (buf + (pos - offset), 0, len);
-    else {
-      struct ba_range bad = { pos, pos + len };
-      return refuse ("read", offset, count, &bad, true, err);
-    }
-    pos += len;
-  }
-  return 0;
-}
-
 /* Is every byte of [offset, end) dirty and either readable or in a
  * cluster that was completed but is still held back by the discard lag,
  * so not trimmed yet?  Called with the lock held.
@@ -981,7 +1044,7 @@ backupaccess_pread (nbdkit_next *next, void *handle, void *buf,
                     int *err)
 {
   struct ba_range bad;
-  bool discarded, ok, is_broken;
+  bool discarded, ok, is_broken, mixed = false;
 
   pthread_mutex_lock (&lock);
   ok = ba_coverage_readable (coverage, offset, offset + count,
@@ -989,10 +1052,12 @@ backupaccess_pread (nbdkit_next *next, void *handle, void *buf,
   /* A re-read of what was read but not trimmed yet: nothing changes. */
   if (!ok && discarded && readable_again (offset, offset + count))
     ok = true;
+  if (!ok && !discarded)
+    mixed = ba_regions_overlap (&dirty, offset, offset + count) > 0;
   is_broken = broken;
   pthread_mutex_unlock (&lock);
-  if (!ok && (discarded || !clean_is_zero))
-    return refuse ("read", offset, count, &bad, discarded, err);
+  if (!ok)
+    return refuse ("read", offset, count, &bad, discarded, mixed, err);
   if (is_broken) {
     nbdkit_error ("backupaccess: read [%" PRIu64 ", +%" PRIu32 ") refused: "
                   "the snapshot is broken (see the first error)",
@@ -1002,11 +1067,7 @@ backupaccess_pread (nbdkit_next *next, void *handle, void *buf,
   }
 
   /* A failed read consumes nothing. */
-  if (!ok) {
-    if (read_with_clean_zeroes (next, buf, count, offset, flags, err) == -1)
-      return -1;
-  }
-  else if (next->pread (next, buf, count, offset, flags, err) == -1) {
+  if (next->pread (next, buf, count, offset, flags, err) == -1) {
     if (*err == EINVAL || *err == EPERM)
       return upstream_refused (offset, count, err);
     return -1;
@@ -1084,6 +1145,37 @@ readable_type (uint32_t type)
   return type;
 }
 
+/* Adds the extents of an unreadable run [offset, end): holes.  With
+ * backupaccess-clean=zero the clean parts read as zeroes (type 3), so
+ * that a copy into an overlay of the previous backup skips them, but
+ * the discarded parts do not (type 1): a client that reconnects must
+ * not skip what it may not have copied yet, but read it and be
+ * refused.
+ */
+static int
+add_unreadable (struct nbdkit_extents *extents, uint64_t offset,
+                uint64_t end)
+{
+  while (offset < end) {
+    uint64_t next = end;
+    uint32_t type = NBDKIT_EXTENT_HOLE;
+
+    if (clean_is_zero) {
+      bool clean;
+
+      pthread_mutex_lock (&lock);
+      next = ba_regions_run (&dirty, offset, end, &clean);
+      pthread_mutex_unlock (&lock);
+      if (clean)
+        type |= NBDKIT_EXTENT_ZERO;
+    }
+    if (nbdkit_add_extent (extents, offset, next - offset, type) == -1)
+      return -1;
+    offset = next;
+  }
+  return 0;
+}
+
 /* At most this many plugin calls per extents request: clients ask again
  * from where the answer stopped.
  */
@@ -1096,8 +1188,6 @@ backupaccess_extents (nbdkit_next *next, void *handle, uint32_t count,
 {
   uint64_t end = offset + count;
   unsigned calls = 0;
-  const uint32_t unreadable = NBDKIT_EXTENT_HOLE |
-    (clean_is_zero ? NBDKIT_EXTENT_ZERO : 0);
 
   while (offset < end && calls < MAX_UPSTREAM_EXTENTS_CALLS) {
     bool readable;
@@ -1109,7 +1199,7 @@ backupaccess_extents (nbdkit_next *next, void *handle, uint32_t count,
     if (len == 0)
       break;
     if (!readable) {
-      if (nbdkit_add_extent (extents, offset, len, unreadable) == -1) {
+      if (add_unreadable (extents, offset, offset + len) == -1) {
         *err = errno;
         return -1;
       }
@@ -1173,6 +1263,7 @@ static struct nbdkit_filter filter = {
   .cleanup            = backupaccess_cleanup,
   .prepare            = backupaccess_prepare,
   .finalize           = backupaccess_finalize,
+  .block_size         = backupaccess_block_size,
   .can_trim           = backupaccess_can_trim,
   .can_zero           = backupaccess_can_zero,
   .can_fast_zero      = backupaccess_can_fast_zero,
