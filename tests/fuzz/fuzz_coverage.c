@@ -2,7 +2,7 @@
  * trivially correct model: a byte array (clean, readable or discarded;
  * consumed or not, per byte).  The input is decoded into a small disk,
  * a dirty set, a memory budget, and a sequence of client reads and
- * trims, handled as the filter handles them (filter/backupaccess.c):
+ * trims, handled as the readable view handles them (lib/view.c):
  * a read consumes its bytes only if it succeeds, a trim always does.
  *
  * Checked after every step, as in tests/unit/test_coverage.c:
@@ -210,8 +210,8 @@ client_read (struct ba_coverage *cov, struct ba_regions *trims,
 
   if (s >= e)
     return;
-  /* With backupaccess-clean=zero too: a read that touches a clean
-   * byte is refused and consumes nothing.
+  /* As ba_view_check_read: with backupaccess-clean=zero too, a read
+   * that touches a clean byte is refused and consumes nothing.
    */
   ok = check_readable (cov, s, e);
   if (ok)
