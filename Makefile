@@ -37,7 +37,7 @@ DEB_PACKAGES = $(DEB_BUILD_PACKAGES) \
   cppcheck clang-tidy strace valgrind
 DEB_PACKAGES += clang libclang-rt-14-dev
 
-LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c \
+LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c lib/view.c \
              lib/bitmap.c lib/qmp.c lib/statefile.c lib/cluster.c
 LIB_HDRS   = $(wildcard lib/*.h)
 LIB_OBJS   = $(LIB_SRCS:.c=.o)

@@ -1,16 +1,20 @@
 /* nbdkit-backupaccess-filter: a safe view of a QEMU snapshot-access export.
  *
- * - Reads only inside the readable set (dirty regions minus discarded
+ * The nbdkit glue over the readable view (lib/view.c), which holds the
+ * rules:
+ * - reads only inside the readable set (dirty regions minus discarded
  *   clusters); everything else is refused with EPERM before it reaches
- *   the plugin.
- * - Once every readable byte of a cluster has been read (or trimmed by
+ *   the plugin;
+ * - once every readable byte of a cluster has been read (or trimmed by
  *   the client), one aligned trim discards it upstream, so that QEMU's
- *   fleecing image shrinks.  The rule lives in lib/coverage.c.
- * - Extents: unreadable regions are holes, answered here; readable ones
- *   come from the plugin.
+ *   fleecing image shrinks;
+ * - extents: unreadable regions are holes, answered here; readable ones
+ *   come from the plugin; the preferred block size keeps aligned
+ *   requests inside the dirty regions' granules.
  *
- * All state is process-wide, shared by every connection, and guarded by
- * one lock that is never held across a call to the plugin.
+ * The view is process-wide, shared by every connection; it locks
+ * itself.  This file's own lock guards the flusher and status threads'
+ * state, and is never held across a call to the plugin or a write.
  */
 #define _GNU_SOURCE             /* asprintf */
 #include <errno.h>
@@ -28,11 +32,10 @@
 #include <nbdkit-filter.h>
 
 #include "cluster.h"
-#include "coverage.h"
-#include "discardq.h"
 #include "mapfile.h"
 #include "bitmap.h"
 #include "regions.h"
+#include "view.h"
 
 /* -D backupaccess.verbose=1: one debug line per request. */
 NBDKIT_DLL_PUBLIC int backupaccess_debug_verbose = 0;
@@ -45,6 +48,10 @@ static char *bitmap_uri;
  * plugin), seen on the way through: the default place of the bitmap.
  */
 static char *plugin_socket, *plugin_export, *plugin_uri;
+/* The backupaccess plugin's cluster=, seen on the way through: the
+ * same setting, which must agree with backupaccess-cluster.
+ */
+static int64_t plugin_cluster = -1;
 static char *status_path;       /* counters for the helper, every second */
 static int64_t cluster_size = BA_CLUSTER_DEFAULT;
 static bool discard = true;
@@ -57,16 +64,15 @@ static int64_t trim_batch = INT64_C (4) << 20;
 static int64_t discard_lag;     /* recent bytes kept readable */
 static unsigned params_seen;    /* bit per parameter, to refuse repeats */
 
-/* State, set up in .after_fork, then guarded by lock. */
-static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+/* The dirty regions, until the view takes a copy in .after_fork. */
 static struct ba_regions dirty;
 static bool have_dirty;         /* else the whole disk is readable */
-static bool broken;             /* the snapshot failed: refuse all reads */
+static struct ba_view *view;
+/* The threads' state below is guarded by lock. */
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_t status_thread;
 static bool status_running, status_stop;
 static pthread_cond_t status_cond = PTHREAD_COND_INITIALIZER;
-/* Completed clusters not yet trimmed: the batch and the lag. */
-static struct ba_discard_queue *queue;
 /* The flusher thread sends the batch every second, so that the last
  * discards of a slow or idle client (an nbdfuse mount) do not wait for
  * its connection to end.  It sends them through the plugin context of
@@ -85,11 +91,6 @@ static pthread_cond_t flush_cond = PTHREAD_COND_INITIALIZER;
 static pthread_cond_t flushed_cond = PTHREAD_COND_INITIALIZER;
 static uint64_t disk_size;
 static bool disk_size_known;
-static struct ba_coverage *coverage;
-static struct {
-  uint64_t bytes_read, reads, refused, trims_sent, bytes_discarded,
-    trim_errors, client_trims, peak_memory, clean_discarded;
-} stats;
 
 #define backupaccess_config_help \
   "backupaccess-map=FILE       Dirty regions (nbdinfo --map output or\n" \
@@ -98,10 +99,12 @@ static struct {
   "                            qemu:dirty-bitmap:NAME at start-up.\n" \
   "backupaccess-uri=URI        Where to read the bitmap (default: the\n" \
   "                            plugin's socket=/export= or uri=).\n" \
-  "backupaccess-cluster=SIZE   Copy-before-write cluster size (default 64K).\n" \
+  "backupaccess-cluster=SIZE   Copy-before-write cluster size (default:\n" \
+  "                            the backupaccess plugin's cluster=, or 64K).\n" \
   "backupaccess-discard=BOOL   Discard clusters once read (default true).\n" \
-  "backupaccess-clean=hole|zero  How unreadable regions are reported\n" \
-  "                            in extents (default hole).\n" \
+  "backupaccess-clean=hole|zero  How clean regions are reported in\n" \
+  "                            extents (default hole; zero: for a copy\n" \
+  "                            into an overlay of the previous backup).\n" \
   "backupaccess-discard-clean=BOOL  Discard the clean clusters at\n" \
   "                            start-up (default false).\n" \
   "backupaccess-trim-batch=SIZE  Send discards in batches of SIZE\n" \
@@ -112,35 +115,31 @@ static struct {
   "                            second while they change."
 
 /* Writes the counters to status_path (atomically: a temporary file
- * renamed over it).  Called with the lock held.
+ * renamed over it).
  */
 static void
-write_status (void)
+write_status (const struct ba_view_stats *st)
 {
-  struct ba_coverage_stats cs;
   json_object *o;
   char *tmp = NULL;
   FILE *fp;
 
-  if (status_path == NULL || coverage == NULL)
-    return;
-  ba_coverage_get_stats (coverage, &cs);
   o = json_object_new_object ();
   json_object_object_add (o, "bytes-read",
-                          json_object_new_uint64 (stats.bytes_read));
+                          json_object_new_uint64 (st->bytes_read));
   json_object_object_add (o, "bytes-discarded",
-                          json_object_new_uint64 (stats.bytes_discarded));
+                          json_object_new_uint64 (st->bytes_discarded));
   json_object_object_add (o, "bytes-discarded-clean",
-                          json_object_new_uint64 (stats.clean_discarded));
+                          json_object_new_uint64 (st->clean_discarded));
   json_object_object_add (o, "bytes-left",
-                          json_object_new_uint64 (cs.readable_left));
+                          json_object_new_uint64 (st->readable_left));
   json_object_object_add (o, "bytes-total",
-                          json_object_new_uint64 (cs.readable_total));
+                          json_object_new_uint64 (st->readable_total));
   json_object_object_add (o, "requests-refused",
-                          json_object_new_uint64 (stats.refused));
+                          json_object_new_uint64 (st->refused));
   json_object_object_add (o, "trim-errors",
-                          json_object_new_uint64 (stats.trim_errors));
-  json_object_object_add (o, "broken", json_object_new_boolean (broken));
+                          json_object_new_uint64 (st->trim_errors));
+  json_object_object_add (o, "broken", json_object_new_boolean (st->broken));
   json_object_object_add (o, "pid", json_object_new_int (getpid ()));
   json_object_object_add (o, "time", json_object_new_int64 (time (NULL)));
   /* A new file of a name nobody can guess (mkstemp: O_EXCL, mode
@@ -165,26 +164,41 @@ write_status (void)
   json_object_put (o);
 }
 
+/* The status thread: the counters, once a second while they change,
+ * and once more at the end.
+ */
 static void *
 status_loop (void *arg)
 {
   uint64_t last = UINT64_MAX;
+  bool stop = false;
 
-  pthread_mutex_lock (&lock);
-  while (!status_stop) {
+  while (!stop) {
+    struct ba_view_stats st;
     struct timespec ts;
-    uint64_t now = stats.reads + stats.refused + stats.trims_sent +
-      stats.trim_errors + stats.client_trims + broken;
+    uint64_t now;
+
+    ba_view_get_stats (view, &st);
+    now = st.reads + st.refused + st.trims_sent + st.trim_errors +
+      st.client_trims + st.broken;
     if (now != last) {
-      write_status ();
+      write_status (&st);
       last = now;
     }
-    clock_gettime (CLOCK_REALTIME, &ts);
-    ts.tv_sec++;
-    pthread_cond_timedwait (&status_cond, &lock, &ts);
+    pthread_mutex_lock (&lock);
+    if (!status_stop) {
+      clock_gettime (CLOCK_REALTIME, &ts);
+      ts.tv_sec++;
+      pthread_cond_timedwait (&status_cond, &lock, &ts);
+    }
+    stop = status_stop;
+    pthread_mutex_unlock (&lock);
   }
-  write_status ();
-  pthread_mutex_unlock (&lock);
+  {
+    struct ba_view_stats st;
+    ba_view_get_stats (view, &st);
+    write_status (&st);
+  }
   return NULL;
 }
 
@@ -199,27 +213,16 @@ backupaccess_unload (void)
     pthread_join (status_thread, NULL);
   }
   free (status_path);
-  if (coverage) {
-    struct ba_coverage_stats cs;
-    ba_coverage_get_stats (coverage, &cs);
+  if (view) {
+    char summary[512];
+    ba_view_summary (view, summary, sizeof summary);
     /* The summary goes to nbdkit's stderr, which is its log when it
      * runs in the foreground.
      */
-    fprintf (stderr,
-             "nbdkit: backupaccess: summary: %" PRIu64 " bytes read in "
-             "%" PRIu64 " reads, %" PRIu64 " bytes discarded in %" PRIu64
-             " trims, %" PRIu64 " trim errors, %" PRIu64 " requests refused, "
-             "%" PRIu64 " of %" PRIu64 " readable bytes left, "
-             "%" PRIu64 " bytes of tracking memory at peak, "
-             "%" PRIu64 " consumed bytes not tracked (memory budget)\n",
-             stats.bytes_read, stats.reads, stats.bytes_discarded,
-             stats.trims_sent, stats.trim_errors, stats.refused,
-             cs.readable_left, cs.readable_total,
-             stats.peak_memory, cs.untracked_bytes);
+    fprintf (stderr, "nbdkit: backupaccess: summary: %s\n", summary);
   }
-  ba_coverage_free (coverage);
+  ba_view_free (view);
   ba_regions_free (&dirty);
-  ba_discard_queue_free (queue);
   free (map_path);
   free (bitmap_name);
   free (bitmap_uri);
@@ -355,6 +358,11 @@ backupaccess_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     if (plugin_socket == NULL)
       return -1;
   }
+  else if (strcmp (key, "cluster") == 0) {
+    plugin_cluster = nbdkit_parse_size (value);
+    if (plugin_cluster == -1)
+      return -1;
+  }
   else if (strcmp (key, "export") == 0 || strcmp (key, "uri") == 0) {
     char **copy = key[0] == 'e' ? &plugin_export : &plugin_uri;
     free (*copy);
@@ -383,6 +391,22 @@ backupaccess_config_complete (nbdkit_next_config_complete *next,
     nbdkit_error ("backupaccess-bitmap: no place to read it from: give "
                   "backupaccess-uri=URI, or the plugin's socket= or uri=");
     return -1;
+  }
+  /* One cluster size for both: the plugin's alone is taken as the
+   * filter's too; two different ones are a mistake that costs either
+   * every discard or, on QEMU 7.x, the VM.
+   */
+  if (plugin_cluster != -1) {
+    if (!(params_seen & 2))
+      cluster_size = plugin_cluster;
+    else if (plugin_cluster != cluster_size) {
+      nbdkit_error ("backupaccess-cluster=%" PRIi64 " and the plugin's "
+                    "cluster=%" PRIi64 " differ: both are QEMU's "
+                    "copy-before-write cluster size (the larger of 64K and "
+                    "the fleecing image's cluster size); give it once, as "
+                    "cluster=SIZE", cluster_size, plugin_cluster);
+      return -1;
+    }
   }
   if (map_path) {
     char err[512];
@@ -467,7 +491,7 @@ learn_disk_size (nbdkit_backend *backend)
 }
 
 static int send_trims (nbdkit_next *next, const struct ba_regions *trims,
-                       uint64_t *counter, int *err);
+                       bool clean, int *err);
 
 /* Discards every cluster with no dirty byte, once, before clients come:
  * where copy-before-write has no bitmap (upstream QEMU's blockdev-backup
@@ -517,20 +541,19 @@ discard_clean_clusters (nbdkit_backend *backend)
   int err = 0, r = -1;
 
   ba_regions_init (&clean);
-  if (ba_regions_clean_clusters (&dirty, disk_size, cluster_size,
-                                 &clean) == -1) {
+  if (ba_view_clean_clusters (view, &clean) == -1) {
     nbdkit_error ("backupaccess-discard-clean: %m");
     return -1;
   }
   next = open_trim_context (backend);
   if (next) {
-    r = send_trims (next, &clean, &stats.clean_discarded, &err);
+    r = send_trims (next, &clean, true, &err);
     close_context (next);
   }
   else
     nbdkit_error ("backupaccess-discard-clean: the plugin cannot trim");
   nbdkit_debug ("backupaccess: discarded %zu clean ranges, %" PRIu64
-                " bytes", clean.n, stats.clean_discarded);
+                " bytes", clean.n, ba_regions_total (&clean));
   ba_regions_free (&clean);
   return r;
 }
@@ -551,12 +574,12 @@ flush_loop (void *arg)
     if (flush_stop || nr_open_nexts == 0)
       continue;
     ba_regions_init (&due);
-    if (ba_discard_queue_flush (queue, &due) == -1)
+    if (ba_view_flush (view, &due) == -1)
       nbdkit_error ("backupaccess: out of memory sending discards");
     if (due.n > 0) {
       flushing_via = open_nexts[0];
       pthread_mutex_unlock (&lock);
-      send_trims (flushing_via, &due, &stats.bytes_discarded, &err);
+      send_trims (flushing_via, &due, false, &err);
       pthread_mutex_lock (&lock);
       flushing_via = NULL;
       pthread_cond_broadcast (&flushed_cond);
@@ -656,21 +679,27 @@ backupaccess_after_fork (nbdkit_backend *backend)
       nbdkit_error ("backupaccess-bitmap=%s: %s", bitmap_name, err);
     return -1;
   }
-  coverage = ba_coverage_new (disk_size, cluster_size,
-                              have_dirty ? &dirty : NULL);
-  if (coverage == NULL) {
-    nbdkit_error ("backupaccess: cannot set up coverage tracking: %m");
-    return -1;
-  }
   {
-    struct ba_coverage_stats cs;
-    ba_coverage_get_stats (coverage, &cs);
-    stats.peak_memory = cs.memory_bytes;
-  }
-  queue = ba_discard_queue_new (trim_batch, discard_lag, cluster_size);
-  if (queue == NULL) {
-    nbdkit_error ("backupaccess: cannot set up the discard queue: %m");
-    return -1;
+    const struct ba_view_config config = {
+      .disk_size = disk_size, .cluster_size = cluster_size,
+      .dirty = have_dirty ? &dirty : NULL, .discard = discard,
+      .clean_is_zero = clean_is_zero, .trim_batch = trim_batch,
+      .discard_lag = discard_lag,
+    };
+    bool safe;
+    uint32_t preferred;
+
+    view = ba_view_new (&config);
+    if (view == NULL) {
+      nbdkit_error ("backupaccess: cannot set up the view of the export: %m");
+      return -1;
+    }
+    preferred = ba_view_preferred_size (view, &safe);
+    if (!safe)
+      nbdkit_debug ("backupaccess: the dirty regions are not aligned to "
+                    "%" PRIu32 " bytes, the smallest preferred block size: "
+                    "requests of that size can mix clean and dirty bytes, "
+                    "and are then refused", preferred);
   }
   if (discard_clean && have_dirty &&
       discard_clean_clusters (backend) == -1)
@@ -686,9 +715,11 @@ backupaccess_after_fork (nbdkit_backend *backend)
     status_running = true;
   }
   nbdkit_debug ("backupaccess: disk size %" PRIu64 ", %zu dirty regions, "
-                "cluster %" PRIi64 ", discard %s",
-                disk_size, have_dirty ? dirty.n : (size_t) 1,
-                cluster_size, discard ? "on" : "off");
+                "cluster %" PRIi64 ", preferred block size %" PRIu32
+                ", discard %s", disk_size, have_dirty ? dirty.n : (size_t) 1,
+                cluster_size, ba_view_preferred_size (view, NULL),
+                discard ? "on" : "off");
+  ba_regions_free (&dirty);     /* the view has its copy */
   return 0;
 }
 
@@ -731,6 +762,26 @@ backupaccess_prepare (nbdkit_next *next, void *handle, int readonly)
   }
   if (discard && flush_running)
     return offer_to_flusher (next);
+  return 0;
+}
+
+/* The plugin's limits, with the view's preferred size inside them. */
+static int
+backupaccess_block_size (nbdkit_next *next, void *handle,
+                         uint32_t *minimum, uint32_t *preferred,
+                         uint32_t *maximum)
+{
+  if (next->block_size (next, minimum, preferred, maximum) == -1)
+    return -1;
+  if (*minimum == 0) {          /* the plugin has no constraints */
+    *minimum = 1;
+    *maximum = 0xffffffff;
+  }
+  *preferred = ba_view_preferred_size (view, NULL);
+  if (*preferred < *minimum)
+    *preferred = *minimum;
+  while (*preferred > *maximum && *preferred > *minimum)
+    *preferred /= 2;            /* powers of two */
   return 0;
 }
 
@@ -781,12 +832,13 @@ backupaccess_can_extents (nbdkit_next *next, void *handle)
   return 1;                     /* holes are answered here in any case */
 }
 
-/* Sends trims for whole clusters, adding the bytes to *counter.
- * Returns 0, or -1 with *err set after trying every range.
+/* Sends trims for whole clusters (clean: of clean clusters at
+ * start-up), counted in the view.  Returns 0, or -1 with *err set after
+ * trying every range.
  */
 static int
 send_trims (nbdkit_next *next, const struct ba_regions *trims,
-            uint64_t *counter, int *err)
+            bool clean, int *err)
 {
   int r = 0;
 
@@ -798,9 +850,7 @@ send_trims (nbdkit_next *next, const struct ba_regions *trims,
       if (next->trim (next, len, start, 0, &e) == -1) {
         nbdkit_error ("backupaccess: discarding [%" PRIu64 ", +%" PRIu64
                       ") upstream failed: %s", start, len, strerror (e));
-        pthread_mutex_lock (&lock);
-        stats.trim_errors++;
-        pthread_mutex_unlock (&lock);
+        ba_view_trimmed (view, len, false, clean);
         *err = e ? e : EIO;
         r = -1;
       }
@@ -808,12 +858,7 @@ send_trims (nbdkit_next *next, const struct ba_regions *trims,
         if (backupaccess_debug_verbose)
           nbdkit_debug ("backupaccess: trim [%" PRIu64 ", +%" PRIu64 ")",
                         start, len);
-        pthread_mutex_lock (&lock);
-        /* Start-up discards of clean clusters are not in the summary. */
-        if (counter == &stats.bytes_discarded)
-          stats.trims_sent++;
-        *counter += len;
-        pthread_mutex_unlock (&lock);
+        ba_view_trimmed (view, len, true, clean);
       }
       start += len;
     }
@@ -829,79 +874,59 @@ flush_batch (nbdkit_next *next)
   int err;
 
   ba_regions_init (&due);
-  pthread_mutex_lock (&lock);
-  if (ba_discard_queue_flush (queue, &due) == -1)
+  if (ba_view_flush (view, &due) == -1)
     nbdkit_error ("backupaccess: out of memory sending the last discards");
-  pthread_mutex_unlock (&lock);
-  send_trims (next, &due, &stats.bytes_discarded, &err);
+  send_trims (next, &due, false, &err);
   ba_regions_free (&due);
 }
 
-/* Marks [offset, +count) consumed and discards what that completes. */
+/* Sends the trims that a read or a client trim of [offset, +count)
+ * made due (r: what the view said).
+ */
 static int
-consume (nbdkit_next *next, uint64_t offset, uint64_t count, int *err)
+discard_due (nbdkit_next *next, int r, struct ba_regions *trims,
+             uint64_t offset, uint64_t count, int *err)
 {
-  struct ba_regions completed, trims;
-  struct ba_coverage_stats cs;
-  int r, r2;
+  int r2;
 
-  ba_regions_init (&completed);
-  ba_regions_init (&trims);
-  pthread_mutex_lock (&lock);
-  r = ba_coverage_consume (coverage, offset, offset + count, &completed);
-  ba_coverage_get_stats (coverage, &cs);
-  if (cs.memory_bytes > stats.peak_memory)
-    stats.peak_memory = cs.memory_bytes;
-  if (ba_discard_queue_add (queue, &completed, &trims) == -1)
-    r = -1;
-  pthread_mutex_unlock (&lock);
-  ba_regions_free (&completed);
   if (r == -1) {
     nbdkit_error ("backupaccess: out of memory recording discarded "
                   "clusters near [%" PRIu64 ", +%" PRIu64 ")",
                   offset, count);
     *err = ENOMEM;
   }
-  r2 = send_trims (next, &trims, &stats.bytes_discarded, err);
-  ba_regions_free (&trims);
+  r2 = send_trims (next, trims, false, err);
+  ba_regions_free (trims);
   return r == -1 || r2 == -1 ? -1 : 0;
 }
 
+/* A refused read: EPERM, or EIO for a broken snapshot. */
 static int
-refuse (const char *what, uint64_t offset, uint32_t count,
-        const struct ba_range *bad, bool discarded, int *err)
+refuse (uint64_t offset, uint32_t count, enum ba_view_refusal why,
+        const struct ba_range *bad, int *err)
 {
-  nbdkit_error ("backupaccess: %s [%" PRIu64 ", +%" PRIu32 ") refused: "
-                "[%" PRIu64 ", %" PRIu64 ") %s", what, offset, count,
-                bad->start, bad->end,
-                discarded ? "was already read and discarded"
-                : "is outside the dirty regions (clean, not in this backup)");
-  pthread_mutex_lock (&lock);
-  stats.refused++;
-  pthread_mutex_unlock (&lock);
-  *err = EPERM;
+  char msg[512];
+
+  ba_view_refusal_message (view, why, bad, msg, sizeof msg);
+  nbdkit_error ("backupaccess: read [%" PRIu64 ", +%" PRIu32 ") refused: "
+                "%s", offset, count, msg);
+  *err = why == BA_VIEW_BROKEN ? EIO : EPERM;
   return -1;
 }
 
 /* QEMU refused a read that is dirty and, as far as we know, was never
  * discarded (EINVAL through the nbd plugin, EPERM through ours).
- * Unless another request discarded it meanwhile, the
- * snapshot is broken: copy-before-write failed (fleecing image full, or
+ * Unless another request discarded it meanwhile, the snapshot is
+ * broken: copy-before-write failed (fleecing image full, or
  * cbw-timeout) and QEMU now refuses everything.
  */
 static int
 upstream_refused (uint64_t offset, uint32_t count, int *err)
 {
   struct ba_range bad;
-  bool discarded, ok;
 
-  pthread_mutex_lock (&lock);
-  ok = ba_coverage_readable (coverage, offset, offset + count,
-                             &bad, &discarded);
-  if (ok)
-    broken = true;
-  pthread_mutex_unlock (&lock);
-  if (!ok) {
+  if (ba_view_upstream_refused (view, offset, count, &bad)
+      == BA_VIEW_DISCARDED) {
     nbdkit_error ("backupaccess: read [%" PRIu64 ", +%" PRIu32 ") failed: "
                   "[%" PRIu64 ", %" PRIu64 ") was discarded by another "
                   "request while this one was in flight",
@@ -918,62 +943,6 @@ upstream_refused (uint64_t offset, uint32_t count, int *err)
   return -1;
 }
 
-/* With backupaccess-clean=zero, clean regions are advertised as
- * zeroes, so a read that touches them gets zeroes there and only its
- * dirty pieces go upstream.  (nbdcopy reads whole requests across
- * extent boundaries.)  Discarded pieces are still refused.
- */
-static int
-read_with_clean_zeroes (nbdkit_next *next, char *buf, uint32_t count,
-                        uint64_t offset, uint32_t flags, int *err)
-{
-  uint64_t pos = offset, end = offset + count;
-
-  while (pos < end) {
-    bool readable, clean;
-    uint64_t len;
-
-    pthread_mutex_lock (&lock);
-    len = ba_coverage_run (coverage, pos, end, &readable);
-    clean = !readable && !ba_regions_contains (&dirty, pos, pos + 1);
-    pthread_mutex_unlock (&lock);
-    if (readable) {
-      if (next->pread (next, buf + (pos - offset), len, pos, flags,
-                       err) == -1) {
-        if (*err == EINVAL || *err == EPERM)
-          return upstream_refused (pos, len, err);
-        return -1;
-      }
-    }
-    else if (clean)
-      memset (buf + (pos - offset), 0, len);
-    else {
-      struct ba_range bad = { pos, pos + len };
-      return refuse ("read", offset, count, &bad, true, err);
-    }
-    pos += len;
-  }
-  return 0;
-}
-
-/* Is every byte of [offset, end) dirty and either readable or in a
- * cluster that was completed but is still held back by the discard lag,
- * so not trimmed yet?  Called with the lock held.
- */
-static bool
-readable_again (uint64_t offset, uint64_t end)
-{
-  struct ba_range bad;
-  bool discarded;
-
-  while (!ba_coverage_readable (coverage, offset, end, &bad, &discarded)) {
-    if (!discarded || !ba_discard_queue_lagging (queue, bad.start, bad.end))
-      return false;
-    offset = bad.end;
-  }
-  return true;
-}
-
 /* The read path. */
 static int
 backupaccess_pread (nbdkit_next *next, void *handle, void *buf,
@@ -981,32 +950,16 @@ backupaccess_pread (nbdkit_next *next, void *handle, void *buf,
                     int *err)
 {
   struct ba_range bad;
-  bool discarded, ok, is_broken;
+  struct ba_regions trims;
+  enum ba_view_refusal why;
+  int r, ignored;
 
-  pthread_mutex_lock (&lock);
-  ok = ba_coverage_readable (coverage, offset, offset + count,
-                             &bad, &discarded);
-  /* A re-read of what was read but not trimmed yet: nothing changes. */
-  if (!ok && discarded && readable_again (offset, offset + count))
-    ok = true;
-  is_broken = broken;
-  pthread_mutex_unlock (&lock);
-  if (!ok && (discarded || !clean_is_zero))
-    return refuse ("read", offset, count, &bad, discarded, err);
-  if (is_broken) {
-    nbdkit_error ("backupaccess: read [%" PRIu64 ", +%" PRIu32 ") refused: "
-                  "the snapshot is broken (see the first error)",
-                  offset, count);
-    *err = EIO;
-    return -1;
-  }
+  why = ba_view_check_read (view, offset, count, &bad);
+  if (why != BA_VIEW_READABLE)
+    return refuse (offset, count, why, &bad, err);
 
   /* A failed read consumes nothing. */
-  if (!ok) {
-    if (read_with_clean_zeroes (next, buf, count, offset, flags, err) == -1)
-      return -1;
-  }
-  else if (next->pread (next, buf, count, offset, flags, err) == -1) {
+  if (next->pread (next, buf, count, offset, flags, err) == -1) {
     if (*err == EINVAL || *err == EPERM)
       return upstream_refused (offset, count, err);
     return -1;
@@ -1015,18 +968,12 @@ backupaccess_pread (nbdkit_next *next, void *handle, void *buf,
   if (backupaccess_debug_verbose)
     nbdkit_debug ("backupaccess: read [%" PRIu64 ", +%" PRIu32 ")",
                   offset, count);
-  pthread_mutex_lock (&lock);
-  stats.reads++;
-  stats.bytes_read += count;
-  pthread_mutex_unlock (&lock);
-
-  if (discard) {
-    int ignored;
-    /* The data reached the client; a failed discard only costs space
-     * in the fleecing image and is logged and counted.
-     */
-    consume (next, offset, count, &ignored);
-  }
+  /* The data reached the client; a failed discard only costs space in
+   * the fleecing image and is logged and counted.
+   */
+  ba_regions_init (&trims);
+  r = ba_view_read_done (view, offset, count, &trims);
+  discard_due (next, r, &trims, offset, count, &ignored);
   return 0;
 }
 
@@ -1037,13 +984,15 @@ static int
 backupaccess_trim (nbdkit_next *next, void *handle, uint32_t count,
                    uint64_t offset, uint32_t flags, int *err)
 {
+  struct ba_regions trims;
+  int r;
+
   if (backupaccess_debug_verbose)
     nbdkit_debug ("backupaccess: client trim [%" PRIu64 ", +%" PRIu32 ")",
                   offset, count);
-  pthread_mutex_lock (&lock);
-  stats.client_trims++;
-  pthread_mutex_unlock (&lock);
-  return consume (next, offset, count, err);
+  ba_regions_init (&trims);
+  r = ba_view_client_trim (view, offset, count, &trims);
+  return discard_due (next, r, &trims, offset, count, err);
 }
 
 static int
@@ -1067,23 +1016,6 @@ backupaccess_zero (nbdkit_next *next, void *handle, uint32_t count,
   return -1;
 }
 
-/* The type of a readable extent, so that the unreadable type means
- * unreadable and nothing else: a hole that is not zero (type 1) only
- * for unreadable regions (QEMU reports unallocated areas over a backing
- * file that way, and they are readable); with backupaccess-clean=zero,
- * readable regions are always data (type 0), since a dirty region that
- * reads as zero must still be copied over the previous backup.
- */
-static uint32_t
-readable_type (uint32_t type)
-{
-  if (clean_is_zero)
-    return 0;
-  if (!(type & NBDKIT_EXTENT_ZERO))
-    return 0;
-  return type;
-}
-
 /* At most this many plugin calls per extents request: clients ask again
  * from where the answer stopped.
  */
@@ -1096,20 +1028,19 @@ backupaccess_extents (nbdkit_next *next, void *handle, uint32_t count,
 {
   uint64_t end = offset + count;
   unsigned calls = 0;
-  const uint32_t unreadable = NBDKIT_EXTENT_HOLE |
-    (clean_is_zero ? NBDKIT_EXTENT_ZERO : 0);
 
   while (offset < end && calls < MAX_UPSTREAM_EXTENTS_CALLS) {
-    bool readable;
-    uint64_t len;
+    enum ba_view_extent kind;
+    uint64_t len = ba_view_extent_run (view, offset, end, &kind);
 
-    pthread_mutex_lock (&lock);
-    len = ba_coverage_run (coverage, offset, end, &readable);
-    pthread_mutex_unlock (&lock);
     if (len == 0)
       break;
-    if (!readable) {
-      if (nbdkit_add_extent (extents, offset, len, unreadable) == -1) {
+    /* Unreadable runs: holes, clean ones reading as zeroes with
+     * backupaccess-clean=zero (see ba_view_unreadable_flags).
+     */
+    if (kind != BA_VIEW_EXTENT_READABLE) {
+      if (nbdkit_add_extent (extents, offset, len,
+                             ba_view_unreadable_flags (view, kind)) == -1) {
         *err = errno;
         return -1;
       }
@@ -1142,7 +1073,7 @@ backupaccess_extents (nbdkit_next *next, void *handle, uint32_t count,
       for (size_t i = 0; i < nbdkit_extents_count (up); i++) {
         struct nbdkit_extent e = nbdkit_get_extent (up, i);
         if (nbdkit_add_extent (extents, e.offset, e.length,
-                               readable_type (e.type)) == -1) {
+                               ba_view_readable_flags (view, e.type)) == -1) {
           *err = errno;
           nbdkit_extents_free (up);
           return -1;
@@ -1173,6 +1104,7 @@ static struct nbdkit_filter filter = {
   .cleanup            = backupaccess_cleanup,
   .prepare            = backupaccess_prepare,
   .finalize           = backupaccess_finalize,
+  .block_size         = backupaccess_block_size,
   .can_trim           = backupaccess_can_trim,
   .can_zero           = backupaccess_can_zero,
   .can_fast_zero      = backupaccess_can_fast_zero,

@@ -19,6 +19,12 @@
 #define BA_QCOW2_CLUSTER_MIN ((int64_t) 512)
 #define BA_QCOW2_CLUSTER_MAX ((int64_t) 2 << 20)
 
+/* What nbdkit lets a server advertise as its preferred block size (a
+ * power of two).
+ */
+#define BA_PREFERRED_MIN ((int64_t) 512)
+#define BA_PREFERRED_MAX ((int64_t) 32 << 20)
+
 #define BA_CLUSTER_RULE "a power of two between 512 and 1G"
 
 /* A power of two between BA_CLUSTER_MIN and BA_CLUSTER_MAX. */

@@ -156,6 +156,32 @@ ba_regions_clean_clusters (const struct ba_regions *dirty, uint64_t disk_size,
   return 0;
 }
 
+uint64_t
+ba_regions_run (const struct ba_regions *set, uint64_t start, uint64_t end,
+                bool *outside)
+{
+  size_t i = ba_regions_find (set, start);
+
+  *outside = i == set->n || set->r[i].start > start;
+  if (*outside)
+    return i == set->n || set->r[i].start > end ? end : set->r[i].start;
+  return set->r[i].end < end ? set->r[i].end : end;
+}
+
+uint64_t
+ba_regions_alignment (const struct ba_regions *set, uint64_t disk_size,
+                      uint64_t cap)
+{
+  uint64_t bits = cap;          /* every boundary ORed: its lowest bit */
+
+  for (size_t i = 0; i < set->n; i++) {
+    bits |= set->r[i].start;
+    if (set->r[i].end != disk_size)
+      bits |= set->r[i].end;
+  }
+  return bits & -bits;
+}
+
 int
 ba_regions_insert (struct ba_regions *set, uint64_t start, uint64_t end)
 {

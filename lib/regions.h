@@ -55,6 +55,12 @@ size_t ba_regions_find (const struct ba_regions *set, uint64_t offset);
 bool ba_regions_contains (const struct ba_regions *set,
                           uint64_t start, uint64_t end);
 
+/* The end of the run starting at start (at most end) that is all
+ * outside the set (*outside true) or all inside it.
+ */
+uint64_t ba_regions_run (const struct ba_regions *set, uint64_t start,
+                         uint64_t end, bool *outside);
+
 /* Number of bytes of [start, end) that are inside the set. */
 uint64_t ba_regions_overlap (const struct ba_regions *set,
                              uint64_t start, uint64_t end);
@@ -66,6 +72,14 @@ uint64_t ba_regions_overlap (const struct ba_regions *set,
 int ba_regions_clean_clusters (const struct ba_regions *dirty,
                                uint64_t disk_size, uint64_t cluster_size,
                                struct ba_regions *out);
+
+/* The largest power of two, at most cap (a power of two), that divides
+ * the start and the end of every range, except an end at disk_size:
+ * aligned requests of that size lie each wholly inside or wholly
+ * outside the set.  An empty set gives cap.
+ */
+uint64_t ba_regions_alignment (const struct ba_regions *set,
+                               uint64_t disk_size, uint64_t cap);
 
 /* Checks that every region ends at or before disk_size. */
 int ba_regions_check_size (const struct ba_regions *dirty, uint64_t disk_size,

@@ -37,6 +37,8 @@ static bool *busy;
 static unsigned nr_handles;
 static int64_t size = -1;
 static bool can_trim_upstream, can_extents_upstream;
+/* QEMU's block size constraints (0: none given). */
+static int64_t qemu_minimum, qemu_preferred, qemu_maximum;
 
 #define backupaccess_config_help \
   "socket=SOCKET         Unix socket of QEMU's NBD server.\n" \
@@ -154,6 +156,9 @@ backupaccess_after_fork (void)
   can_trim_upstream = nbd_can_trim (handles[0]) == 1;
   can_extents_upstream =
     nbd_can_meta_context (handles[0], LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
+  qemu_minimum = nbd_get_block_size (handles[0], LIBNBD_SIZE_MINIMUM);
+  qemu_preferred = nbd_get_block_size (handles[0], LIBNBD_SIZE_PREFERRED);
+  qemu_maximum = nbd_get_block_size (handles[0], LIBNBD_SIZE_MAXIMUM);
   nbdkit_debug ("backupaccess plugin: %u connections, size %" PRIi64
                 ", trim %d, extents %d", nr_handles, size,
                 can_trim_upstream, can_extents_upstream);
@@ -199,14 +204,22 @@ backupaccess_get_size (void *handle)
   return size;
 }
 
+/* QEMU's own constraints, as nbdkit's nbd plugin passes them on, with
+ * reads of up to 32 MiB (split here).  Not the cluster size: the
+ * backupaccess filter, which knows the dirty bitmap, chooses the
+ * preferred size that is safe for a copy (nbdcopy rounds its requests up
+ * to it).
+ */
 static int
 backupaccess_block_size (void *handle,
                          uint32_t *minimum, uint32_t *preferred,
                          uint32_t *maximum)
 {
-  *minimum = 1;
-  *preferred = cluster_size;
+  *minimum = qemu_minimum > 0 ? qemu_minimum : 1;
+  *preferred = qemu_preferred > 0 ? qemu_preferred : 4096;
   *maximum = MAX_REQUEST;
+  if (*preferred < *minimum)
+    *preferred = *minimum;
   return 0;
 }
 

@@ -50,7 +50,7 @@ seed("client-trims", 9, 10 * 512,
      [(TRIM, 100, 300), (READ, 0, 100), (READ, 400, 112), (TRIM | CL, 2, 1024),
       (READ | CL, 4, 512), (TRIM | BIG, 0, 5120)],
      runs=[(0, 1000), (500, 3000)])
-# backupaccess-clean=zero: reads across clean and dirty bytes succeed.
+# backupaccess-clean=zero: reads across clean and dirty bytes are refused.
 seed("clean-zero-reads", 8, 32 * 256,
      [(READ | BIG, 0, 4000), (READ | BIG, 3000, 5192), (READ, 0, 10)],
      runs=[(10, 20), (300, 700), (C | 3, C | 2), (7, 1)], clean_zero=True)

@@ -2,7 +2,7 @@
  * trivially correct model: a byte array (clean, readable or discarded;
  * consumed or not, per byte).  The input is decoded into a small disk,
  * a dirty set, a memory budget, and a sequence of client reads and
- * trims, handled as the filter handles them (filter/backupaccess.c):
+ * trims, handled as the readable view handles them (lib/view.c):
  * a read consumes its bytes only if it succeeds, a trim always does.
  *
  * Checked after every step, as in tests/unit/test_coverage.c:
@@ -18,8 +18,8 @@
  * Input layout (bytes; missing bytes read as 0):
  *   0     cluster size 2^(b % 13): 1 byte to 4 KiB
  *   1-2   disk size, at most MAX_DISK bytes and MAX_CLUSTERS clusters
- *   3     bit 0: whole disk dirty; bit 1: clean reads as zeroes
- *         (backupaccess-clean=zero); bits 2-7: budget in 256 byte
+ *   3     bit 0: whole disk dirty; bit 1: backupaccess-clean=zero
+ *         (reads are refused as without it); bits 2-7: budget in 256 byte
  *         units (0: the default, never reached on these disks)
  *   4     number of dirty runs (% 64), then per run two 16 bit
  *         values, the gap before it and its length; bit 15 set means
@@ -67,7 +67,6 @@ u16 (struct input *in)
 
 struct model {
   uint64_t disk, cs, ncl;
-  bool clean_is_zero;
   uint8_t kind[MAX_DISK];       /* per byte: K_* */
   bool consumed[MAX_DISK];      /* per byte: consumed and dirty */
   uint64_t dirty_in[MAX_CLUSTERS];
@@ -211,14 +210,10 @@ client_read (struct ba_coverage *cov, struct ba_regions *trims,
 
   if (s >= e)
     return;
+  /* As ba_view_check_read: with backupaccess-clean=zero too, a read
+   * that touches a clean byte is refused and consumes nothing.
+   */
   ok = check_readable (cov, s, e);
-  if (!ok && m.clean_is_zero) {
-    /* Clean parts read as zeroes; a discarded part fails the read. */
-    ok = true;
-    for (uint64_t b = s; b < e; b++)
-      if (m.kind[b] == K_DISCARDED)
-        ok = false;
-  }
   if (ok)
     consume (cov, trims, s, e);
 }
@@ -241,7 +236,6 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   m.ncl = (m.disk + m.cs - 1) / m.cs;
   flags = u8 (&in);
   full = flags & 1;
-  m.clean_is_zero = flags & 2;
   budget = (uint64_t) (flags >> 2) * 256;
 
   ba_regions_init (&dirty);

@@ -108,6 +108,12 @@ bad_args 'backupaccess-map and backupaccess-bitmap both name the dirty regions' 
 bad_args 'backupaccess-uri is where backupaccess-bitmap is read from, but no backupaccess-bitmap was given' \
   backupaccess-uri=nbd+unix:///?socket=/nonexistent
 bad_args 'backupaccess-bitmap: no place to read it from' backupaccess-bitmap=b
+# The backupaccess plugin's cluster= and the filter's must agree (checked
+# before the plugin connects anywhere).
+note "backupaccess-cluster=64K with the plugin's cluster=128K"
+expect_startup_failure 'backupaccess-cluster=65536 and the plugin'"'"'s cluster=131072 differ: both are QEMU'"'"'s copy-before-write cluster size' \
+  --filter="$FILTER" "$TOP/nbdkit-backupaccess-plugin.so" socket="$tmp/no-such.sock" cluster=128K \
+  backupaccess-cluster=64K
 
 note "the same disk with a good map starts and serves"
 start_filter file "$tmp/disk.img" backupaccess-map="$tmp/good.map" \

@@ -4,10 +4,12 @@
 #  1. file plugin: dirty regions are data (type 0), the rest a hole
 #     (type 1); the plugin is only ever asked about readable runs.
 #  2. backupaccess-clean=zero: the rest is hole,zero (type 3); reads of
-#     clean bytes return zeroes, reads of dirty ones the disk.
+#     clean bytes are refused all the same, and so are reads that mix
+#     clean and dirty bytes, saying so.
 #  3. after reading some clusters completely, they show as unreadable too
-#     (type 1, or 3 with clean=zero), as answered by the filter: the file
-#     plugin would call its punched holes type 3; re-reads still fail.
+#     (type 1, as answered by the filter: the file plugin would call its
+#     punched holes type 3; with clean=zero too, so that a copier that
+#     skips zeroes reads them and is refused); re-reads still fail.
 #  4. a plugin without extents (noextents filter below): readable runs
 #     are data.
 #  5. the memory plugin behind the nbd plugin, with a 64K hole never
@@ -36,7 +38,8 @@ def main():
     dirty = itlib.read_map(mapfile)
     readable = itlib.subtract(dirty, gone)
     want = itlib.typed_runs([(s, e, 0) for s, e in readable] +
-                            [(s, e, clean_type) for s, e in itlib.complement(readable, size)])
+                            [(s, e, 1) for s, e in itlib.intersect(dirty, gone)] +
+                            [(s, e, clean_type) for s, e in itlib.complement(dirty, size)])
     itlib.check_runs(itlib.nbdinfo_map(uri), want, "nbdinfo --map")
     print("   nbdinfo --map: %d runs as expected" % len(want))
 itlib.run(main)
@@ -98,14 +101,24 @@ sock, src, nbdkit_log = sys.argv[1:4]
 def main():
     disk = itlib.read_file(src)
     h = itlib.connect(sock)
-    check(h.pread(1000, 20000) == bytes(1000), "clean [20000, +1000) not zero")
+    itlib.expect_error(lambda: h.pread(1000, 20000), "EPERM", "clean read")
+    itlib.expect_message(nbdkit_log, "backupaccess: read [20000, +1000) "
+                         "refused: [20000, 21000) is outside the dirty "
+                         "regions (clean, not in this backup)")
     # [60000, 80000): clean up to 70000, then dirty
-    check(h.pread(20000, 60000) == bytes(10000) + disk[70000:80000],
-          "[60000, +20000): expected zeroes then the disk's bytes")
+    itlib.expect_error(lambda: h.pread(20000, 60000), "EPERM", "mixed read")
+    itlib.expect_message(nbdkit_log, "backupaccess: read [60000, +20000) "
+                         "refused: [60000, 70000) is outside the dirty "
+                         "regions (clean, not in this backup); the read "
+                         "mixes clean and dirty bytes")
+    check(h.pread(10000, 70000) == disk[70000:80000], "dirty read")
     h.pread(5000, 1000)                              # cluster 0 is complete
     # [0, 10000) is clean + discarded + clean: refused
     itlib.expect_error(lambda: h.pread(10000, 0), "EPERM", "read [0, +10000)")
     itlib.expect_message(nbdkit_log, "backupaccess: read [0, +10000) refused: "
+                         "[0, 1000) is outside the dirty regions")
+    itlib.expect_error(lambda: h.pread(5000, 1000), "EPERM", "re-read")
+    itlib.expect_message(nbdkit_log, "backupaccess: read [1000, +5000) refused: "
                          "[1000, 6000) was already read and discarded")
     h.shutdown()
 itlib.run(main)

@@ -2,9 +2,10 @@
 # Several connections at once, sharing one coverage state.
 #  1. nbdcopy --connections=4 of a whole disk (no map): copy equal to the
 #     source; every cluster trimmed exactly once over all connections.
-#  2. nbdcopy --connections=4 with a map and backupaccess-clean=zero: the
-#     copy has the source's bytes in the dirty regions, zeroes elsewhere;
-#     exactly the dirty clusters are trimmed, each once.
+#  2. nbdcopy --connections=4 with a map of 64K granules (as a QEMU
+#     bitmap's) and backupaccess-clean=zero, in requests of a granule:
+#     the copy has the source's bytes in the dirty regions, zeroes
+#     elsewhere; exactly the dirty clusters are trimmed, each once.
 #  3. Four client processes, each with its own connection and 8 requests
 #     in flight, reading random unaligned pieces dealt round-robin, so that
 #     most clusters are completed by reads from several connections:
@@ -60,14 +61,22 @@ note "nbdcopy --connections=4, map, backupaccess-clean=zero"
 "$PY" - "$tmp/dirty.map" $size <<'EOF'
 import random, sys
 import itlib
-size = int(sys.argv[2])
-itlib.write_map(sys.argv[1], itlib.random_regions(random.Random(31), size, 40, 400000))
+size, g = int(sys.argv[2]), 65536
+granules = []
+for s, e in itlib.random_regions(random.Random(31), size, 40, 400000):
+    s, e = s // g * g, min(size, (e + g - 1) // g * g)
+    if granules and s <= granules[-1][1]:
+        granules[-1] = (granules[-1][0], max(e, granules[-1][1]))
+    else:
+        granules.append((s, e))
+itlib.write_map(sys.argv[1], granules)
 EOF
 cp "$tmp/src.img" "$tmp/snap.img"
 rm -f "$tmp/copy.img"
 start_filter --filter=log file "$tmp/snap.img" logfile="$tmp/plugin2.log" \
   backupaccess-map="$tmp/dirty.map" backupaccess-clean=zero
-nbdcopy --connections=4 --requests=16 "$uri" "$tmp/copy.img"
+nbdcopy --connections=4 --requests=16 --request-size=65536 "$uri" \
+  "$tmp/copy.img"
 stop_nbdkit
 "$PY" - "$tmp/src.img" "$tmp/copy.img" "$tmp/dirty.map" <<'EOF'
 import sys

@@ -3,7 +3,9 @@
 read through the filter over nbdkit's nbd plugin while the guest keeps
 writing: both equal the disk at their snapshot time, byte for byte, and
 the incremental's dirty regions are the bitmap's, and a read across a
-clean/dirty boundary gets zeroes for the clean part (clean=zero)."""
+clean/dirty boundary is refused, saying why (clean=zero: zeroes for the
+clean part would be copied over the previous backup)."""
+import errno
 import os
 import random
 import subprocess
@@ -86,27 +88,28 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
                 else:
                     data.append((off, off + length))
         check(data == bitmap, "extents %s != bitmap %s" % (data, bitmap))
-        # A read across a clean/dirty boundary: zeroes for the clean part,
-        # not what the request buffer held before (each probe follows a
-        # read of dirty data of the same size, which nbdkit's per-thread
-        # buffers keep).  Part of a cluster only: nothing is discarded.
+        # A read across a clean/dirty boundary is refused: what a copy
+        # read there would go over the previous backup.  Nothing of it
+        # is consumed: the dirty part reads right afterwards.
         edge = next(s for s, e in bitmap
                     if s >= 8192 and all(e2 != s for _, e2 in bitmap))
         h = nbd.NBD()
         h.connect_uri(nk.uri())
-        for _ in range(32):
-            h.pread(16384, edge)
-            got = bytes(h.pread(16384, edge - 8192))
-            check(got == bytes(8192) + at_inc[edge:edge + 8192],
-                  "a read across the clean/dirty boundary at %d: %s"
-                  % (edge, "clean part not zero"
-                     if got[:8192] != bytes(8192) else "dirty part differs"))
+        try:
+            h.pread(16384, edge - 8192)
+            check(False, "a read across the clean/dirty boundary at %d "
+                  "was answered" % edge)
+        except nbd.Error as e:
+            check(e.errnum == errno.EPERM, "a read across the clean/dirty "
+                  "boundary at %d: %s" % (edge, e))
+        check(bytes(h.pread(8192, edge)) == at_inc[edge:edge + 8192],
+              "the dirty part of the refused read, read alone, differs")
         h.shutdown()
         # Clean regions are zero extents: --destination-is-zero leaves
         # the previous backup there.  nbdcopy reads whole requests across
-        # extent boundaries, so requests of the bitmap's granularity keep
-        # it from mixing clean zeroes into dirty data, and --sparse=0
-        # makes it write dirty zeroes instead of skipping them.
+        # extent boundaries: requests of the bitmap's granularity keep
+        # clean and dirty bytes apart, and --sparse=0 makes it write
+        # dirty zeroes instead of skipping them.
         n = copy_while_guest_writes(
             f, ["nbdcopy", "--destination-is-zero", "--sparse=0",
                 "--request-size=65536", nk.uri(),
@@ -124,8 +127,11 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
     check(not bad, "full + incremental differs from the disk at the "
           "incremental's snapshot time in %d blocks of 4 KiB, first at %s"
           % (len(bad), bad[:1]))
-    check(" 0 requests refused" in log and "error:" not in log,
-          "the filter logged errors or refused requests: " + log)
+    errors = [line for line in log.splitlines() if "error:" in line]
+    check(" 1 requests refused" in log and len(errors) == 1 and
+          "the read mixes clean and dirty bytes" in errors[0],
+          "the filter logged other errors or refusals than the read "
+          "across the boundary: " + log)
     check(f.alive(), "qemu-storage-daemon died")
     f.release(success=True)
 print("ok")

@@ -85,10 +85,11 @@ def wait_for(pred, what, timeout=20):
     raise TimeoutError("timed out waiting for " + what)
 
 
-def start_qsd(qmp_paths, log):
-    """Starts qemu-storage-daemon with a QMP monitor on each socket path,
-    its output to the open file log; waits for the sockets."""
-    args = ["qemu-storage-daemon"]
+def start_qsd(qmp_paths, log, binary="qemu-storage-daemon"):
+    """Starts qemu-storage-daemon (binary: another build's, from
+    qemus.py) with a QMP monitor on each socket path, its output to the
+    open file log; waits for the sockets."""
+    args = [binary]
     for i, path in enumerate(qmp_paths):
         args += ["--chardev", "socket,id=qmp%d,path=%s,server=on,wait=off"
                  % (i, path), "--monitor", "chardev=qmp%d" % i]
@@ -131,11 +132,20 @@ class Fleecing(Started):
     """A disk of `size` bytes in qemu-storage-daemon, with a live dirty
     bitmap "live".  Write to it with guest_write(); then snapshot()
     builds the fleecing graph and exports "snap".
+
+    fleece_cluster: the fleecing image's cluster size (copy-before-write
+    then uses the larger of it and 64 KiB).  granularity: the dirty
+    bitmaps' (live and frozen), in bytes; None: QEMU's default (64 KiB
+    on this qcow2 disk).  Proxmox VE's bitmaps have 4 MiB.  qsd: the
+    qemu-storage-daemon to run (qemus.py has other builds').
     """
 
-    def __init__(self, size, fleece_cluster=65536, tmpdir=None):
+    def __init__(self, size, fleece_cluster=65536, tmpdir=None,
+                 granularity=None, qsd="qemu-storage-daemon"):
         self.size = size
         self.fleece_cluster = fleece_cluster
+        self.granularity = granularity
+        self.qsd = qsd
         self.own_tmp = tmpdir is None
         self.tmp = tmpdir or tempfile.mkdtemp(prefix="backupaccess-qemu.")
         os.makedirs(self.tmp, exist_ok=True)
@@ -153,13 +163,13 @@ class Fleecing(Started):
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
                         self.disk, str(self.size)], check=True)
         self.log = open(os.path.join(self.tmp, "qsd.log"), "w")
-        self.proc = start_qsd([self.qmp_path], self.log)
+        self.proc = start_qsd([self.qmp_path], self.log, self.qsd)
         self.qmp = QMP(self.qmp_path)
         self.qmp.cmd("blockdev-add", **{
             "driver": "qcow2", "node-name": "disk", "discard": "unmap",
             "file": {"driver": "file", "filename": self.disk}})
         self.qmp.cmd("block-dirty-bitmap-add", node="disk", name="live",
-                     persistent=True)
+                     persistent=True, **self._granularity())
         self.qmp.cmd("nbd-server-start",
                      addr={"type": "unix", "data": {"path": self.nbd_path}})
         # Before the snapshot the guest writes to the disk node itself.
@@ -194,6 +204,10 @@ class Fleecing(Started):
     def qsd_log(self):
         with open(os.path.join(self.tmp, "qsd.log")) as f:
             return f.read()
+
+    def _granularity(self):
+        return {} if self.granularity is None else {
+            "granularity": self.granularity}
 
     # --- the guest ------------------------------------------------------
 
@@ -240,7 +254,8 @@ class Fleecing(Started):
         self._del_export("guest")
         self.qmp.cmd("transaction", actions=[
             {"type": "block-dirty-bitmap-add",
-             "data": {"node": "disk", "name": "frozen"}},
+             "data": {"node": "disk", "name": "frozen",
+                      **self._granularity()}},
             {"type": "block-dirty-bitmap-merge",
              "data": {"node": "disk", "target": "frozen",
                       "bitmaps": ["live"]}},

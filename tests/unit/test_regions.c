@@ -318,6 +318,38 @@ test_clean_clusters (void **state)
   ba_regions_free (&out);
 }
 
+/* The alignment of a set: what requests of one size never straddle. */
+static void
+test_alignment (void **state)
+{
+  struct ba_regions set;
+  const uint64_t K = 1024, M = 1024 * 1024, cap = 32 * M;
+
+  ba_regions_init (&set);
+  /* Empty: anything up to the cap. */
+  assert_int_equal (ba_regions_alignment (&set, 100 * M, cap), cap);
+  /* 64 KiB granules: [64K, 192K) and [1M, 1M + 64K). */
+  assert_int_equal (ba_regions_append (&set, 64 * K, 192 * K), 0);
+  assert_int_equal (ba_regions_append (&set, M, M + 64 * K), 0);
+  assert_int_equal (ba_regions_alignment (&set, 100 * M, cap), 64 * K);
+  /* 4 MiB granules, the last one ending at an odd end of the disk. */
+  ba_regions_clear (&set);
+  assert_int_equal (ba_regions_append (&set, 4 * M, 12 * M), 0);
+  assert_int_equal (ba_regions_append (&set, 16 * M, 20 * M + 512), 0);
+  assert_int_equal (ba_regions_alignment (&set, 20 * M + 512, cap), 4 * M);
+  /* The same end anywhere else counts. */
+  assert_int_equal (ba_regions_alignment (&set, 21 * M, cap), 512);
+  /* The cap, and a region from 0 to the end of the disk. */
+  assert_int_equal (ba_regions_alignment (&set, 20 * M + 512, M), M);
+  ba_regions_clear (&set);
+  assert_int_equal (ba_regions_append (&set, 0, 7 * M + 1), 0);
+  assert_int_equal (ba_regions_alignment (&set, 7 * M + 1, cap), cap);
+  /* An odd start. */
+  assert_int_equal (ba_regions_append (&set, 8 * M + 3, 9 * M), 0);
+  assert_int_equal (ba_regions_alignment (&set, 10 * M, cap), 1);
+  ba_regions_free (&set);
+}
+
 /* Insertion anywhere: ranges arriving out of order are merged. */
 static void
 test_insert (void **state)
@@ -372,6 +404,7 @@ main (void)
     cmocka_unit_test (test_trim_piece),
     cmocka_unit_test (test_clean_clusters),
     cmocka_unit_test (test_insert),
+    cmocka_unit_test (test_alignment),
   };
 
   return cmocka_run_group_tests (tests, NULL, NULL);
