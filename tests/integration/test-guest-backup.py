@@ -209,7 +209,8 @@ def copy_incremental(uri, overlay, size, g, progress):
     everything else is dirty and must be copied, zero extents too (a
     dirty region that reads as zeroes, e.g. trimmed by the guest, would
     otherwise keep the previous backup's data).  Half-way, it waits for
-    the guest to write and trim more.  Returns (extents copied, bytes)."""
+    the guest to write and trim more.  Returns (extents copied, bytes,
+    bytes of them in zero extents)."""
     src = nbd.NBD()
     src.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
     src.connect_uri(uri)
@@ -233,6 +234,7 @@ def copy_incremental(uri, overlay, size, g, progress):
         check(len(extents) > n, "no extents at %d" % pos)
         pos = extents[-1][0] + extents[-1][1]
     readable = [(o, n) for o, n, t in extents if t != 1]
+    zero = sum(n for o, n, t in extents if t != 1 and t & nbd.STATE_ZERO)
     copied = 0
     for i, (off, n) in enumerate(readable):
         if i == len(readable) // 2:
@@ -244,7 +246,7 @@ def copy_incremental(uri, overlay, size, g, progress):
     dst.flush()
     dst.shutdown()
     src.shutdown()
-    return len(readable), copied
+    return len(readable), copied, zero
 
 
 def e2fsck(image, fmt, tmp):
@@ -349,7 +351,7 @@ def backups(q, g, tmp):
         incr.watch.start()
         try:
             t0 = time.monotonic()
-            n, copied = copy_incremental(
+            n, copied, zero = copy_incremental(
                 incr.served["uri"], overlay, SIZE, g,
                 lambda: wait_progress(g, g.status(), "trims", 1))
             t_incr = time.monotonic() - t0
@@ -359,7 +361,8 @@ def backups(q, g, tmp):
         wrote = delta(incr.at_freeze, g.status())
         report("incremental", incr, t_incr, copied,
                incr.watch_end["fleecing-size"], wrote)
-        print("incremental: %d dirty extents" % n)
+        print("incremental: %d dirty extents, %.1f MiB of them reported "
+              "as zero" % (n, zero / 2**20))
         print(summary.strip())
         check_nothing_left(g, before)
         check(incr.watch_end["fleecing-size"] <= FLEECE_END_MAX,
