@@ -25,6 +25,7 @@ the helper does not set).  Checked: each backup equals its reference
 fleecing image grew while the guest wrote and is small at the end, the
 helper's teardown leaves nothing in QEMU (nodes, exports, NBD server,
 jobs, bitmaps but the live one), and the guest is still writing."""
+import contextlib
 import json
 import os
 import subprocess
@@ -183,9 +184,23 @@ class Backup:
         s = wait_progress(self.g, self.at_freeze, "trims", 1)
         return wait_progress(self.g, s, "rounds", 10)
 
+    @contextlib.contextmanager
+    def watching(self):
+        """The fleecing image's size watched while the block runs."""
+        self.watch = FleecingWatch(self.g, self.rd)
+        self.watch.start()
+        try:
+            yield
+        finally:
+            self.watch.stop()
+
     def teardown(self, all_read):
-        self.watch_end = wait_fleecing_settled(self.rd, all_read)
+        """Once the fleecing image has settled: the helper's teardown,
+        and the fleecing node detached as vzdump does.  Returns what the
+        helper said (the filter's summary)."""
+        self.end = wait_fleecing_settled(self.rd, all_read)
         out = run_helper("teardown", "--run-dir", self.rd, "--success")
+        self.after = self.g.status()
         check(not os.path.exists(self.rd), "the run directory is left")
         if self.g.style == "pve":
             self.g.qmp.cmd("blockdev-del",
@@ -211,7 +226,7 @@ def wait_fleecing_settled(rd, all_read, timeout=30):
         time.sleep(0.3)
 
 
-def copy_incremental(uri, overlay, size, g, progress):
+def copy_incremental(uri, overlay, size, progress):
     """Copies every readable extent of uri into the qcow2 overlay (through
     qemu-nbd): the filter reports what it will not serve (clean, or
     already read and discarded) as type 1, a hole that is not zero, and
@@ -284,24 +299,98 @@ def compare(backup, fmt, ref):
           % (backup, r.stdout, r.stderr))
 
 
-def report(name, b, t_copy, copied, at_end, wrote):
+def report(name, b, t_copy, copied):
+    wrote = {k: b.after[k] - b.at_freeze[k] for k in b.at_freeze}
     print("%s: setup %.2f s (reference copy %.2f s), copy %.2f s of %.1f "
           "MiB; fleecing image peak %.1f MiB, at the end %.0f KiB; guest "
           "wrote %.1f MiB in %d rounds with %d fstrims meanwhile"
           % (name, b.setup_seconds, b.ref_seconds, t_copy, copied / 2**20,
-             b.watch.peak / 2**20, at_end / 1024, wrote["bytes"] / 2**20,
-             wrote["rounds"], wrote["trims"]))
+             b.watch.peak / 2**20, b.end["fleecing-size"] / 1024,
+             wrote["bytes"] / 2**20, wrote["rounds"], wrote["trims"]))
 
 
-def delta(a, b):
-    return {k: b[k] - a[k] for k in a}
+def warm_up(q, g):
+    print("QEMU %s (%s), guest kernel %s booted in %.1f s"
+          % (q.label, q.version(), g.kernel_release, g.boot_seconds))
+    s0 = g.start_workload()
+    s1 = wait_progress(g, s0, "trims", 2)
+    t = time.monotonic()
+    s2 = wait_progress(g, s1, "rounds", 50)
+    t = time.monotonic() - t
+    print("workload: %.1f MiB/s, %.0f rounds/s"
+          % ((s2["bytes"] - s1["bytes"]) / t / 2**20,
+             (s2["rounds"] - s1["rounds"]) / t))
+
+
+def full_backup(g, tmp, before):
+    """nbdcopy of the helper's URI, as the README says; returns the
+    backup's path."""
+    full = Backup(g, tmp, "full")
+    dev = full.setup()
+    check(dev["bitmap-mode"] == "new", "a first backup is full: %s" % dev)
+    full_raw = os.path.join(tmp, "full.raw")
+    with full.watching():
+        full.guest_writes_meanwhile()
+        t0 = time.monotonic()
+        run(["nbdcopy", full.served["uri"], full_raw])
+        t_full = time.monotonic() - t0
+    summary = full.teardown(False)   # nbdcopy skips zero extents
+    report("full", full, t_full, SIZE)
+    print(summary.strip())
+    compare(full_raw, "raw", full.ref)
+    e2fsck(full_raw, "raw", tmp)
+    check_nothing_left(g, before)
+    check(full.watch.peak >= 1 << 20, "the fleecing image never grew "
+          "(peak %d): copy-before-write not exercised" % full.watch.peak)
+    check(full.end["fleecing-size"] <= FLEECE_END_MAX,
+          "the fleecing image is not small at the end: %s" % full.end)
+    return full_raw
+
+
+def incremental_backup(g, tmp, before, full_raw):
+    """The readable extents into a qcow2 overlay of the full one."""
+    wait_progress(g, g.status(), "trims", 1)
+    incr = Backup(g, tmp, "incr")
+    dev = incr.setup()
+    check(dev["bitmap-mode"] == "reuse", "an incremental: %s" % dev)
+    overlay = os.path.join(tmp, "incr.qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", full_raw,
+         "-F", "raw", overlay])
+    with incr.watching():
+        t0 = time.monotonic()
+        n, copied, zero = copy_incremental(
+            incr.served["uri"], overlay, SIZE,
+            lambda: wait_progress(g, g.status(), "trims", 1))
+        t_incr = time.monotonic() - t0
+    summary = incr.teardown(True)
+    report("incremental", incr, t_incr, copied)
+    print("incremental: %d dirty extents, %.1f MiB of them reported as "
+          "zero" % (n, zero / 2**20))
+    print(summary.strip())
+    compare(overlay, "qcow2", incr.ref)
+    e2fsck(overlay, "qcow2", tmp)
+    check_nothing_left(g, before)
+    check(0 < copied < SIZE, "the incremental copied %d bytes" % copied)
+    check(incr.end["bytes-left"] == 0, "the filter says dirty bytes were "
+          "left unread: %s" % incr.end)
+    check(incr.end["fleecing-size"] <= FLEECE_END_MAX,
+          "the fleecing image is not small at the end: %s" % incr.end)
 
 
 def main(q, tmp):
     style = "pve" if q.pve else "upstream"
     with guest.Guest(q, tmp, sizes=(SIZE,), style=style) as g:
         try:
-            backups(q, g, tmp)
+            before = qemu_state(g.qmp)
+            warm_up(q, g)
+            full_raw = full_backup(g, tmp, before)
+            incremental_backup(g, tmp, before, full_raw)
+            # The guest goes on.
+            wait_progress(g, g.status(), "rounds", 10)
+            end = g.stop_workload()
+            print("guest: %d rounds, %.1f MiB written, %d fstrims in all"
+                  % (end["rounds"], end["bytes"] / 2**20, end["trims"]))
+            check_alive(g)
         finally:
             # A failed test's backup, torn down while QEMU is there.
             rd = os.path.join(tmp, "run")
@@ -309,91 +398,6 @@ def main(q, tmp):
                 subprocess.run([HELPER, "teardown", "--run-dir", rd,
                                 "--failure"], capture_output=True,
                                timeout=180)
-
-
-def backups(q, g, tmp):
-    if True:
-        print("QEMU %s (%s), guest kernel %s booted in %.1f s"
-              % (q.label, q.version(), g.kernel_release, g.boot_seconds))
-        before = qemu_state(g.qmp)
-        s0 = g.start_workload()
-        s1 = wait_progress(g, s0, "trims", 2)
-        t = time.monotonic()
-        s2 = wait_progress(g, s1, "rounds", 50)
-        rate = (s2["bytes"] - s1["bytes"]) / (time.monotonic() - t)
-        print("workload: %.1f MiB/s, %.0f rounds/s"
-              % (rate / 2**20, (s2["rounds"] - s1["rounds"]) /
-                 (time.monotonic() - t)))
-
-        # --- full: nbdcopy of the helper's URI ----------------------------
-        full = Backup(g, tmp, "full")
-        dev = full.setup()
-        check(dev["bitmap-mode"] == "new", "a first backup is full: %s" % dev)
-        full.watch = FleecingWatch(g, full.rd)
-        full.watch.start()
-        try:
-            full.guest_writes_meanwhile()
-            full_raw = os.path.join(tmp, "full.raw")
-            t0 = time.monotonic()
-            run(["nbdcopy", full.served["uri"], full_raw])
-            t_full = time.monotonic() - t0
-        finally:
-            full.watch.stop()
-        summary = full.teardown(False)   # nbdcopy skips zero extents
-        wrote = delta(full.at_freeze, g.status())
-        report("full", full, t_full, SIZE, full.watch_end["fleecing-size"],
-               wrote)
-        print(summary.strip())
-        compare(full_raw, "raw", full.ref)
-        e2fsck(full_raw, "raw", tmp)
-        check_nothing_left(g, before)
-        check(full.watch.peak >= 1 << 20, "the fleecing image never grew "
-              "(peak %d): copy-before-write not exercised" % full.watch.peak)
-        check(full.watch_end["fleecing-size"] <= FLEECE_END_MAX,
-              "the fleecing image is not small at the end: %s"
-              % full.watch_end)
-
-        # --- incremental, into a qcow2 overlay of the full ----------------
-        wait_progress(g, g.status(), "trims", 1)
-        incr = Backup(g, tmp, "incr")
-        dev = incr.setup()
-        check(dev["bitmap-mode"] == "reuse", "an incremental: %s" % dev)
-        overlay = os.path.join(tmp, "incr.qcow2")
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", full_raw,
-             "-F", "raw", overlay])
-        incr.watch = FleecingWatch(g, incr.rd)
-        incr.watch.start()
-        try:
-            t0 = time.monotonic()
-            n, copied, zero = copy_incremental(
-                incr.served["uri"], overlay, SIZE, g,
-                lambda: wait_progress(g, g.status(), "trims", 1))
-            t_incr = time.monotonic() - t0
-        finally:
-            incr.watch.stop()
-        summary = incr.teardown(True)
-        wrote = delta(incr.at_freeze, g.status())
-        report("incremental", incr, t_incr, copied,
-               incr.watch_end["fleecing-size"], wrote)
-        print("incremental: %d dirty extents, %.1f MiB of them reported "
-              "as zero" % (n, zero / 2**20))
-        print(summary.strip())
-        compare(overlay, "qcow2", incr.ref)
-        e2fsck(overlay, "qcow2", tmp)
-        check_nothing_left(g, before)
-        check(0 < copied < SIZE, "the incremental copied %d bytes" % copied)
-        check(incr.watch_end["bytes-left"] == 0, "the filter says dirty "
-              "bytes were left unread: %s" % incr.watch_end)
-        check(incr.watch_end["fleecing-size"] <= FLEECE_END_MAX,
-              "the fleecing image is not small at the end: %s"
-              % incr.watch_end)
-
-        # --- the guest goes on ------------------------------------------
-        wait_progress(g, g.status(), "rounds", 10)
-        end = g.stop_workload()
-        print("guest: %d rounds, %.1f MiB written, %d fstrims in all"
-              % (end["rounds"], end["bytes"] / 2**20, end["trims"]))
-        check_alive(g)
 
 
 if __name__ == "__main__":

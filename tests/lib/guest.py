@@ -32,7 +32,7 @@ Use:
         g.qmp                       # the test's own QMP connection
         g.start_workload()          # files written, overwritten, deleted,
                                     # renamed, sync, fstrim, until stopped
-        g.freeze(); g.thaw()        # sync + fsfreeze -f / -u in the guest
+        g.freeze(); g.thaw()        # sync + fsfreeze in the guest
         g.status()                  # {"rounds": N, "bytes": N, "trims": N}
         with g.paused():            # QMP stop ... cont
             g.copy_disk(0, "ref.raw")
@@ -485,7 +485,7 @@ class Guest(Started):
         return self._progress("status")
 
     def freeze(self):
-        """sync, then fsfreeze -f every data file system: the writers
+        """sync, then fsfreeze --freeze every data file system: the writers
         block, the journal is flushed, the file systems are clean."""
         return self._progress("freeze", 120)
 
