@@ -36,6 +36,9 @@ DEB_PACKAGES = $(DEB_BUILD_PACKAGES) \
   qemu-utils qemu-system-x86 qemu-block-extra procps bc gnutls-bin \
   cppcheck clang-tidy strace valgrind
 DEB_PACKAGES += clang libclang-rt-14-dev
+# The test guest (tests/lib/guest.py): its initramfs and file system.  Its
+# kernel is downloaded and unpacked, not installed: tests/deps/guest-kernel.sh.
+DEB_PACKAGES += busybox-static cpio e2fsprogs
 
 LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c lib/view.c \
              lib/bitmap.c lib/qmp.c lib/statefile.c lib/cluster.c
@@ -71,6 +74,7 @@ deps:
 	else \
 	  echo "make deps: all packages are installed"; \
 	fi
+	tests/deps/guest-kernel.sh
 
 lib/%.o: lib/%.c $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
