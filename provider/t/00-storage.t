@@ -79,6 +79,21 @@ for my $case (
     like($@, $case->[1], "backup_vm refuses: $case->[1]");
     ok(!-e "$dir/drive-scsi0.raw" && !-e "$dir/guest.conf", '... and writes nothing');
 }
+# The run directory must be private.
+{
+    my $open = "$tmp/open";
+    mkdir($open, 0755);
+    chmod(0755, $open);
+    symlink($open, "$tmp/link");
+    for my $root ($open, "$tmp/link") {
+        local $ENV{BACKUPACCESS_RUN_ROOT} = $root;
+        my $pp = provider($scfg);
+        $pp->backup_init(100, 'qemu', 8);
+        eval { $pp->backup_vm(100, "name: x\n", { 'drive-scsi0' => \%vol }, {}) };
+        like($@, qr/must be a directory of this user with mode 0700/, "run root $root refused");
+        $pp->backup_cleanup(100, 'qemu', 0, {});
+    }
+}
 eval { $p->backup_vm(100, "name: x\n", { 'drive-scsi0' => \%vol }, { 'bandwidth-limit' => '1M' }) };
 like($@, qr/bad bandwidth limit/, 'a bad bandwidth limit is refused');
 $p->backup_cleanup(100, 'qemu', 0, { error => 'x' });

@@ -36,17 +36,6 @@ my %fleecing = (fleecing_cluster => { $A => 64 << 10, $B => 128 << 10 });
 
 sub allocated { my @st = stat($_[0]); return $st[12] * 512 }
 
-sub restored_ok {
-    my ($res, $what) = @_;
-    my $r = eval { Vzdump::restore(provider($scfg), $res->{volname}, $tmp) };
-    is($@, '', "$what: restore runs");
-    for my $dev ($A, $B) {
-        is(ProviderTest::differs($r->{disks}->{$dev}, $res->{snap}->{$dev}), undef,
-            "$what: $dev restored equals the disk at the snapshot");
-    }
-    return $r;
-}
-
 # The guest fills the disks (not all of them: some zero regions stay).
 $vm->write_disk($A, 0, 20 << 20, 0x11);
 $vm->write_disk($A, 24 << 20, 3 << 20, 0x12);
@@ -74,6 +63,7 @@ my $full = Vzdump::backup($vm, provider($scfg), time => 1000, %fleecing,
         }
     });
 is($full->{error}, undef, 'full backup succeeds');
+is_deeply([grep { /^warn/ } log_lines()], [], 'full: no warnings (every discard reached QEMU)');
 is_deeply($full->{query}, { $A => 'new', $B => 'new' }, 'full: the provider asks for new bitmaps');
 is_deeply($full->{modes}, { $A => 'new', $B => 'new' }, 'full: QEMU made new bitmaps');
 my $fdir = "$scfg->{path}/100/qemu-1000";
@@ -81,7 +71,7 @@ ok(-f "$fdir/$_.raw", "full: $_ is a raw image") for $A, $B;
 is((stat("$fdir/$A.raw"))[2] & 07777, 0600, 'full: images are private');
 cmp_ok(allocated("$fdir/$A.raw"), '<', 30 << 20, 'full: the raw image is sparse');
 ok($full->{result}->{stats}->{'archive-size'} > 0, 'full: archive-size reported');
-my $r = restored_ok($full, 'full');
+my $r = restored_ok($scfg, $full, 'full');
 is($r->{config}, "name: pvetest\n", 'full: guest configuration kept');
 is($r->{firewall}, "[OPTIONS]\nenable: 1\n", 'full: firewall configuration kept');
 is_deeply([leftovers($vm->pid)], [], 'full: nothing left running or mounted');
@@ -95,6 +85,7 @@ $vm->write_disk($B, 2 << 20, 512 << 10, undef);
 my $incr1 = Vzdump::backup($vm, provider($scfg), time => 1001, %fleecing,
     writes => [[$A, 0, 65536, 0x34]]);
 is($incr1->{error}, undef, 'first incremental succeeds');
+is_deeply([grep { /^warn/ } log_lines()], [], 'incr1: no warnings');
 is_deeply($incr1->{query}, { $A => 'use', $B => 'use' }, 'incr1: the provider asks to use the bitmaps');
 is_deeply($incr1->{modes}, { $A => 'reuse', $B => 'reuse' }, 'incr1: QEMU reuses them');
 my $idir = "$scfg->{path}/100/qemu-1001";
@@ -102,7 +93,7 @@ my $chain = `'$ENV{BACKUPACCESS_QEMU_IMG}' info --backing-chain '$idir/$A.qcow2'
 like($chain, qr/backing file: \.\.\/qemu-1000\/$A\.raw/, 'incr1: a qcow2 overlay of the full backup');
 # 5 of A's 8 blocks of 4 MiB (the bitmap's granularity) are dirty.
 cmp_ok(-s "$idir/$A.qcow2", '<', 22 << 20, 'incr1: the overlay holds the dirty blocks only');
-restored_ok($incr1, 'incr1');
+restored_ok($scfg, $incr1, 'incr1');
 is_deeply([leftovers($vm->pid)], [], 'incr1: nothing left running or mounted');
 
 # Only A changes; B's export cannot be read at all.  With a bandwidth
@@ -111,17 +102,18 @@ $vm->write_disk($A, 7 << 20, 3 << 20, 0x41);
 my $record = "$tmp/nbdkit.record";
 local $ENV{BACKUPACCESS_NBDKIT} = "$FindBin::Bin/bin/nbdkit-record";
 local $ENV{NBDKIT_RECORD} = $record;
-log_lines();
 my $incr2 = Vzdump::backup($vm, provider($scfg), time => 1002, %fleecing, bwlimit => 50 << 20);
 is($incr2->{error}, undef, 'second incremental succeeds');
+my @log2 = log_lines();
+is_deeply([grep { /^warn/ } @log2], [], 'incr2: no warnings');
 is_deeply($incr2->{modes}, { $A => 'reuse', $B => 'reuse' }, 'incr2: bitmaps reused');
 my $i2dir = "$scfg->{path}/100/qemu-1002";
 like(`'$ENV{BACKUPACCESS_QEMU_IMG}' info '$i2dir/$B.qcow2'`, qr/qemu-1001\/$B\.qcow2/,
     'incr2: the unchanged disk is an overlay of incr1');
 cmp_ok(-s "$i2dir/$B.qcow2", '<', 1 << 20, '... that holds no data');
-ok(grep({ /$B: 0 bytes read/ } log_lines()), '... none was read');
-restored_ok($incr2, 'incr2');
-restored_ok($incr1, 'incr1 again');
+ok(grep({ /$B: 0 bytes read/ } @log2), '... none was read');
+restored_ok($scfg, $incr2, 'incr2');
+restored_ok($scfg, $incr1, 'incr1 again');
 open(my $fh, '<', $record) or die "$record: $!";
 my @rec = <$fh>;
 close($fh);

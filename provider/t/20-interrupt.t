@@ -28,14 +28,6 @@ my $vm = PveVm->new($tmp, disks => [
 ]);
 my $scfg = storage();
 
-sub restored_ok {
-    my ($res, $what) = @_;
-    my $r = eval { Vzdump::restore(provider($scfg), $res->{volname}, $tmp) };
-    is($@, '', "$what: restore runs");
-    is(ProviderTest::differs($r->{disks}->{$_}, $res->{snap}->{$_}), undef,
-        "$what: $_ restored equals the disk at the snapshot") for $A, $B;
-}
-
 # A process of ours whose command line has all of @words, or undef.
 sub find_process {
     my (@words) = @_;
@@ -92,7 +84,7 @@ is($incr->{error}, undef, 'the next incremental succeeds');
 is_deeply($incr->{modes}, { $A => 'reuse', $B => 'reuse' }, 'its bitmaps are reused');
 like(`'$ENV{BACKUPACCESS_QEMU_IMG}' info '$scfg->{path}/100/qemu-2002/$A.qcow2'`,
     qr/qemu-2000\/$A\.raw/, 'it builds on the full backup');
-restored_ok($incr, 'incremental after the failure');
+restored_ok($scfg, $incr, 'incremental after the failure');
 
 is($vm->quit(), 0, 'QEMU quits with status 0');
 is_deeply([leftovers()], [], 'nothing left at the end');

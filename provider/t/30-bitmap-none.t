@@ -34,10 +34,7 @@ sub check_backup {
     is_deeply($res->{modes}, $modes, "$what: bitmap modes");
     my ($vmid, $sub) = $res->{volname} =~ m!^backup/(\d+)/(.*)$!;
     ok(-f "$scfg->{path}/$vmid/$sub/$_", "$what: $_") for @$formats;
-    my $r = eval { Vzdump::restore(provider($scfg), $res->{volname}, $tmp) };
-    is($@, '', "$what: restore runs");
-    is(ProviderTest::differs($r->{disks}->{$_}, $res->{snap}->{$_}), undef,
-        "$what: $_ restored equals the disk at the snapshot") for $A, $B;
+    restored_ok($scfg, $res, $what);
 }
 
 $vm->write_disk($A, 0, 12 << 20, 0x71);

@@ -18,7 +18,8 @@ use Test::More;
 use PVE::Storage::Custom::BackupAccessPlugin;
 
 use base qw(Exporter);
-our @EXPORT = qw(scratch storage provider differs leftovers need_pve_qemu log_lines);
+our @EXPORT = qw(scratch storage provider differs leftovers need_pve_qemu log_lines
+    restored_ok);
 
 our $TOP = $ENV{TOP} // abs_path(dirname(__FILE__) . '/../../..');
 my ($SCRATCH, @LOG);
@@ -84,6 +85,21 @@ sub differs {
         return undef if $na == 0;
         $off += $na;
     }
+}
+
+# Restores backup $res (from Vzdump::backup) the way qemu-server does and
+# checks that each disk equals the disk at its snapshot.  Returns the
+# restore (Vzdump::restore).
+sub restored_ok {
+    my ($scfg, $res, $what) = @_;
+    require Vzdump;
+    my $r = eval { Vzdump::restore(provider($scfg), $res->{volname}, $SCRATCH) };
+    is($@, '', "$what: restore runs");
+    for my $dev (sort keys %{ $res->{snap} }) {
+        is(differs($r->{disks}->{$dev}, $res->{snap}->{$dev}), undef,
+            "$what: $dev restored equals the disk at the snapshot");
+    }
+    return $r;
 }
 
 sub proc_table {
