@@ -50,6 +50,17 @@ for my $bad ('backup/100/../../etc', 'backup/100/lxc-1', 'backup/0/qemu-1', 'ima
     like($@, qr/unable to parse/, "volume name '$bad' refused");
 }
 
+# job_init: the storage is there, nbdkit loads the filter and the plugin.
+eval { provider($scfg)->job_init(1) };
+is($@, '', 'job_init with the build tree');
+{
+    local $ENV{BACKUPACCESS_FILTER} = "$tmp/nosuch.so";
+    eval { provider($scfg)->job_init(1) };
+    like($@, qr/failed: .*cannot open filter/, 'job_init: a filter nbdkit cannot load');
+}
+eval { provider({ %$scfg, path => "$tmp/nosuch" })->job_init(1) };
+like($@, qr/is not a directory/, 'job_init: a missing storage directory');
+
 # The provider's answers.
 my $p = provider($scfg);
 is($p->backup_get_mechanism(100, 'qemu'), 'nbd', 'mechanism nbd for VMs');

@@ -117,6 +117,10 @@ restored_ok($scfg, $incr1, 'incr1 again');
 open(my $fh, '<', $record) or die "$record: $!";
 my @rec = <$fh>;
 close($fh);
+# Without job_init's check (nbdkit --version) and its end.
+for (my $i = 0; $i < @rec; $i++) {
+    splice(@rec, $i--, 2) if $rec[$i] =~ /^start .* --version$/;
+}
 is(scalar(@rec), 4, 'incr2: one nbdkit per disk');
 like($rec[$_], qr/^start .*--filter=rate .*rate=419430400$/, "incr2: nbdkit $_ has the whole limit")
     for 0, 2;

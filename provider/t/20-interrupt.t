@@ -6,7 +6,8 @@
 # dies with nothing of its own left running or mounted, the archive is
 # removed, vzdump tears down with success=false, and the next incremental
 # still holds every change of both disks: restored, they equal the disks
-# at its snapshot.
+# at its snapshot.  The storage's cbw-cluster-size is 128K, twice the
+# fleecing images' cluster.
 use strict;
 use warnings;
 
@@ -26,7 +27,7 @@ my $vm = PveVm->new($tmp, disks => [
     { id => 'scsi0', size => 16 << 20, style => 'pve9' },
     { id => 'virtio1', size => 16 << 20, style => 'pve8' },
 ]);
-my $scfg = storage();
+my $scfg = storage('cbw-cluster-size' => '128K');
 
 # A process of ours whose command line has all of @words, or undef.
 sub find_process {

@@ -7,7 +7,8 @@
 # (a raw image, no bitmap given to the filter), next to an incremental of
 # the other disk.  QEMU dropped that device's bitmap, so the next backup,
 # for which the provider asks to use it again, is a full one for it
-# (bitmap-mode 'new').  Every backup restores to its snapshot.
+# (bitmap-mode 'new').  Every backup restores to its snapshot.  The
+# storage's cbw-cluster-size is exactly the fleecing images' 64K.
 use strict;
 use warnings;
 
@@ -26,7 +27,7 @@ my $vm = PveVm->new($tmp, disks => [
     { id => 'scsi0', size => 12 << 20, style => 'pve9' },
     { id => 'virtio1', size => 12 << 20, style => 'pve9' },
 ]);
-my $scfg = storage();
+my $scfg = storage('cbw-cluster-size' => '64K');
 
 sub check_backup {
     my ($res, $what, $modes, $formats) = @_;

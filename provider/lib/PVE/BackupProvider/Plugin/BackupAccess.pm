@@ -68,10 +68,32 @@ sub cluster_size {
     return $self->{'storage-plugin'}->cluster_size($self->{scfg});
 }
 
+# What a disk's backups on this storage are: images, or a file consumer's.
+sub kind {
+    my ($self) = @_;
+    my $c = $self->{scfg}->{'vm-file-consumer'};
+    return $c ? "consumer:$c" : 'image';
+}
+
+# Checks, before any guest is backed up, that the storage is there and
+# that nbdkit loads the filter and the plugin (built for this nbdkit).
 sub job_init {
     my ($self, $start_time) = @_;
     my $path = $self->{scfg}->{path};
     die "backupaccess storage '$self->{storeid}': '$path' is not a directory\n" if !-d $path;
+    my $t = $self->{tools};
+    my $procs = PVE::BackupProvider::Plugin::BackupAccess::Process->new();
+    my $log = private_dir($t->{'run-root'}) . "/job-init.$$.log";
+    for my $argv ([$t->{nbdkit}, "--filter=$t->{filter}", $t->{plugin}, '--version'],
+        [$t->{nbdcopy}, '--version'], [$t->{'qemu-img'}, '--version'],
+        $self->{scfg}->{'vm-file-consumer'} ? [$t->{helper}, '--help'] : [$t->{'qemu-nbd'}, '--version'])
+    {
+        unlink($log);
+        my ($st) = eval { $procs->run($argv, log => $log) };
+        my $why = $@ || ($st ? PVE::BackupProvider::Plugin::BackupAccess::Process::tail_of($log, 2) : '');
+        unlink($log);
+        die "backupaccess storage: '@$argv' failed: $why\n" if $@ || $st;
+    }
     return;
 }
 
@@ -107,9 +129,8 @@ sub usable_previous {
     my $p = latest($self->{scfg}, $vmid)->{$device} or return undef;
     my $index = eval { index_of($self->{scfg}, "backup/$vmid/$p->{archive}") };
     return undef if !$index || !$index->{devices}->{$device};
-    my $kind = $self->{scfg}->{'vm-file-consumer'} ? 'consumer' : 'image';
-    return undef if ($p->{kind} // '') ne $kind;
-    return undef if $kind eq 'image' && !-e "$self->{scfg}->{path}/$vmid/$p->{archive}/$p->{file}";
+    return undef if ($p->{kind} // '') ne $self->kind();
+    return undef if $self->kind() eq 'image' && !-e "$self->{scfg}->{path}/$vmid/$p->{archive}/$p->{file}";
     return $p;
 }
 
@@ -187,7 +208,7 @@ sub write_configs {
 # incremental builds on.
 sub commit {
     my ($self, $vmid, $disks) = @_;
-    my $kind = $self->{scfg}->{'vm-file-consumer'} ? 'consumer' : 'image';
+    my $kind = $self->kind();
     my ($index, $latest) = ({}, latest($self->{scfg}, $vmid));
     for my $d (@$disks) {
         my $e = { size => $d->{size}, 'bitmap-mode' => $d->{'bitmap-mode'} };

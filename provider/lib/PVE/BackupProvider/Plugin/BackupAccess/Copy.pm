@@ -102,6 +102,7 @@ sub copy_disk {
         my $copy = $procs->spawn(nbdcopy_argv($tools, $d, "nbd+unix:///?socket=$sock"),
             log => $copy_log);
         my $st = $procs->wait_exit($copy);
+        $procs->stop($copy);    # its qemu-nbd, if still there
         if ($st != 0) {
             die "$d->{device}: nbdcopy failed ("
                 . describe_status($st) . "): "

@@ -81,6 +81,7 @@ sub consume_disk {
         my $pid = $procs->spawn([$d->{consumer}], env => $env, log => $clog,
             cwd => $d->{'archive-dir'});
         my $st = $procs->wait_exit($pid);
+        $procs->stop($pid);     # what it left running in its process group
         die "$d->{device}: the file consumer failed (" . describe_status($st) . "): "
             . tail_of($clog, 3) . "\n" if $st != 0;
         1;

@@ -95,13 +95,18 @@ sub exited {
 }
 
 # Stops $pid's process group: SIGTERM, then SIGKILL after the grace time;
-# returns once the leader is reaped and no process of the group is left.
+# returns once the leader is reaped and no process of the group is left
+# (or, should one not die even of SIGKILL, after another grace time).
+# Also for a leader already reaped by wait_exit: what it left in its
+# group goes too.
 sub stop {
     my ($self, $pid) = @_;
     my $end = time() + $STOP_GRACE;
+    my $killed = 0;
     kill('TERM', -$pid);
     while (!$self->exited($pid) || kill(0, -$pid)) {
         if (time() > $end) {
+            return $self->{status}->{$pid} if $killed++;
             kill('KILL', -$pid);
             $end = time() + $STOP_GRACE;
         }
