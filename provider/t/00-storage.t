@@ -50,6 +50,17 @@ for my $bad ('backup/100/../../etc', 'backup/100/lxc-1', 'backup/0/qemu-1', 'ima
     like($@, qr/unable to parse/, "volume name '$bad' refused");
 }
 
+# The request size of an incremental copy divides every boundary of the
+# dirty regions (but the end of the disk).
+my $rs = \&PVE::BackupProvider::Plugin::BackupAccess::Copy::request_size;
+my $M = 1 << 20;
+is($rs->(32 * $M, [[0, 4 * $M], [8 * $M, 4 * $M]]), 256 << 10, 'request size: 256K for 4 MiB blocks');
+is($rs->(32 * $M, []), 256 << 10, 'request size: 256K for a clean bitmap');
+is($rs->(21 * $M + 4096, [[20 * $M, $M + 4096]]), 256 << 10, '... the end of the disk does not count');
+is($rs->(32 * $M, [[64 << 10, 64 << 10], [4 * $M, 4 * $M]]), 64 << 10, 'request size: 64K blocks');
+is($rs->(32 * $M, [[0, 4096 * 3]]), 4096, 'request size: 4K blocks');
+is($rs->(32 * $M, [[512, 512]]), 512, 'request size: never below 512');
+
 # job_init: the storage is there, nbdkit loads the filter and the plugin.
 eval { provider($scfg)->job_init(1) };
 is($@, '', 'job_init with the build tree');

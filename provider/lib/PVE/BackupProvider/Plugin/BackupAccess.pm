@@ -36,6 +36,7 @@ sub tools {
         plugin => $ENV{BACKUPACCESS_PLUGIN} // 'backupaccess',
         helper => $ENV{BACKUPACCESS_HELPER} // 'backupaccess-helper',
         nbdcopy => $ENV{BACKUPACCESS_NBDCOPY} // 'nbdcopy',
+        nbdinfo => 'nbdinfo',
         nbdfuse => 'nbdfuse',
         fusermount => 'fusermount3',
         'qemu-img' => $ENV{BACKUPACCESS_QEMU_IMG} // 'qemu-img',

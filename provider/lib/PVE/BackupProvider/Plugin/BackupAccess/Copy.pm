@@ -21,9 +21,11 @@ my $Process = 'PVE::BackupProvider::Plugin::BackupAccess::Process';
 
 # nbdcopy's requests into an overlay must not straddle a dirty and a
 # clean region (it would write the zeroes that clean regions read as
-# over the previous backup's data): they must divide the dirty bitmap's
-# granularity, which is 4 MiB for Proxmox VE's bitmaps.
-my $INCREMENTAL_REQUEST_SIZE = 256 * 1024;
+# over the previous backup's data): they must divide every boundary of
+# the dirty regions.  Proxmox VE's bitmaps have a granularity of 4 MiB;
+# the boundaries are read from the bitmap all the same, and a smaller
+# alignment makes the requests smaller.
+my $MAX_REQUEST_SIZE = 256 * 1024;
 
 # Seconds nbdkit may take to read the bitmap and listen.
 my $START_TIMEOUT = 60;
@@ -64,14 +66,45 @@ sub create_target {
     }
 }
 
+# The request size for dirty regions [[offset, length], ...] of a disk of
+# $size bytes: the largest power of two up to $MAX_REQUEST_SIZE that
+# divides every boundary inside the disk.
+sub request_size {
+    my ($size, $dirty) = @_;
+    my $req = $MAX_REQUEST_SIZE;
+    for my $b (map { ($_->[0], $_->[0] + $_->[1]) } @$dirty) {
+        next if $b == 0 || $b >= $size;
+        $req >>= 1 while $req > 512 && $b % $req;
+    }
+    return $req;
+}
+
+# The dirty regions of $d's bitmap, read from QEMU's export (only the
+# bitmap's meta context: the export itself may not be readable at all).
+sub dirty_regions {
+    my ($tools, $procs, $d, $log) = @_;
+    my $sock = $d->{'nbd-path'} =~ s/([^A-Za-z0-9_.\/-])/sprintf('%%%02X', ord($1))/ger;
+    my ($st, $out) = $procs->run([$tools->{nbdinfo}, "--map=qemu:dirty-bitmap:$d->{bitmap}",
+        "nbd+unix:///$d->{device}?socket=$sock"], log => $log);
+    die "$d->{device}: nbdinfo could not read the dirty bitmap: " . tail_of($log, 2) . "\n"
+        if $st != 0;
+    my @dirty;
+    for my $line (split(/\n/, $out)) {
+        $line =~ /^\s*([0-9]+)\s+([0-9]+)\s+([0-9]+)/
+            or die "$d->{device}: unexpected output from nbdinfo: $line\n";
+        push @dirty, [$1, $2] if $3 & 1;
+    }
+    return \@dirty;
+}
+
 sub nbdcopy_argv {
-    my ($tools, $d, $uri) = @_;
+    my ($tools, $d, $uri, $request_size) = @_;
     # --flush: the image is on disk when nbdcopy succeeds.
     my @argv = ($tools->{nbdcopy}, '--flush', '--destination-is-zero');
     return [@argv, $uri, $d->{target}] if !$d->{backing};
     # Into the overlay: clean regions read as zeroes and are skipped as
     # zero extents; dirty ones are always written, zeroes too (--sparse=0).
-    return [@argv, '--sparse=0', "--request-size=$INCREMENTAL_REQUEST_SIZE", $uri, '--',
+    return [@argv, '--sparse=0', "--request-size=$request_size", $uri, '--',
         '[', $tools->{'qemu-nbd'}, '-f', 'qcow2', $d->{target}, ']'];
 }
 
@@ -94,12 +127,14 @@ sub copy_disk {
     my ($sock, $pidfile, $status) = ("$base.sock", "$base.nbdkit.pid", "$base.status.json");
     my ($nbdkit_log, $copy_log) = ("$base.nbdkit.log", "$base.nbdcopy.log");
     my $counters = eval {
+        my $request_size = $d->{backing}
+            ? request_size($d->{size}, dirty_regions($tools, $procs, $d, $copy_log)) : undef;
         create_target($tools, $procs, $d, $copy_log);
         my $nbdkit = $procs->spawn(nbdkit_argv($tools, $d, $sock, $pidfile, $status),
             log => $nbdkit_log);
         eval { $procs->wait_for_file($pidfile, $nbdkit, $START_TIMEOUT, 'nbdkit') };
         die "$d->{device}: $@" . tail_of($nbdkit_log) . "\n" if $@;
-        my $copy = $procs->spawn(nbdcopy_argv($tools, $d, "nbd+unix:///?socket=$sock"),
+        my $copy = $procs->spawn(nbdcopy_argv($tools, $d, "nbd+unix:///?socket=$sock", $request_size),
             log => $copy_log);
         my $st = $procs->wait_exit($copy);
         $procs->stop($copy);    # its qemu-nbd, if still there
