@@ -94,12 +94,18 @@ for my $case (
     [{ 'drive-scsi0' => { %vol, 'nbd-path' => undef } }, qr/no nbd-path/],
     [{ 'drive-scsi0' => { %vol, 'bitmap-name' => undef } }, qr/without a bitmap name/],
     [{ 'drive-scsi0' => { %vol, 'bitmap-mode' => 'reuse' } }, qr/the previous backup is gone/],
+    [{ 'drive-scsi0' => { %vol, 'bitmap-mode' => 'reuse' } }, qr/the previous backup is gone/,
+        storage('vm-file-consumer' => '/bin/true')],
     [{ '../x' => \%vol }, qr/bad device name/],
     [{ 'drive-scsi0' => { %vol, size => 0 } }, qr/bad size/])
 {
-    eval { $p->backup_vm(100, "name: x\n", $case->[0], {}) };
+    my $pc = $case->[2] ? provider($case->[2]) : $p;
+    $pc->backup_init(100, 'qemu', 9) if $case->[2];
+    eval { $pc->backup_vm(100, "name: x\n", $case->[0], {}) };
     like($@, $case->[1], "backup_vm refuses: $case->[1]");
-    ok(!-e "$dir/drive-scsi0.raw" && !-e "$dir/guest.conf", '... and writes nothing');
+    my $d = $pc->{100}->{dir};
+    ok(!-e "$d/drive-scsi0.raw" && !-e "$d/guest.conf", '... and writes nothing');
+    $pc->backup_cleanup(100, 'qemu', 0, {}) if $case->[2];
 }
 # The run directory must be private.
 {

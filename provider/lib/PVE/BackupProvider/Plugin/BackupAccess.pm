@@ -113,7 +113,7 @@ sub backup_init {
     mkdir($vmdir, 0700) or $!{EEXIST} or die "mkdir $vmdir: $!\n";
     my $dir = "$vmdir/$sub";
     mkdir($dir, 0700) or die "cannot create the archive directory $dir: $!\n";
-    $self->{$vmid} = { archive => $sub, dir => $dir, 'vm-dir' => $vmdir };
+    $self->{$vmid} = { archive => $sub, dir => $dir };
     return { 'archive-name' => "$vmid/$sub" };
 }
 
@@ -159,16 +159,18 @@ sub disk_plan {
         bitmap => $bitmap, 'bitmap-mode' => $mode, cluster => $self->cluster_size(),
         bandwidth => $bandwidth, 'run-dir' => $run_dir, vmid => $vmid,
         archive => $self->{$vmid}->{archive}, 'archive-dir' => $self->{$vmid}->{dir} };
+    # A reused bitmap holds the changes since the previous backup: only
+    # on top of that one is the result the disk.
+    my $p = $mode eq 'reuse' ? $self->usable_previous($vmid, $device) : undef;
+    die "$device: QEMU reuses the bitmap, but the previous backup is gone\n"
+        if $mode eq 'reuse' && !$p;
+    die "$device: the size changed since the previous backup\n"
+        if $p && $p->{size} != $vol->{size};
     if ($self->{scfg}->{'vm-file-consumer'}) {
         $d->{consumer} = $self->{scfg}->{'vm-file-consumer'};
         return $d;
     }
-    if ($mode eq 'reuse') {
-        # The bitmap holds the changes since the previous backup: only
-        # on top of that one is the result the disk.
-        my $p = $self->usable_previous($vmid, $device)
-            or die "$device: QEMU reuses the bitmap, but the previous backup is gone\n";
-        die "$device: the size changed since the previous backup\n" if $p->{size} != $vol->{size};
+    if ($p) {
         $d->{backing} = { file => "../$p->{archive}/$p->{file}", format => $p->{format} };
         $d->{file} = "$device.qcow2";
     } else {
