@@ -10,6 +10,8 @@
 #                   (filter, plugin) under valgrind memcheck: no error, no leak
 #                   Both build a copy in .san/ and run tests/san/run (how
 #                   reports are caught and sorted: see there).
+#   make check-provider  the Proxmox VE backup provider's tests (provider/t)
+#   make install-provider  the provider's Perl modules (provider/lib)
 #   make demo       full + incremental backup of a disk in qemu-storage-daemon
 #   make bench      throughput and memory figures (ratios within one run)
 #   make lint       cppcheck and clang-tidy (.clang-tidy), warnings are errors
@@ -57,7 +59,7 @@ UNIT_TESTS = $(UNIT_SRCS:.c=)
 
 
 .PHONY: all deps print-build-deps install uninstall check-package check check-asan check-valgrind unit-tests demo bench \
-        clean lint fuzz fuzz-long
+        clean lint fuzz fuzz-long install-provider uninstall-provider check-provider
 
 all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE)
 
@@ -211,6 +213,24 @@ install: all
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
+
+# make install-provider [DESTDIR=...]: the Proxmox VE storage plugin and
+# backup provider into Perl's vendor directory, where pve-storage loads
+# PVE/Storage/Custom/*.pm from (on the Proxmox VE host, with make install).
+PERL5DIR    ?= /usr/share/perl5
+PROVIDER_PM  = $(shell cd provider/lib && find PVE -name '*.pm' | sort)
+
+install-provider:
+	for f in $(PROVIDER_PM); do \
+	  install -D -m 0644 provider/lib/$$f $(DESTDIR)$(PERL5DIR)/$$f || exit 1; \
+	done
+
+uninstall-provider:
+	rm -f $(addprefix $(DESTDIR)$(PERL5DIR)/,$(PROVIDER_PM))
+	-rmdir $(DESTDIR)$(PERL5DIR)/PVE/BackupProvider/Plugin/BackupAccess
+
+check-provider: all
+	tests/run-tests test-provider
 
 # Builds the Debian package in a clean clone, installs it, checks the
 # installed files, removes it (root; CI runs it).
