@@ -161,7 +161,7 @@ lint:
 	cppcheck --quiet --enable=warning,performance,portability \
 	  --error-exitcode=1 -Ilib $(C_SOURCES)
 	clang-tidy --quiet --warnings-as-errors='*' $(C_SOURCES) -- \
-	  -std=gnu11 -Ilib $(shell pkg-config --cflags json-c)
+	  -std=gnu11 -Ilib -Ihelper -DPACKAGE_VERSION='"$(VERSION)"' $(shell pkg-config --cflags json-c)
 
 # libFuzzer targets, built with clang apart from the gcc build: the
 # library sources are compiled into each one (not lib/*.o).
