@@ -50,13 +50,22 @@ PVE_TARBALL_DEFAULT = os.path.join(
     "pve-qemu-%s-bookworm-amd64.tar.xz" % PVE_VERSION)
 
 
-def _git(*args):
+def _git(top, *args):
     try:
-        r = subprocess.run(["git", "-C", TOP] + list(args),
+        r = subprocess.run(["git", "-C", top] + list(args),
                            capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return r.stdout.strip() if r.returncode == 0 else None
+
+
+def _main_checkout(top):
+    """The main checkout of top when top is a git worktree, else None."""
+    common = _git(top, "rev-parse", "--path-format=absolute",
+                  "--git-common-dir")
+    if common and os.path.basename(common) == ".git":
+        return os.path.dirname(common)
+    return None
 
 
 _tarball_candidates = None
@@ -68,7 +77,7 @@ def pve_tarball_candidates():
     default ../shared/pve-qemu/... relative to the project top, then
     relative to the checkout this one was cloned from (origin, when it is
     a local path: CI runs in a clean clone elsewhere), then relative to
-    the main checkout of this git worktree."""
+    the main checkout of a git worktree (this one, or origin)."""
     global _tarball_candidates
     given = os.environ.get("PVE_QEMU_TARBALL")
     if given:
@@ -76,15 +85,19 @@ def pve_tarball_candidates():
     if _tarball_candidates is not None:
         return _tarball_candidates
     tops = [TOP]
-    origin = _git("remote", "get-url", "origin")
-    if origin:
-        if origin.startswith("file://"):
-            origin = origin[len("file://"):]
-        if "://" not in origin and ":" not in origin.split("/")[0]:
-            tops.append(os.path.join(TOP, origin))
-    common = _git("rev-parse", "--path-format=absolute", "--git-common-dir")
-    if common and os.path.basename(common) == ".git":
-        tops.append(os.path.dirname(common))
+    origin = _git(TOP, "remote", "get-url", "origin")
+    if origin and origin.startswith("file://"):
+        origin = origin[len("file://"):]
+    if origin and "://" not in origin and \
+       ":" not in origin.split("/")[0]:        # not host:path
+        origin = os.path.join(TOP, origin)
+        tops.append(origin)
+    else:
+        origin = None
+    for t in (TOP, origin):
+        main = _main_checkout(t) if t and os.path.isdir(t) else None
+        if main:
+            tops.append(main)
     out = []
     for t in tops:
         p = os.path.normpath(os.path.join(t, PVE_TARBALL_DEFAULT))
