@@ -2,6 +2,10 @@
 #
 #   make            build the filter, the library and the man page
 #   make deps       install the Debian packages everything needs (as root)
+#                   and unpack the QEMU builds the tests run on besides the
+#                   system's 7.2 into BACKUPACCESS_DEPS (default .deps):
+#                   10.0.2 from bookworm-backports, and the Proxmox VE QEMU
+#                   from PVE_QEMU_TARBALL (tests/lib/qemus.py, tests/deps/)
 #   make check      unit and integration tests; last line "N passed, N failed"
 #   make check-asan every unit and integration test (QEMU ones included)
 #                   with the filter, plugin, helper and unit tests built with
@@ -38,6 +42,11 @@ DEB_PACKAGES = $(DEB_BUILD_PACKAGES) \
   qemu-utils qemu-system-x86 qemu-block-extra procps bc gnutls-bin \
   cppcheck clang-tidy strace valgrind
 DEB_PACKAGES += clang libclang-rt-14-dev
+# The Proxmox VE QEMU's runtime (its README), and unpacking it.
+DEB_PACKAGES += seabios ipxe-qemu libaio1 libfdt1 libfuse3-3 libglib2.0-0 \
+  libgnutls30 libnuma1 libpixman-1-0 libpng16-16 libseccomp2 libslirp0 \
+  liburing2 libzstd1 libsystemd0 libuuid1 libbz2-1.0 libncursesw6 \
+  xz-utils python3 git
 # The test guest (tests/lib/guest.py): its initramfs and file system.  Its
 # kernel is downloaded and unpacked, not installed: tests/deps/guest-kernel.sh.
 DEB_PACKAGES += busybox-static cpio e2fsprogs
@@ -64,19 +73,9 @@ UNIT_TESTS = $(UNIT_SRCS:.c=)
 all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE)
 
 deps:
-	@missing=; \
-	for p in $(DEB_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | \
-	    grep -q 'install ok installed' || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "make deps: installing$$missing"; \
-	  apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
-	else \
-	  echo "make deps: all packages are installed"; \
-	fi
-	tests/deps/guest-kernel.sh
+	@tests/deps/packages $(DEB_PACKAGES)
+	@tests/deps/unpack-qemus
+	@tests/deps/guest-kernel.sh
 
 lib/%.o: lib/%.c $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) -c $< -o $@

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# qemu: upstream
 """Fault injection: backupaccess-helper itself killed (SIGKILL) at every
 step of setup, serve and mount, deterministically: strace injects the
 SIGKILL at the Nth state save (rename(2): the step before is done, its

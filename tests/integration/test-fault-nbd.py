@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# qemu: upstream
 """Fault injection on the NBD side of a backup made with backupaccess-helper
 (upstream back end, real qemu-storage-daemon, guest writing meanwhile):
 

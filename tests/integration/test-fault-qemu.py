@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# qemu: upstream
 """Fault injection: qemu-storage-daemon goes away in the middle of a backup
 made with backupaccess-helper (upstream back end, persistent bitmap on a
 qcow2 disk), while a client is half-way through reading it and the guest

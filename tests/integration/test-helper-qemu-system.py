@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# qemu: upstream
 """backupaccess-helper, upstream back end, against qemu-system-x86_64 (q35,
 TCG, no guest OS, two virtio-blk disks with persistent dirty bitmaps); the
 guest writes through HMP `qemu-io -d <qdev path>` during the backups.
@@ -19,7 +20,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from harness import TOP, check, run
-from qemu_fixture import QMP, wait_for
+from qemu_fixture import QMP, check_build, wait_for
+import qemus
 
 HELPER = os.path.join(TOP, "helper", "backupaccess-helper")
 SIZE = 16 << 20
@@ -45,14 +47,15 @@ class Vm:
         self.own_path = os.path.join(tmp, "qmp-test.sock")   # the test's
         self.model = {}
         self.lock = threading.Lock()
-        args = ["qemu-system-x86_64", "-machine", "q35,accel=tcg",
+        q = qemus.current()
+        args = [q.system] + q.args() + ["-machine", "q35,accel=tcg",
                 "-nodefaults", "-display", "none", "-m", "64", "-S",
                 "-qmp", "unix:%s,server=on,wait=off" % self.qmp_path,
                 "-qmp", "unix:%s,server=on,wait=off" % self.own_path]
         for i, d in enumerate(DISKS):
             img = os.path.join(tmp, d + ".qcow2")
-            run(["qemu-img", "create", "-q", "-f", "qcow2", img, str(SIZE)])
-            run(["qemu-io", "-f", "qcow2", "-c",
+            run([q.img, "create", "-q", "-f", "qcow2", img, str(SIZE)])
+            run([q.io, "-f", "qcow2", "-c",
                  "write -P 0x%02x 0 %d" % (0x10 + i, SIZE), img])
             self.model[d] = bytearray([0x10 + i]) * SIZE
             args += ["-blockdev", "driver=file,filename=%s,node-name=%s-file"
@@ -67,6 +70,7 @@ class Vm:
                  self.proc.poll() is not None, "QEMU")
         check(self.proc.poll() is None, "qemu-system-x86_64 did not start")
         self.qmp = QMP(self.own_path)
+        check_build(self.qmp)
 
     def write(self, disk, offset, length):
         """A guest write through the device, pattern byte from rng."""
@@ -89,10 +93,17 @@ class Vm:
                        length)
 
     def stop(self):
+        """Tells QEMU to quit; returns its exit status (an abort at quit
+        is a failure too)."""
+        try:
+            self.qmp.cmd("quit")
+            rc = self.proc.wait(20)
+        except Exception:
+            self.proc.kill()
+            rc = "killed: %s" % self.proc.wait()
         self.qmp.close()
-        self.proc.terminate()
-        self.proc.wait(20)
         self.log.close()
+        return rc
 
 
 def read_regions(uri, regions, into):
@@ -231,5 +242,7 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
         if os.path.exists(rd):
             subprocess.run([HELPER, "teardown", "--run-dir", rd, "--failure"],
                            capture_output=True, timeout=180)
-        vm.stop()
+        rc = vm.stop()
+    with open(os.path.join(tmp, "qemu.log")) as f:
+        check(rc == 0, "QEMU did not exit 0 at quit (%s): %s" % (rc, f.read()))
 print("ok")

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# qemu: upstream
 """backupaccess-helper against upstream QEMU (a real qemu-storage-daemon,
 its QMP reached through the fixture's pass-through proxy, --backend
 upstream): a full then an incremental backup with setup / serve / status /

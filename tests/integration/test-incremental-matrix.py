@@ -11,10 +11,12 @@ full and the incremental, is byte for byte the disk at its snapshot
 request size, nbdcopy without --request-size must either make a right
 backup or fail: a backup is right or it fails loudly.
 
-By default QEMU 7.2 runs every combination and QEMU 10.0.2 one cluster
-and granularity pair; BACKUPACCESS_FULL=1 runs every combination on
-both.  Each pair runs in its own qemu-storage-daemon, two at a time.
+Run once per upstream QEMU build (tests/run-tests): by default QEMU 7.2
+runs every combination and other builds one cluster and granularity
+pair; BACKUPACCESS_FULL=1 runs every combination on each.  Each pair
+runs in its own qemu-storage-daemon, two at a time.
 """
+# qemu: upstream
 import concurrent.futures
 import os
 import random
@@ -302,8 +304,7 @@ class Pair:
 
     def run(self):
         with Fleecing(SIZE, fleece_cluster=self.cluster, tmpdir=self.tmp,
-                      granularity=self.gran,
-                      qsd=self.q.storage_daemon) as f:
+                      granularity=self.gran) as f:
             f.guest_write(0, self.rng.randbytes(SIZE))
             for connector in CONNECTORS:
                 for client in CLIENTS:
@@ -338,30 +339,18 @@ def wait_connect(sock, proc):
             time.sleep(0.05)
 
 
-def pairs():
+def pairs(q):
     out = []
-    for q in qemus.available(pve=False):
-        if q.storage_daemon is None or not os.access(q.storage_daemon,
-                                                     os.X_OK):
-            continue
-        for cluster in CLUSTERS:
-            for gran in GRANULARITIES:
-                if FULL or q.label == "7.2" or (cluster, gran) == (128 * K,
-                                                                    64 * K):
-                    out.append((q, cluster, gran))
+    for cluster in CLUSTERS:
+        for gran in GRANULARITIES:
+            if FULL or q.label == "7.2" or (cluster, gran) == (128 * K,
+                                                                64 * K):
+                out.append((q, cluster, gran))
     return out
 
 
 def main():
-    for label, why in qemus.missing(pve=False):
-        if qemus.require_all():
-            print("FAIL: QEMU %s: %s" % (label, why))
-            sys.exit(1)
-        print("QEMU %s not tested: %s" % (label, why))
-    todo = pairs()
-    if not todo:
-        print("no qemu-storage-daemon to test with")
-        sys.exit(77)
+    todo = pairs(qemus.current(pve=False))
     lock = threading.Lock()
     failures = []
     with tempfile.TemporaryDirectory(prefix="backupaccess-matrix.") as tmp:

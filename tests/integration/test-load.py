@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# qemu: upstream
 """Load test: several client processes, each with its own NBD connection,
 send thousands of random requests to the filter over the backupaccess
 plugin over qemu-storage-daemon (fleecing image, frozen dirty bitmap)

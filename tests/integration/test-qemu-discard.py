@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# qemu: upstream
 """Random-order, randomly sized, unaligned reads through the filter over
 several connections, against real qemu-storage-daemon while the guest
 writes: every byte read is the snapshot's, every trim that reaches QEMU is

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# qemu: upstream
 """The backupaccess plugin against real qemu-storage-daemon: reads are
 byte-identical under parallel load from several client connections (and
 multi-conn is offered), also one larger than QEMU's 32 MiB limit;
@@ -23,6 +24,7 @@ import nbd
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from harness import PLUGIN, Nbdkit, check, run
 from qemu_fixture import Fleecing
+import qemus
 
 SIZE = (64 << 20) + 4096            # the last cluster is 4 KiB long
 rng = random.Random(3)
@@ -111,7 +113,14 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
             within(60, "a refused read", lambda: expect_error(
                 h, lambda h: h.pread(512, 65536), errno.EPERM))
         h.trim(4096, 64 << 20)                   # the tail cluster
-        expect_error(h, lambda h: h.pread(512, 64 << 20), errno.EPERM)
+        if qemus.current().at_least(9, 1):
+            # QEMU 9.1 and later round a discard inward to whole
+            # clusters, at the end of the disk too: the short last
+            # cluster is never discarded and stays readable.
+            check(bytes(h.pread(512, 64 << 20)) ==
+                  expected[64 << 20:(64 << 20) + 512], "read of the tail")
+        else:
+            expect_error(h, lambda h: h.pread(512, 64 << 20), errno.EPERM)
         check(f.alive(), "qemu-storage-daemon died")
         check(bytes(h.pread(4096, 0)) == expected[:4096], "read at 0")
 

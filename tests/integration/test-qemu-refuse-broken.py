@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# qemu: upstream
 """Against real qemu-storage-daemon: reads of clean regions, and re-reads
 of discarded ones, are refused by the filter (EPERM) and never reach QEMU;
 the extents show the dirty regions as data and the rest as holes that are

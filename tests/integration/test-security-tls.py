@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# qemu: upstream
 """TCP only when asked, and then with TLS: `backupaccess-helper serve
 --listen 127.0.0.1:PORT` refuses to start without --tls-psk (unless
 --insecure-no-tls), and refuses a PSK file others can read or with a

@@ -37,7 +37,8 @@ import tempfile
 import nbd
 
 from harness import HELPER, check, dirty_regions, run_helper
-from qemu_fixture import QMP, Started, start_qsd, stop_process
+import qemus
+from qemu_fixture import QMP, Started, check_build, start_qsd, stop_process
 
 DEVICE = "drive0"
 
@@ -92,7 +93,7 @@ class UpstreamVm(Started):
 
     def start(self):
         if not os.path.exists(self.disk):
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
+            subprocess.run([qemus.current().img, "create", "-q", "-f", "qcow2",
                             self.disk, str(self.size)], check=True,
                            timeout=60)
         for p in (self.helper_qmp, self.own_qmp):
@@ -103,6 +104,7 @@ class UpstreamVm(Started):
                         "w")
         self.proc = start_qsd([self.helper_qmp, self.own_qmp], self.log)
         self.qmp = QMP(self.own_qmp)
+        check_build(self.qmp)
         self.qmp.cmd("blockdev-add", **{
             "driver": "qcow2", "node-name": self.device, "discard": "unmap",
             "file": {"driver": "file", "filename": self.disk,
@@ -327,11 +329,13 @@ def chain_equals(image, frozen_bytes, tmp, what):
     ref = os.path.join(tmp, "frozen.raw")
     with open(ref, "wb") as f:
         f.write(frozen_bytes)
-    r = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw",
+    r = subprocess.run([qemus.current().img, "compare", "-q", "-f", "raw",
+                        "-F", "raw",
                         image, ref], capture_output=True, text=True,
                        timeout=120)
     if r.returncode != 0:
-        r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
+        r = subprocess.run([qemus.current().img, "compare", "-f", "raw",
+                            "-F", "raw",
                             image, ref], capture_output=True, text=True,
                            timeout=120)
     os.unlink(ref)

@@ -1,7 +1,7 @@
 """Test fixture: the fleecing graph of a backup, on a real qemu-storage-daemon.
 
 It builds what Proxmox VE's backup access API (and vzdump) build inside a
-running VM's QEMU, with upstream QEMU 7.2 and no guest:
+running VM's QEMU, with upstream QEMU and no guest:
 
     [guest export "guest"] -> [copy-before-write "cbw"] -> [disk "disk"]
                                         | target
@@ -13,6 +13,9 @@ frozen dirty bitmap "frozen" (qemu:dirty-bitmap:frozen).
 
 Use as a context manager: everything it started is stopped and removed on
 exit, also when the test fails.  Call with /usr/bin/python3.
+
+The QEMU programs are those of qemus.current(): the build named by
+BACKUPACCESS_QEMU (tests/run-tests sets it), by default Debian's 7.2.
 """
 import json
 import os
@@ -23,6 +26,8 @@ import tempfile
 import time
 
 import nbd
+
+import qemus
 
 
 class QMPError(Exception):
@@ -47,7 +52,7 @@ class QMP:
                 time.sleep(0.05)
         self.file = self.sock.makefile("rwb")
         self.events = []
-        self._read()                          # greeting
+        self.greeting = self._read()
         self.cmd("qmp_capabilities")
 
     def _read(self):
@@ -85,11 +90,27 @@ def wait_for(pred, what, timeout=20):
     raise TimeoutError("timed out waiting for " + what)
 
 
-def start_qsd(qmp_paths, log, binary="qemu-storage-daemon"):
-    """Starts qemu-storage-daemon (binary: another build's, from
-    qemus.py) with a QMP monitor on each socket path, its output to the
-    open file log; waits for the sockets."""
-    args = [binary]
+def check_build(qmp):
+    """The QEMU behind qmp is the build the test runs on (qemus.current()),
+    by the version in its QMP greeting."""
+    v = qmp.greeting["QMP"]["version"]["qemu"]
+    got = "%d.%d.%d" % (v["major"], v["minor"], v["micro"])
+    want = qemus.current()
+    if want.version() != got:
+        raise RuntimeError("QEMU %s was to run, but QEMU %s answers"
+                           % (want.label, got))
+
+
+def start_qsd(qmp_paths, log):
+    """Starts qemu-storage-daemon (of qemus.current()) with a QMP monitor
+    on each socket path, its output to the open file log; waits for the
+    sockets."""
+    q = qemus.current()
+    if q.storage_daemon is None:
+        raise RuntimeError("QEMU %s has no usable qemu-storage-daemon: use "
+                           "qemu-system-x86_64 (tests/lib/pve_vm.py)"
+                           % q.label)
+    args = [q.storage_daemon]
     for i, path in enumerate(qmp_paths):
         args += ["--chardev", "socket,id=qmp%d,path=%s,server=on,wait=off"
                  % (i, path), "--monitor", "chardev=qmp%d" % i]
@@ -136,16 +157,14 @@ class Fleecing(Started):
     fleece_cluster: the fleecing image's cluster size (copy-before-write
     then uses the larger of it and 64 KiB).  granularity: the dirty
     bitmaps' (live and frozen), in bytes; None: QEMU's default (64 KiB
-    on this qcow2 disk).  Proxmox VE's bitmaps have 4 MiB.  qsd: the
-    qemu-storage-daemon to run (qemus.py has other builds').
+    on this qcow2 disk).  Proxmox VE's bitmaps have 4 MiB.
     """
 
     def __init__(self, size, fleece_cluster=65536, tmpdir=None,
-                 granularity=None, qsd="qemu-storage-daemon"):
+                 granularity=None):
         self.size = size
         self.fleece_cluster = fleece_cluster
         self.granularity = granularity
-        self.qsd = qsd
         self.own_tmp = tmpdir is None
         self.tmp = tmpdir or tempfile.mkdtemp(prefix="backupaccess-qemu.")
         os.makedirs(self.tmp, exist_ok=True)
@@ -160,11 +179,12 @@ class Fleecing(Started):
     # --- life cycle -----------------------------------------------------
 
     def start(self):
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
+        subprocess.run([qemus.current().img, "create", "-q", "-f", "qcow2",
                         self.disk, str(self.size)], check=True)
         self.log = open(os.path.join(self.tmp, "qsd.log"), "w")
-        self.proc = start_qsd([self.qmp_path], self.log, self.qsd)
+        self.proc = start_qsd([self.qmp_path], self.log)
         self.qmp = QMP(self.qmp_path)
+        check_build(self.qmp)
         self.qmp.cmd("blockdev-add", **{
             "driver": "qcow2", "node-name": "disk", "discard": "unmap",
             "file": {"driver": "file", "filename": self.disk}})
@@ -263,7 +283,7 @@ class Fleecing(Started):
              "data": {"node": "disk", "name": "live"}},
             {"type": "block-dirty-bitmap-disable",
              "data": {"node": "disk", "name": "frozen"}}])
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
+        subprocess.run([qemus.current().img, "create", "-q", "-f", "qcow2",
                         "-o", "cluster_size=%d" % self.fleece_cluster,
                         self.fleece, str(self.size)], check=True)
         file_node = {"driver": "file", "filename": self.fleece}
@@ -295,7 +315,8 @@ class Fleecing(Started):
 
     def fleece_size(self):
         """Bytes allocated in the fleecing image now."""
-        out = subprocess.run(["qemu-img", "info", "-U", "--output=json",
+        out = subprocess.run([qemus.current().img, "info", "-U",
+                              "--output=json",
                               self.fleece], check=True,
                              capture_output=True, text=True).stdout
         return json.loads(out)["actual-size"]
