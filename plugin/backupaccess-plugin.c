@@ -29,7 +29,6 @@ static char *socket_path, *export_name, *uri;
 static unsigned connections = 4;
 static int64_t cluster_size = BA_CLUSTER_DEFAULT;
 static uint32_t request_size = BA_UPSTREAM_PIECE_DEFAULT;
-static unsigned request_depth = BA_UPSTREAM_DEPTH_DEFAULT;
 
 /* The pool; handles[i] is connection i, for calls of the plugin's own. */
 static struct ba_upstream *upstream;
@@ -46,7 +45,6 @@ static int64_t qemu_minimum, qemu_preferred, qemu_maximum;
   "connections=N         Upstream connections in the pool (default 4).\n" \
   "request-size=SIZE     Reads are sent to QEMU in pieces of at most\n" \
   "                      SIZE, in parallel (default 256K).\n" \
-  "request-depth=N       Pieces in flight per connection (default 4).\n" \
   "cluster=SIZE          Copy-before-write cluster size: only trims\n" \
   "                      aligned to it are forwarded (default 64K)."
 
@@ -99,16 +97,6 @@ backupaccess_config (const char *key, const char *value)
     request_size = r;
     return 0;
   }
-  if (strcmp (key, "request-depth") == 0) {
-    if (nbdkit_parse_unsigned ("request-depth", value, &request_depth) == -1)
-      return -1;
-    if (request_depth < 1 || request_depth > BA_UPSTREAM_DEPTH_MAX) {
-      nbdkit_error ("request-depth=%s: must be between 1 and %d", value,
-                    BA_UPSTREAM_DEPTH_MAX);
-      return -1;
-    }
-    return 0;
-  }
   if (strcmp (key, "cluster") == 0) {
     cluster_size = nbdkit_parse_size (value);
     if (cluster_size == -1)
@@ -149,7 +137,6 @@ backupaccess_after_fork (void)
     .uri = uri, .socket = socket_path, .export = export_name,
     .meta_context = LIBNBD_CONTEXT_BASE_ALLOCATION,
     .connections = connections, .piece = request_size,
-    .depth = request_depth,
   };
 
   upstream = ba_upstream_open (&p, err, sizeof err);
@@ -171,10 +158,9 @@ backupaccess_after_fork (void)
   qemu_preferred = nbd_get_block_size (handles[0], LIBNBD_SIZE_PREFERRED);
   qemu_maximum = nbd_get_block_size (handles[0], LIBNBD_SIZE_MAXIMUM);
   nbdkit_debug ("backupaccess plugin: %u connections, size %" PRIi64
-                ", trim %d, extents %d, reads in pieces of %" PRIu32
-                ", %u in flight per connection", connections, size,
-                can_trim_upstream, can_extents_upstream, request_size,
-                request_depth);
+                ", trim %d, extents %d, reads in pieces of %" PRIu32,
+                connections, size, can_trim_upstream, can_extents_upstream,
+                request_size);
   return 0;
 }
 
