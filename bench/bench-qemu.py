@@ -45,7 +45,6 @@ QEMUS = os.environ.get("BENCH_QEMUS", "7.2,10.0.2").split(",")
 REQUEST_SIZES = os.environ.get("BENCH_REQUEST_SIZES", "256K,1M,4M").split(",")
 CONNECTIONS = [int(c) for c in
                os.environ.get("BENCH_CONNECTIONS", "1,4").split(",")]
-BASE_PATH = os.environ["PATH"]
 
 FILTERED = ["--filter=" + FILTER]
 PATHS = [
@@ -88,11 +87,6 @@ def copy(uri, conns, request_size):
     return time.monotonic() - t0, ru.ru_utime + ru.ru_stime
 
 
-def use_qemu(q):
-    """qemu-storage-daemon and qemu-img of q come first in PATH."""
-    os.environ["PATH"] = q.bindir + ":" + BASE_PATH
-
-
 def measure(tmp, image, args, conns, request_size):
     """One copy from a fresh qemu-storage-daemon: (seconds, {who: CPU
     seconds})."""
@@ -118,11 +112,10 @@ def loadavg():
         return float(f.read().split()[0])
 
 
-def run_rounds(tmp, image, q):
+def run_rounds(tmp, image):
     """{(path, size, conns): [(seconds, cpu)] per round}, loads."""
     res, loads = {}, []
     configs = [(s, c) for s in REQUEST_SIZES for c in CONNECTIONS]
-    use_qemu(q)
     for r in range(ROUNDS):
         loads.append(loadavg())
         for i, (size, conns) in enumerate(configs):
@@ -227,9 +220,9 @@ def incremental(tmp):
                     finally:
                         f.release(success=False)
                     res.setdefault((name, conns), []).append(t)
-    print("Incremental, QEMU 7.2: %d dirty regions of a 1 GiB qcow2 disk, "
+    print("Incremental, QEMU %s: %d dirty regions of a 1 GiB qcow2 disk, "
           "clean regions read as zero, discard on, median of %d rounds"
-          % (n, ROUNDS))
+          % (qemus.current().label, n, ROUNDS))
     print()
     print("| path | 1 connection | 4 connections |")
     print("|---|---|---|")
@@ -287,27 +280,41 @@ def header():
     print()
 
 
+def measure_one_qemu(image):
+    """The throughput tables on qemus.current() (BACKUPACCESS_QEMU)."""
+    q = qemus.current()
+    with tempfile.TemporaryDirectory(prefix="backupaccess-bench.") as tmp:
+        res, loads = run_rounds(tmp, image)
+    tables(q, res, loads)
+    goal(q, res)
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--measure":
+        measure_one_qemu(sys.argv[2])
+        return
     header()
     with tempfile.TemporaryDirectory(prefix="backupaccess-bench.") as tmp:
         image = os.path.join(tmp, "disk.raw")
         with open(image, "wb") as f:
             for _ in range(SIZE // (64 * MiB)):
                 f.write(os.urandom(64 * MiB))
+        # One process per QEMU build: qemus.current() is chosen once.
         for q in qemus.available(pve=False):
             if q.label not in QEMUS or q.storage_daemon is None:
                 continue
-            res, loads = run_rounds(tmp, image, q)
-            tables(q, res, loads)
-            goal(q, res)
+            sys.stdout.flush()
+            subprocess.run([sys.executable, os.path.abspath(__file__),
+                            "--measure", image], check=True,
+                           env=dict(os.environ, BACKUPACCESS_QEMU=q.label))
         for label, why in qemus.missing(pve=False):
             print("QEMU %s not measured: %s" % (label, why))
-        os.environ["PATH"] = BASE_PATH
         if os.environ.get("BENCH_EXTRA", "1") == "0":
             return
         incremental(tmp)
         print("Fleecing image during a full backup (256 MiB) while the guest "
-              "writes 64 x 1 MiB at random offsets, QEMU 7.2")
+              "writes 64 x 1 MiB at random offsets, QEMU %s"
+              % qemus.current().label)
         print()
         print("| discard | peak | at the end |")
         print("|---|---|---|")

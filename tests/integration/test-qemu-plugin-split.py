@@ -1,5 +1,6 @@
 #!/usr/bin/python3
 # SPDX-License-Identifier: BSD-3-Clause
+# qemu: upstream
 """The backupaccess plugin's reads in pieces, against real
 qemu-storage-daemon:
 
