@@ -1,40 +1,66 @@
 #!/usr/bin/python3
-"""make bench, the QEMU part: nbdcopy of a full backup straight from
-qemu-storage-daemon's snapshot-access export, through nbdkit's nbd
-plugin, and through the nbd plugin + backupaccess filter; same run, same
-image, rounds interleaved, medians, as shares of the direct path, with
-the CPU time of each of the three processes (QEMU, nbdkit, nbdcopy) per
-GiB.  On a machine with fewer cores than busy processes the copy is
-CPU-bound, and the CPU-bound ceiling of a path is the direct path's CPU
-over the path's total.  Then the fleecing image's peak while a guest
-writes during a full backup, with discard on and off."""
+# SPDX-License-Identifier: BSD-3-Clause
+"""make bench, the QEMU part: nbdcopy of a full backup of a raw disk (page
+cache warm) straight from qemu-storage-daemon's snapshot-access export
+and through nbdkit (nbd plugin, nbd plugin + backupaccess filter,
+backupaccess plugin, backupaccess plugin + filter), at nbdcopy's default
+request size (256K), 1M and 4M, with 1 and 4 connections, on every QEMU
+of tests/lib/qemus.py that has a qemu-storage-daemon (7.2 and 10.0.2).
+
+Fair by construction: every measurement gets a fresh qemu-storage-daemon
+(QEMU's cost depends on what it served before), the paths are measured
+in rounds, their order rotated each round, and every figure is a median
+within this run: shares are the median of the per-round ratios
+direct/path, CPU seconds per GiB per process (QEMU and nbdkit from
+/proc/PID/stat around the copy, nbdcopy from wait4).  The 1-minute load
+average is given for each round.  Then an incremental backup and the
+fleecing image's peak while a guest writes, on the system QEMU.
+
+Knobs (environment): BENCH_ROUNDS (3), BENCH_QEMU_SIZE_MIB (1024),
+BENCH_QEMUS (labels, "7.2,10.0.2"), BENCH_REQUEST_SIZES ("256K,1M,4M"),
+BENCH_CONNECTIONS ("1,4"), BENCH_PATHS (indexes into PATHS, all),
+BENCH_VARIANTS (extra plugin + filter rows, each a space-separated list
+of plugin parameters, rows separated by ";", e.g. "request-size=128K;
+request-size=512K request-depth=8"), BENCH_EXTRA=0 to skip the
+incremental and fleecing tables."""
 import os
+import platform
 import random
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(TOP, "tests", "lib"))
-from harness import FILTER, PLUGIN, Nbdkit, dirty_regions
-from qemu_fixture import Fleecing
+from harness import FILTER, PLUGIN, Nbdkit, dirty_regions  # noqa: E402
+from qemu_fixture import Fleecing  # noqa: E402
+import qemus  # noqa: E402
 
-SIZE = int(os.environ.get("BENCH_QEMU_SIZE_MIB", "1024")) << 20
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 MiB = 1 << 20
+SIZE = int(os.environ.get("BENCH_QEMU_SIZE_MIB", "1024")) * MiB
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+QEMUS = os.environ.get("BENCH_QEMUS", "7.2,10.0.2").split(",")
+REQUEST_SIZES = os.environ.get("BENCH_REQUEST_SIZES", "256K,1M,4M").split(",")
+CONNECTIONS = [int(c) for c in
+               os.environ.get("BENCH_CONNECTIONS", "1,4").split(",")]
 
+FILTERED = ["--filter=" + FILTER]
 PATHS = [
     ("direct from qemu-storage-daemon", None),
     ("nbdkit nbd plugin", ["nbd"]),
-    ("nbdkit nbd plugin + backupaccess filter", ["--filter=" + FILTER, "nbd"]),
+    ("nbd plugin + backupaccess filter", FILTERED + ["nbd"]),
     ("backupaccess plugin", [PLUGIN]),
-    ("backupaccess plugin + filter", ["--filter=" + FILTER, PLUGIN]),
-    ("backupaccess plugin + filter, trim-batch=0",
-     ["--filter=" + FILTER, PLUGIN, "backupaccess-trim-batch=0"]),
+    ("backupaccess plugin + filter", FILTERED + [PLUGIN]),
 ]
+if os.environ.get("BENCH_PATHS"):
+    PATHS = [PATHS[int(i)] for i in os.environ["BENCH_PATHS"].split(",")]
+for v in filter(None, (v.strip() for v in
+                       os.environ.get("BENCH_VARIANTS", "").split(";"))):
+    PATHS.append(("plugin + filter, " + v, FILTERED + [PLUGIN] + v.split()))
+DIRECT = PATHS[0][0]
+WHO = ("qemu", "nbdkit", "client")
 
 
 def proc_cpu(pid):
@@ -44,61 +70,160 @@ def proc_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def copy_seconds(uri, conns, target="null:"):
-    """(wall seconds, nbdcopy CPU seconds) of one nbdcopy."""
+def size_bytes(s):
+    """"256K", "4M" -> bytes (nbdcopy 1.14 takes only numbers)."""
+    return int(s.rstrip("KM")) << {"K": 10, "M": 20}.get(s[-1], 0)
+
+
+def copy(uri, conns, request_size):
+    """(wall seconds, nbdcopy's CPU seconds) of one nbdcopy to null:."""
     t0 = time.monotonic()
-    p = subprocess.Popen(["nbdcopy", "--connections=%d" % conns, uri, target])
+    p = subprocess.Popen(["nbdcopy", "--connections=%d" % conns,
+                          "--request-size=%d" % size_bytes(request_size),
+                          uri, "null:"])
     _pid, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise RuntimeError("nbdcopy failed: %d" % p.returncode)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError("nbdcopy failed: %d" % status)
     return time.monotonic() - t0, ru.ru_utime + ru.ru_stime
 
 
-def measure(f, tmp, args, conns, extra=(), bitmap=False, cpu=None):
-    """Seconds of one copy from a fresh snapshot; with a dict cpu, also
-    the CPU seconds of "qemu", "nbdkit" and "client" in it."""
-    f.snapshot(bitmap=bitmap)
-    try:
+def measure(tmp, image, args, conns, request_size):
+    """One copy from a fresh qemu-storage-daemon: (seconds, {who: CPU
+    seconds})."""
+    with Fleecing(SIZE, image=image) as f:
+        f.snapshot(bitmap=False)
         q0 = proc_cpu(f.proc.pid)
         if args is None:
-            secs, client = copy_seconds(f.snap_uri(), conns)
-            nbdkit = 0
+            secs, client = copy(f.snap_uri(), conns, request_size)
+            nbdkit = 0.0
         else:
-            with Nbdkit(tmp, args + ["socket=" + f.nbd_path, "export=snap"]
-                        + list(extra), "bench") as nk:
-                secs, client = copy_seconds(nk.uri(), conns)
-                nbdkit = nk.cpu_seconds()
-        if cpu is not None:
-            cpu.update(qemu=proc_cpu(f.proc.pid) - q0, nbdkit=nbdkit,
-                       client=client)
-        return secs
-    finally:
-        # An incremental run gives its bitmap back for the next one.
-        f.release(success=not bitmap)
+            with Nbdkit(tmp, args + ["socket=" + f.nbd_path,
+                                     "export=snap"], "bench") as nk:
+                k0 = nk.cpu_seconds()
+                secs, client = copy(nk.uri(), conns, request_size)
+                nbdkit = nk.cpu_seconds() - k0
+        cpu = {"qemu": proc_cpu(f.proc.pid) - q0, "nbdkit": nbdkit,
+               "client": client}
+    return secs, cpu
 
 
-def incremental(f, tmp):
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+def run_rounds(tmp, image):
+    """{(path, size, conns): [(seconds, cpu)] per round}, loads."""
+    res, loads = {}, []
+    configs = [(s, c) for s in REQUEST_SIZES for c in CONNECTIONS]
+    for r in range(ROUNDS):
+        loads.append(loadavg())
+        for i, (size, conns) in enumerate(configs):
+            k = (r + i) % len(PATHS)
+            for name, args in PATHS[k:] + PATHS[:k]:
+                res.setdefault((name, size, conns), []).append(
+                    measure(tmp, image, args, conns, size))
+    return res, loads
+
+
+def pct(x):
+    return "%.0f%%" % (100 * x)
+
+
+def tables(q, res, loads):
+    """Markdown: one table per request size, and the per-round ratios."""
+    gib = SIZE / (1 << 30)
+    print("QEMU %s (%s), %d rounds, load average at round start: %s"
+          % (q.label, q.version(), ROUNDS,
+             ", ".join("%.2f" % x for x in loads)))
+    print()
+    for size in REQUEST_SIZES:
+        print("nbdcopy --request-size=%s, QEMU %s:" % (size, q.label))
+        print()
+        print("| path | connections | time | share of direct | per-round "
+              "shares | CPU s/GiB: QEMU | nbdkit | nbdcopy | total |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for conns in CONNECTIONS:
+            direct = res[(DIRECT, size, conns)]
+            for name, _ in PATHS:
+                runs = res[(name, size, conns)]
+                ratios = [d[0] / p[0] for d, p in zip(direct, runs)]
+                cpu = [statistics.median(c[w] for _, c in runs) / gib
+                       for w in WHO]
+                print("| %s | %d | %.3f s | %s | %s | %.2f | %s | %.2f | "
+                      "%.2f |" % (
+                          name, conns,
+                          statistics.median(t for t, _ in runs),
+                          pct(statistics.median(ratios)),
+                          " ".join(pct(x) for x in ratios), cpu[0],
+                          "-" if name == DIRECT else "%.2f" % cpu[1],
+                          cpu[2], sum(cpu)))
+        print()
+
+
+def goal(q, res):
+    """The goals: plugin + filter at least as fast as direct with 1M and
+    4M requests, and at least level with the nbd plugin (alone, and with
+    the filter) at nbdcopy's default; the other cells for reference."""
+    pf = "backupaccess plugin + filter"
+    names = [n for n, _ in PATHS]
+    goals = {DIRECT: ("1M", "4M"), "nbdkit nbd plugin": ("256K",),
+             "nbd plugin + backupaccess filter": ("256K",)}
+    print("QEMU %s: plugin + filter against the path named, median of the "
+          "per-round ratios of the times (over 100%%: plugin + filter is "
+          "faster)" % q.label)
+    print()
+    print("| against | request size | connections | median | per round "
+          "| goal met |")
+    print("|---|---|---|---|---|---|")
+    for b, sizes in goals.items():
+        if pf not in names or b not in names:
+            continue
+        for size in REQUEST_SIZES:
+            for conns in CONNECTIONS:
+                ratios = [o[0] / p[0] for o, p in
+                          zip(res[(b, size, conns)], res[(pf, size, conns)])]
+                m = statistics.median(ratios)
+                met = ("-" if size not in sizes else
+                       "yes" if m >= 1 else "no")
+                print("| %s | %s | %d | %s | %s | %s |" % (
+                    b, size, conns, pct(m),
+                    " ".join(pct(x) for x in ratios), met))
+    print()
+
+
+def incremental(tmp):
     """An incremental backup of many small dirty regions, discard on."""
     rng = random.Random(11)
-    for _ in range(2000):
-        f.guest_write(rng.randrange(0, SIZE // 65536 - 2) * 65536,
-                      os.urandom(rng.choice((4096, 65536, 131072))))
-    f.snapshot(bitmap=True)
-    n = len(dirty_regions(f.snap_uri(), "frozen"))
-    f.release(success=False)            # keep the bitmap for the runs
-    rows = [("nbdkit nbd plugin + backupaccess filter",
-             ["--filter=" + FILTER, "nbd"]),
-            ("backupaccess plugin + filter", ["--filter=" + FILTER, PLUGIN])]
+    size = 1 << 30
+    rows = [("nbd plugin + backupaccess filter", FILTERED + ["nbd"]),
+            ("backupaccess plugin + filter", FILTERED + [PLUGIN])]
     res = {}
-    for _ in range(ROUNDS):
-        for name, args in rows:
-            for conns in (1, 4):
-                t = measure(f, tmp, args, conns, bitmap=True, extra=[
-                    "backupaccess-bitmap=frozen", "backupaccess-clean=zero"])
-                res.setdefault((name, conns), []).append(t)
-    print("Incremental: %d dirty regions, nbdcopy --destination-is-zero "
-          "semantics (clean regions read as zero), discard on" % n)
+    with Fleecing(size) as f:
+        # The bitmap starts empty: only these writes are dirty.
+        for _ in range(2000):
+            f.guest_write(rng.randrange(0, size // 65536 - 2) * 65536,
+                          os.urandom(rng.choice((4096, 65536, 131072))))
+        f.snapshot(bitmap=True)
+        n = len(dirty_regions(f.snap_uri(), "frozen"))
+        f.release(success=False)            # keep the bitmap for the runs
+        for _ in range(ROUNDS):
+            for name, args in rows:
+                for conns in (1, 4):
+                    f.snapshot(bitmap=True)
+                    try:
+                        with Nbdkit(tmp, args + [
+                                "socket=" + f.nbd_path, "export=snap",
+                                "backupaccess-bitmap=frozen",
+                                "backupaccess-clean=zero"], "incr") as nk:
+                            t, _ = copy(nk.uri(), conns, "256K")
+                    finally:
+                        f.release(success=False)
+                    res.setdefault((name, conns), []).append(t)
+    print("Incremental, QEMU %s: %d dirty regions of a 1 GiB qcow2 disk, "
+          "clean regions read as zero, discard on, median of %d rounds"
+          % (qemus.current().label, n, ROUNDS))
+    print()
     print("| path | 1 connection | 4 connections |")
     print("|---|---|---|")
     for name, _ in rows:
@@ -108,114 +233,97 @@ def incremental(f, tmp):
     print()
 
 
-def fleecing_peak(f, tmp, discard):
-    """Full backup while the guest writes 1 MiB at random offsets, paced
-    so that both runs see the same writes; returns the peak size."""
+def fleecing_peak(tmp, discard):
+    """Full backup while the guest writes 1 MiB at random offsets;
+    returns the fleecing image's peak and final size."""
     rng = random.Random(5)
-    f.snapshot(bitmap=False)
-    peak = f.fleece_size()
-    args = ["--filter=" + FILTER, "nbd", "socket=" + f.nbd_path,
-            "export=snap", "backupaccess-discard=%s" % discard]
-    try:
+    size = 256 * MiB
+    with Fleecing(size) as f:
+        f.guest_write(0, os.urandom(size))
+        f.snapshot(bitmap=False)
+        peak = f.fleece_size()
+        args = FILTERED + [PLUGIN, "socket=" + f.nbd_path, "export=snap",
+                           "backupaccess-discard=%s" % discard]
         with Nbdkit(tmp, args, "peak") as nk:
-            # rate filter-free pacing: copy with one connection and write
-            # a fixed number of times, spread over the copy.
             p = subprocess.Popen(["nbdcopy", "--connections=1",
                                   "--requests=1", nk.uri(), "null:"])
             for _ in range(64):
-                off = rng.randrange(0, SIZE - MiB)
-                f.guest_write(off, os.urandom(MiB))
+                f.guest_write(rng.randrange(0, size - MiB), os.urandom(MiB))
                 peak = max(peak, f.fleece_size())
                 if p.poll() is not None:
                     break
                 time.sleep(0.01)
             p.wait()
             peak = max(peak, f.fleece_size())
-            final = f.fleece_size()
-    finally:
-        f.release()
+        final = f.fleece_size()
     return peak, final
 
 
-WMEM = "/proc/sys/net/core/wmem_default"
+def version(cmd):
+    return subprocess.run(cmd + ["--version"], capture_output=True,
+                          text=True).stdout.split("\n")[0]
 
 
-def throughput_table(f, tmp, note):
-    """The main table: every path, 1 and 4 connections, CPU per GiB."""
-    times, cpu = {}, {}
-    for conns in (1, 4):
-        for _ in range(ROUNDS):
-            for name, args in PATHS:
-                c = {}
-                t = measure(f, tmp, args, conns, cpu=c)
-                times.setdefault((name, conns), []).append(t)
-                for k, v in c.items():
-                    cpu.setdefault((name, conns, k), []).append(v)
-    gib = SIZE / (1 << 30)
-
-    def cpu_per_gib(name, who):
-        return statistics.median(cpu[(name, 4, who)]) / gib
-
-    print("nbdcopy of a %d MiB snapshot-access export (qcow2, page cache "
-          "warm) to null:, median of %d interleaved rounds; CPU seconds per "
-          "GiB with 4 connections; %s" % (SIZE // MiB, ROUNDS, note))
-    print("| path | 1 connection | share of direct | 4 connections "
-          "| share of direct | CPU s/GiB: QEMU | nbdkit | nbdcopy "
-          "| CPU-bound ceiling |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    direct = PATHS[0][0]
-    direct_cpu = sum(cpu_per_gib(direct, w) for w in ("qemu", "client"))
-    for name, _ in PATHS:
-        row = "| %s |" % name
-        for conns in (1, 4):
-            t = statistics.median(times[(name, conns)])
-            d = statistics.median(times[(direct, conns)])
-            row += " %.3f s | %.0f%% |" % (t, 100 * d / t)
-        per = [cpu_per_gib(name, w) for w in ("qemu", "nbdkit", "client")]
-        row += " %.2f | %.2f | %.2f | %.0f%% |" % (
-            per[0], per[1], per[2], 100 * direct_cpu / sum(per))
-        print(row)
+def header():
+    with open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f
+                   if line.startswith("model name"))
+    with open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) >> 20
+    print("Measured with make bench on %s: %s, %d cores, %d GiB, kernel %s; "
+          "%s, %s; nbdcopy of a %d MiB raw disk (page cache warm) to null:, "
+          "a fresh qemu-storage-daemon for every copy, %d interleaved rounds"
+          % (time.strftime("%Y-%m-%d %H:%M"), cpu, os.cpu_count(), mem,
+             platform.release(), version(["nbdkit"]),
+             version(["nbdcopy"]).replace("nbdcopy", "libnbd"), SIZE // MiB,
+             ROUNDS))
     print()
 
 
-def with_socket_buffers(size, fn):
-    """Runs fn with new sockets' send buffers at size bytes (a sysctl of
-    the machine, so as root only), and puts the old value back."""
-    with open(WMEM) as fp:
-        old = fp.read().strip()
-    try:
-        with open(WMEM, "w") as fp:
-            fp.write(str(size))
-        fn()
-    finally:
-        with open(WMEM, "w") as fp:
-            fp.write(old)
+def measure_one_qemu(image):
+    """The throughput tables on qemus.current() (BACKUPACCESS_QEMU)."""
+    q = qemus.current()
+    with tempfile.TemporaryDirectory(prefix="backupaccess-bench.") as tmp:
+        res, loads = run_rounds(tmp, image)
+    tables(q, res, loads)
+    goal(q, res)
 
 
 def main():
-    with tempfile.TemporaryDirectory(prefix="backupaccess-bench.") as tmp, \
-         Fleecing(SIZE, tmpdir=os.path.join(tmp, "qemu")) as f:
-        f.guest_write(0, os.urandom(SIZE))
-        with open(WMEM) as fp:
-            wmem = int(fp.read())
-        throughput_table(f, tmp, "socket send buffers %d KiB (%s)"
-                         % (wmem // 1024, WMEM))
-        # A 256 KiB read does not fit in the default buffer: every hop
-        # then sleeps and wakes once more per request.
-        if os.geteuid() == 0 and wmem < MiB:
-            with_socket_buffers(MiB, lambda: throughput_table(
-                f, tmp, "socket send buffers 1024 KiB (sysctl "
-                "net.core.wmem_default=1048576 during this table only)"))
-        incremental(f, tmp)
+    if len(sys.argv) == 3 and sys.argv[1] == "--measure":
+        measure_one_qemu(sys.argv[2])
+        return
+    header()
+    with tempfile.TemporaryDirectory(prefix="backupaccess-bench.") as tmp:
+        image = os.path.join(tmp, "disk.raw")
+        with open(image, "wb") as f:
+            for _ in range(SIZE // (64 * MiB)):
+                f.write(os.urandom(64 * MiB))
+        # One process per QEMU build: qemus.current() is chosen once.
+        for q in qemus.available(pve=False):
+            if q.label not in QEMUS or q.storage_daemon is None:
+                continue
+            sys.stdout.flush()
+            subprocess.run([sys.executable, os.path.abspath(__file__),
+                            "--measure", image], check=True,
+                           env=dict(os.environ, BACKUPACCESS_QEMU=q.label))
+        for label, why in qemus.missing(pve=False):
+            print("QEMU %s not measured: %s" % (label, why))
+        if os.environ.get("BENCH_EXTRA", "1") == "0":
+            return
+        incremental(tmp)
+        print("Fleecing image during a full backup (256 MiB) while the guest "
+              "writes 64 x 1 MiB at random offsets, QEMU %s"
+              % qemus.current().label)
         print()
-        print("Fleecing image during a full backup while the guest writes "
-              "64 x 1 MiB at random offsets")
         print("| discard | peak | at the end |")
         print("|---|---|---|")
         for discard in ("true", "false"):
-            peak, final = fleecing_peak(f, tmp, discard)
+            peak, final = fleecing_peak(tmp, discard)
             print("| %s | %.1f MiB | %.1f MiB |" % (discard, peak / MiB,
                                                     final / MiB))
+        print()
 
 
-main()
+if __name__ == "__main__":
+    main()

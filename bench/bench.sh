@@ -7,8 +7,11 @@
 #     empty memory disk would otherwise be skipped as zeroes); the
 #     reads are cheap, which makes the filter's share look its largest.
 #  2. The filter's state for a 1 TiB disk in several read orders.
-#  3. bench-qemu.py: the QEMU path (direct, nbd plugin, nbd + filter)
-#     and the fleecing image's peak with discard on and off.
+#  3. bench-qemu.py: the QEMU path (direct, nbd plugin, nbd plugin +
+#     filter, our plugin, our plugin + filter) at 256K, 1M and 4M
+#     requests, on QEMU 7.2 and 10.0.2, a fresh QEMU for every copy; an
+#     incremental backup; the fleecing image's peak, discard on and off.
+#     BENCH_ROUNDS sets the rounds of both throughput parts.
 #  4. bench-scale.py: a 16 TiB export with 1,000,000 dirty extents:
 #     nbdkit start to first byte, and its resident memory.
 set -euo pipefail

@@ -1,16 +1,17 @@
 /* nbdkit-backupaccess-plugin: reads a QEMU snapshot-access export.
  *
  * Made for one job, unlike the general nbd plugin: a pool of upstream
- * connections shared by every client connection, each request served
- * synchronously on an idle one (libnbd reads straight into nbdkit's
- * buffer, no extra thread or wake-up per request).  The export is an
+ * connections shared by every client connection (lib/upstream.c).  A
+ * read runs in the nbdkit thread that got it: split into pieces of the
+ * size QEMU serves best, issued in parallel over idle connections and
+ * driven by that thread, with libnbd reading straight into nbdkit's
+ * buffer (no extra thread or hand-off per request).  The export is an
  * immutable snapshot, so multi-conn is advertised even though QEMU does
  * not advertise it on a writable export.  Trims are forwarded only when
  * aligned to the copy-before-write cluster (QEMU 7.x aborts on others).
  */
 #include <errno.h>
 #include <inttypes.h>
-#include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,22 +20,19 @@
 #include <nbdkit-plugin.h>
 #include <libnbd.h>
 
-#include "bitmap.h"
 #include "cluster.h"
+#include "upstream.h"
 
-/* QEMU serves at most 32 MiB per request. */
-#define MAX_REQUEST (32 * 1024 * 1024)
+#define MAX_REQUEST BA_UPSTREAM_MAX_REQUEST
 
 static char *socket_path, *export_name, *uri;
 static unsigned connections = 4;
 static int64_t cluster_size = BA_CLUSTER_DEFAULT;
+static uint32_t request_size = BA_UPSTREAM_PIECE_DEFAULT;
 
-/* The pool.  The lock is held only to take or give back a handle. */
-static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t idle_cond = PTHREAD_COND_INITIALIZER;
+/* The pool; handles[i] is connection i, for calls of the plugin's own. */
+static struct ba_upstream *upstream;
 static struct nbd_handle **handles;
-static bool *busy;
-static unsigned nr_handles;
 static int64_t size = -1;
 static bool can_trim_upstream, can_extents_upstream;
 /* QEMU's block size constraints (0: none given). */
@@ -45,16 +43,16 @@ static int64_t qemu_minimum, qemu_preferred, qemu_maximum;
   "export=NAME           Export name (with socket=).\n" \
   "uri=URI               Or an NBD URI instead of socket= and export=.\n" \
   "connections=N         Upstream connections in the pool (default 4).\n" \
+  "request-size=SIZE     Reads are sent to QEMU in pieces of at most\n" \
+  "                      SIZE, in parallel (default 256K).\n" \
   "cluster=SIZE          Copy-before-write cluster size: only trims\n" \
   "                      aligned to it are forwarded (default 64K)."
 
 static void
 backupaccess_unload (void)
 {
-  for (unsigned i = 0; i < nr_handles; i++)
-    nbd_close (handles[i]);
+  ba_upstream_close (upstream);
   free (handles);
-  free (busy);
   free (socket_path);
   free (export_name);
   free (uri);
@@ -81,10 +79,22 @@ backupaccess_config (const char *key, const char *value)
   if (strcmp (key, "connections") == 0) {
     if (nbdkit_parse_unsigned ("connections", value, &connections) == -1)
       return -1;
-    if (connections < 1 || connections > 64) {
-      nbdkit_error ("connections=%s: must be between 1 and 64", value);
+    if (connections < 1 || connections > BA_UPSTREAM_CONNECTIONS_MAX) {
+      nbdkit_error ("connections=%s: must be between 1 and %d", value,
+                    BA_UPSTREAM_CONNECTIONS_MAX);
       return -1;
     }
+    return 0;
+  }
+  if (strcmp (key, "request-size") == 0) {
+    int64_t r = nbdkit_parse_size (value);
+    if (r == -1)
+      return -1;
+    if (!ba_upstream_piece_valid (r)) {
+      nbdkit_error ("request-size=%s: must be " BA_UPSTREAM_PIECE_RULE, value);
+      return -1;
+    }
+    request_size = r;
     return 0;
   }
   if (strcmp (key, "cluster") == 0) {
@@ -123,73 +133,47 @@ static int
 backupaccess_after_fork (void)
 {
   char err[1024];
+  struct ba_upstream_params p = {
+    .uri = uri, .socket = socket_path, .export = export_name,
+    .meta_context = LIBNBD_CONTEXT_BASE_ALLOCATION,
+    .connections = connections, .piece = request_size,
+  };
 
+  upstream = ba_upstream_open (&p, err, sizeof err);
+  if (upstream == NULL) {
+    nbdkit_error ("%s", err);
+    return -1;
+  }
   handles = calloc (connections, sizeof (struct nbd_handle *));
-  busy = calloc (connections, sizeof *busy);
-  if (handles == NULL || busy == NULL) {
+  if (handles == NULL) {
     nbdkit_error ("calloc: %m");
     return -1;
   }
-  for (nr_handles = 0; nr_handles < connections; nr_handles++) {
-    struct nbd_handle *h = ba_nbd_connect (uri, socket_path, export_name,
-                                           LIBNBD_CONTEXT_BASE_ALLOCATION,
-                                           err, sizeof err);
-    if (h == NULL) {
-      nbdkit_error ("%s", err);
-      return -1;
-    }
-    /* Every read's result is checked and a failed one never reaches the
-     * client, so libnbd need not zero each buffer first.
-     */
-    if (nbd_set_pread_initialize (h, false) == -1) {
-      nbdkit_error ("%s", nbd_get_error ());
-      nbd_close (h);
-      return -1;
-    }
-    handles[nr_handles] = h;
-  }
-  size = nbd_get_size (handles[0]);
-  if (size == -1) {
-    nbdkit_error ("%s", nbd_get_error ());
-    return -1;
-  }
-  can_trim_upstream = nbd_can_trim (handles[0]) == 1;
-  can_extents_upstream =
-    nbd_can_meta_context (handles[0], LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
+  for (unsigned i = 0; i < connections; i++)
+    handles[i] = ba_upstream_handle (upstream, i);
+  size = ba_upstream_size (upstream);
+  can_trim_upstream = ba_upstream_can_trim (upstream);
+  can_extents_upstream = ba_upstream_can_meta_context (upstream);
   qemu_minimum = nbd_get_block_size (handles[0], LIBNBD_SIZE_MINIMUM);
   qemu_preferred = nbd_get_block_size (handles[0], LIBNBD_SIZE_PREFERRED);
   qemu_maximum = nbd_get_block_size (handles[0], LIBNBD_SIZE_MAXIMUM);
   nbdkit_debug ("backupaccess plugin: %u connections, size %" PRIi64
-                ", trim %d, extents %d", nr_handles, size,
-                can_trim_upstream, can_extents_upstream);
+                ", trim %d, extents %d, reads in pieces of %" PRIu32,
+                connections, size, can_trim_upstream, can_extents_upstream,
+                request_size);
   return 0;
 }
 
 static unsigned
 take_handle (void)
 {
-  unsigned i;
-
-  pthread_mutex_lock (&lock);
-  for (;;) {
-    for (i = 0; i < nr_handles; i++)
-      if (!busy[i])
-        goto found;
-    pthread_cond_wait (&idle_cond, &lock);
-  }
- found:
-  busy[i] = true;
-  pthread_mutex_unlock (&lock);
-  return i;
+  return ba_upstream_take (upstream);
 }
 
 static void
 give_back (unsigned i)
 {
-  pthread_mutex_lock (&lock);
-  busy[i] = false;
-  pthread_cond_signal (&idle_cond);
-  pthread_mutex_unlock (&lock);
+  ba_upstream_give_back (upstream, i);
 }
 
 static void *
@@ -270,26 +254,11 @@ static int
 upstream_error (struct nbd_handle *h, const char *what, uint64_t offset,
                 uint32_t count)
 {
-  int e = nbd_get_errno ();
+  char err[256];
 
-  /* libnbd's EINVAL also means "this handle is no longer connected". */
-  if (nbd_aio_is_dead (h) > 0 || nbd_aio_is_closed (h) > 0) {
-    nbdkit_error ("%s [%" PRIu64 ", +%" PRIu32 "): the connection to QEMU "
-                  "is lost: %s", what, offset, count, nbd_get_error ());
-    nbdkit_set_error (EIO);
-  }
-  else if (e == EINVAL) {
-    /* QEMU's EACCES from snapshot-access arrives as EINVAL. */
-    nbdkit_error ("%s [%" PRIu64 ", +%" PRIu32 "): QEMU refused it: the "
-                  "range is outside the dirty bitmap, already discarded, or "
-                  "the snapshot is broken", what, offset, count);
-    nbdkit_set_error (EPERM);
-  }
-  else {
-    nbdkit_error ("%s [%" PRIu64 ", +%" PRIu32 "): %s", what, offset,
-                  count, nbd_get_error ());
-    nbdkit_set_error (e == ENOTCONN || e == ESHUTDOWN || e == 0 ? EIO : e);
-  }
+  nbdkit_set_error (ba_upstream_error (h, nbd_get_errno (), what, offset,
+                                       count, err, sizeof err));
+  nbdkit_error ("%s", err);
   return -1;
 }
 
@@ -297,18 +266,15 @@ static int
 backupaccess_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
                     uint32_t flags)
 {
-  unsigned i = take_handle ();
-  int r = 0;
+  char err[256];
 
-  for (uint32_t done = 0; done < count && r == 0; ) {
-    uint32_t n = count - done < MAX_REQUEST ? count - done : MAX_REQUEST;
-    if (nbd_pread (handles[i], (char *) buf + done, n, offset + done,
-                   0) == -1)
-      r = upstream_error (handles[i], "read", offset + done, n);
-    done += n;
+  if (ba_upstream_pread (upstream, buf, count, offset, err, sizeof err)
+      == -1) {
+    nbdkit_set_error (errno);
+    nbdkit_error ("%s", err);
+    return -1;
   }
-  give_back (i);
-  return r;
+  return 0;
 }
 
 static int
@@ -326,8 +292,7 @@ static int
 backupaccess_trim (void *handle, uint32_t count, uint64_t offset,
                    uint32_t flags)
 {
-  unsigned i;
-  int r = 0;
+  char err[256];
 
   if (offset % cluster_size != 0 ||
       (count % cluster_size != 0 && offset + count != (uint64_t) size)) {
@@ -338,11 +303,12 @@ backupaccess_trim (void *handle, uint32_t count, uint64_t offset,
     nbdkit_set_error (EINVAL);
     return -1;
   }
-  i = take_handle ();
-  if (nbd_trim (handles[i], count, offset, 0) == -1)
-    r = upstream_error (handles[i], "trim", offset, count);
-  give_back (i);
-  return r;
+  if (ba_upstream_trim (upstream, count, offset, err, sizeof err) == -1) {
+    nbdkit_set_error (errno);
+    nbdkit_error ("%s", err);
+    return -1;
+  }
+  return 0;
 }
 
 struct extents_ctx {

@@ -115,6 +115,24 @@ expect_startup_failure 'backupaccess-cluster=65536 and the plugin'"'"'s cluster=
   --filter="$FILTER" "$TOP/nbdkit-backupaccess-plugin.so" socket="$tmp/no-such.sock" cluster=128K \
   backupaccess-cluster=64K
 
+# The plugin's own parameters (checked before it connects anywhere).
+bad_plugin_args () {
+  local msg=$1
+  shift
+  note "plugin $*"
+  expect_startup_failure "$msg" "$TOP/nbdkit-backupaccess-plugin.so" \
+    socket="$tmp/no-qemu.sock" export=x "$@"
+}
+bad_plugin_args 'request-size=3000: must be a power of two between 4K and 32M' \
+  request-size=3000
+bad_plugin_args 'request-size=2K: must be a power of two between 4K and 32M' \
+  request-size=2K
+bad_plugin_args 'request-size=64M: must be a power of two between 4K and 32M' \
+  request-size=64M
+bad_plugin_args 'connections=0: must be between 1 and 64' connections=0
+bad_plugin_args 'connections=65: must be between 1 and 64' connections=65
+bad_plugin_args "cannot connect to $tmp/no-qemu.sock" request-size=64K
+
 note "the same disk with a good map starts and serves"
 start_filter file "$tmp/disk.img" backupaccess-map="$tmp/good.map" \
   backupaccess-cluster=64K backupaccess-discard=false backupaccess-clean=zero

@@ -22,32 +22,12 @@ import time
 import nbd
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
-from harness import PLUGIN, Nbdkit, check, run
+from harness import PLUGIN, Nbdkit, check, run, within
 from qemu_fixture import Fleecing
 import qemus
 
 SIZE = (64 << 20) + 4096            # the last cluster is 4 KiB long
 rng = random.Random(3)
-
-
-def within(secs, what, fn):
-    """fn() in a thread of its own: a request stuck in nbdkit fails the
-    test after secs instead of hanging it."""
-    box = {}
-
-    def run():
-        try:
-            box["r"] = fn()
-        except BaseException as e:          # check() exits: pass it on
-            box["e"] = e
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(secs)
-    check(not t.is_alive(), "%s: no answer in %d s (a pool connection "
-          "never given back?)" % (what, secs))
-    if "e" in box:
-        raise box["e"]
-    return box.get("r")
 
 
 def expect_error(h, fn, errnum):

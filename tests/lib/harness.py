@@ -3,6 +3,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 
 TOP = os.environ.get("TOP") or os.path.dirname(os.path.dirname(
@@ -114,6 +115,26 @@ def check(cond, msg):
     if not cond:
         print("FAIL:", msg, file=sys.stderr)
         sys.exit(1)
+
+
+def within(secs, what, fn):
+    """fn() in a thread of its own: a request stuck in nbdkit fails the
+    test after secs instead of hanging it."""
+    box = {}
+
+    def run():
+        try:
+            box["r"] = fn()
+        except BaseException as e:          # check() exits: pass it on
+            box["e"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(secs)
+    check(not t.is_alive(), "%s: no answer in %d s (a pool connection "
+          "never given back?)" % (what, secs))
+    if "e" in box:
+        raise box["e"]
+    return box.get("r")
 
 
 def requests_in_log(path, kind):

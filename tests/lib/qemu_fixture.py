@@ -161,8 +161,12 @@ class Fleecing(Started):
     """
 
     def __init__(self, size, fleece_cluster=65536, tmpdir=None,
-                 granularity=None):
+                 granularity=None, image=None):
+        """image: an existing raw image of size bytes to use as the disk
+        (kept; its dirty bitmap is then not persistent) instead of a new
+        qcow2 one."""
         self.size = size
+        self.image = image
         self.fleece_cluster = fleece_cluster
         self.granularity = granularity
         self.own_tmp = tmpdir is None
@@ -179,17 +183,21 @@ class Fleecing(Started):
     # --- life cycle -----------------------------------------------------
 
     def start(self):
-        subprocess.run([qemus.current().img, "create", "-q", "-f", "qcow2",
-                        self.disk, str(self.size)], check=True)
+        if self.image is None:
+            subprocess.run([qemus.current().img, "create", "-q", "-f",
+                            "qcow2", self.disk, str(self.size)], check=True)
+            disk = {"driver": "qcow2", "discard": "unmap",
+                    "file": {"driver": "file", "filename": self.disk}}
+        else:
+            disk = {"driver": "raw",
+                    "file": {"driver": "file", "filename": self.image}}
         self.log = open(os.path.join(self.tmp, "qsd.log"), "w")
         self.proc = start_qsd([self.qmp_path], self.log)
         self.qmp = QMP(self.qmp_path)
         check_build(self.qmp)
-        self.qmp.cmd("blockdev-add", **{
-            "driver": "qcow2", "node-name": "disk", "discard": "unmap",
-            "file": {"driver": "file", "filename": self.disk}})
+        self.qmp.cmd("blockdev-add", **disk, **{"node-name": "disk"})
         self.qmp.cmd("block-dirty-bitmap-add", node="disk", name="live",
-                     persistent=True, **self._granularity())
+                     persistent=self.image is None, **self._granularity())
         self.qmp.cmd("nbd-server-start",
                      addr={"type": "unix", "data": {"path": self.nbd_path}})
         # Before the snapshot the guest writes to the disk node itself.
