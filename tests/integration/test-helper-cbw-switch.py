@@ -113,7 +113,8 @@ class Vm:
             "nodes": sorted(n["node-name"] for n in nodes),
             "bitmaps": sorted((n["node-name"], b["name"], b["count"],
                                b["recording"]) for n in nodes
-                              for b in n.get("dirty-bitmaps", [])),
+                              for b in n.get("dirty-bitmaps", [])
+                              if "name" in b),
             "jobs": self.qmp.cmd("query-jobs"),
             "exports": self.qmp.cmd("query-block-exports"),
             "roots": self.roots(),
