@@ -42,7 +42,8 @@ struct backend {
   void (*explain_qemu_gone) (const struct helper_state *st);
 
   /* Its copy-before-write copies clean clusters too: the filter is to
-   * discard them at start-up (backupaccess-discard-clean).
+   * discard them at start-up (backupaccess-discard-clean), except for a
+   * device whose state says cbw-bitmap.
    */
   bool discard_clean;
 };

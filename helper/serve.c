@@ -136,7 +136,7 @@ nbdkit_cmd_init (struct nbdkit_cmd *c, const struct serving *sv,
   if (d->bitmap_name) {
     c->argv[a++] = keep (c, xasprintf ("backupaccess-bitmap=%s",
                                        d->bitmap_name));
-    if (sv->be && sv->be->discard_clean)
+    if (sv->be && sv->be->discard_clean && !d->cbw_bitmap)
       c->argv[a++] = "backupaccess-discard-clean=true";
   }
   if (so->bandwidth > 0)

@@ -55,6 +55,8 @@ static const struct field device_fields[] = {
   DEV ("fleece-file", TEXT, fleece_file, 0, false),
   DEV ("fleece-node", TEXT, fleece_node, 0, false),
   DEV ("cbw-node", TEXT, cbw_node, 0, false),
+  DEV ("qdev", TEXT, qdev, 0, false),
+  DEV ("cbw-bitmap", FLAG, cbw_bitmap, 0, false),
   DEV ("job", TEXT, job, 0, false),
   DEV ("live-bitmap", TEXT, live_bitmap, 0, false),
   DEV ("frozen-bitmap", TEXT, frozen_bitmap, 0, false),
@@ -82,6 +84,7 @@ static const struct field state_fields[] = {
   TOP ("nbd-path", TEXT, nbd_path),
   TOP ("nbd-server-started", FLAG, nbd_server_started),
   TOP ("proxmox-setup", FLAG, proxmox_setup),
+  TOP ("vm-paused", FLAG, vm_paused),
 };
 
 #define NFIELDS(t) (sizeof (t) / sizeof (t)[0])

@@ -29,6 +29,8 @@ struct device_state {
   char *fleece_file;            /* "fleece-file": image we created */
   char *fleece_node;            /* "fleece-node" */
   char *cbw_node;               /* "cbw-node": copy-before-write filter */
+  char *qdev;                   /* "qdev": the guest device switched to it */
+  bool cbw_bitmap;              /* "cbw-bitmap": it has the frozen one */
   char *job;                    /* "job": the backup job */
   char *live_bitmap;            /* "live-bitmap": --bitmap */
   char *frozen_bitmap;          /* "frozen-bitmap": its frozen copy */
@@ -62,6 +64,7 @@ struct helper_state {
   char *nbd_path;               /* "nbd-path": QEMU's NBD server */
   bool nbd_server_started;      /* "nbd-server-started" */
   bool proxmox_setup;           /* "proxmox-setup" */
+  bool vm_paused;               /* "vm-paused": by setup, not resumed yet */
   struct device_state *devices; /* "devices" */
   size_t ndevices;
 };

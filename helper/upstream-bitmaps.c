@@ -21,9 +21,10 @@
 /* The bitmaps of a source node that matter to a new backup: the live
  * one, and what unfinished backups left behind.  Those are ours
  * ("ba-TAG-N-frozen": the changes frozen for a backup; "ba-TAG-N-full":
- * the live bitmap was made by a full backup) and belong to no running
- * backup job "ba-TAG-N": QEMU stopped during that backup, saved them,
- * and was started again.
+ * the live bitmap was made by a full backup) and belong to no backup
+ * in progress (a backup job "ba-TAG-N", or a copy-before-write node
+ * "ba-TAG-N-cbw"): QEMU stopped during that backup, saved them, and
+ * was started again.
  */
 struct bitmaps_seen {
   bool live, live_inconsistent, live_recording, live_persistent;
@@ -40,16 +41,38 @@ has_suffix (const char *s, const char *suffix)
   return n >= m && strcmp (s + n - m, suffix) == 0;
 }
 
+/* Whether the backup "ba-TAG-N" (the first len bytes of name) is in
+ * progress: its job runs, or its copy-before-write node is there.
+ */
+static bool
+in_progress (const char *name, size_t len, json_object *jobs,
+             json_object *nodes)
+{
+  char *cbw = xasprintf ("%.*s-cbw", (int) len, name);
+  bool r = find_node (nodes, cbw) != NULL;
+
+  free (cbw);
+  for (size_t k = 0; k < alen (jobs); k++) {
+    const char *job = get_str (json_object_array_get_idx (jobs, k),
+                               "device");
+    if (job && strlen (job) == len && strncmp (job, name, len) == 0)
+      r = true;
+  }
+  return r;
+}
+
 static void
 scan_bitmaps (json_object *node, const char *live, struct bitmaps_seen *b)
 {
   json_object *dirty, *jobs = qmp_run (false, "query-block-jobs", NULL);
+  json_object *nodes = named_nodes ();
   size_t n = 0;
 
   memset (b, 0, sizeof *b);
   if (node == NULL || !json_object_object_get_ex (node, "dirty-bitmaps",
                                                   &dirty)) {
     json_object_put (jobs);
+    json_object_put (nodes);
     return;
   }
   n = json_object_array_length (dirty);
@@ -60,7 +83,7 @@ scan_bitmaps (json_object *node, const char *live, struct bitmaps_seen *b)
   for (size_t j = 0; j < n; j++) {
     json_object *bm = json_object_array_get_idx (dirty, j);
     const char *name = get_str (bm, "name");
-    bool frozen, running = false;
+    bool frozen, running;
     size_t len;
 
     if (name == NULL)
@@ -77,12 +100,7 @@ scan_bitmaps (json_object *node, const char *live, struct bitmaps_seen *b)
         !(frozen || has_suffix (name, "-full")) || get_bool (bm, "busy"))
       continue;
     len = strlen (name) - strlen (frozen ? "-frozen" : "-full");
-    for (size_t k = 0; k < json_object_array_length (jobs); k++) {
-      const char *job = get_str (json_object_array_get_idx (jobs, k),
-                                 "device");
-      if (job && strlen (job) == len && strncmp (job, name, len) == 0)
-        running = true;
-    }
+    running = in_progress (name, len, jobs, nodes);
     if (running)
       continue;
     if (get_bool (bm, "inconsistent"))
@@ -93,6 +111,7 @@ scan_bitmaps (json_object *node, const char *live, struct bitmaps_seen *b)
     b->left[b->nleft++] = strdup (name);
   }
   json_object_put (jobs);
+  json_object_put (nodes);
 }
 
 static void
@@ -175,7 +194,8 @@ start_full (struct helper_state *st, struct device_state *d,
 }
 
 /* Freeze: a disabled copy holds the changes up to now, the live bitmap
- * restarts; atomic with the copy-before-write insertion.  The copy is
+ * restarts; at the instant copy-before-write begins (in one transaction
+ * with the backup job, or with the VM paused).  The copy is
  * persistent like the live bitmap, so that a QEMU that shuts down
  * during the backup saves it; what such unfinished backups left is
  * merged in here.

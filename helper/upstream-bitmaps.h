@@ -14,12 +14,12 @@
 #include "state.h"
 
 /* Before device d's backup (node: its source node's entry from
- * named_nodes; job: the backup job's name, "ba-TAG-N", which the
- * bitmaps made for it are named after): returns "new" for a full backup
- * (the live bitmap made now), or "reuse" for an incremental one, with
- * the actions that freeze its changes into *frozen added to actions,
- * for the transaction that inserts copy-before-write.  What it makes is
- * recorded in st first.
+ * named_nodes; job: the backup's name, "ba-TAG-N", which the bitmaps
+ * made for it are named after): returns "new" for a full backup (the
+ * live bitmap made now), or "reuse" for an incremental one, with the
+ * actions that freeze its changes into *frozen added to actions, for
+ * the transaction at the instant copy-before-write begins.  What it
+ * makes is recorded in st first.
  */
 const char *bitmaps_prepare (struct helper_state *st,
                              struct device_state *d, const char *live,

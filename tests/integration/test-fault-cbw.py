@@ -9,7 +9,8 @@ qemu-storage-daemon), in both of QEMU 7.2's ways of failing:
   fails loudly: the client's next read gets EIO and nbdkit's log says the
   snapshot is broken (filter over the backupaccess plugin);
 - on-cbw-error=break-guest-write (what blockdev-backup gives the helper's
-  upstream back end, QEMU's default), the fleecing image on a full
+  upstream back end for a node without a guest device, such as this
+  daemon's; QEMU's default), the fleecing image on a full
   filesystem (a 1 MiB tmpfs): the guest's writes fail (ENOSPC) instead,
   the disk is unchanged, and the backup reads the snapshot correctly.
 

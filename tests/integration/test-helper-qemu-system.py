@@ -162,8 +162,8 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
         base = sum(s["fleecing-size"] for s in
                    helper("status", "--run-dir", rd)["devices"])
         # The guest writes 1 MiB into a clean area of each disk: nothing
-        # of it is copied (nbdkit discarded the clean clusters when it
-        # started: upstream copy-before-write has no bitmap).
+        # of it is copied (the helper's copy-before-write node has the
+        # frozen bitmap: it copies only dirty clusters).
         for m in mounts:
             pos = 0
             for off, n in m["dirty-regions"] + [[SIZE, 0]]:

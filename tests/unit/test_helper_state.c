@@ -342,7 +342,7 @@ test_round_trip (void **unused)
 
   for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
     state_set (strings[i], "top");
-  st->nbd_server_started = st->proxmox_setup = true;
+  st->nbd_server_started = st->proxmox_setup = st->vm_paused = true;
   for (int n = 0; n < 3; n++) {
     char name[16];
     d = state_add_device (st);
@@ -355,7 +355,7 @@ test_round_trip (void **unused)
         &d->frozen_bitmap, &d->created_bitmap, &d->marker_bitmap,
         &d->nbd_path, &d->pidfile, &d->socket, &d->tls_psk,
         &d->status_file, &d->nbdkit_log, &d->uri, &d->mount,
-        &d->mount_pidfile, &d->file,
+        &d->mount_pidfile, &d->file, &d->qdev,
       };
       for (size_t i = 0; i < sizeof s / sizeof s[0]; i++) {
         char v[32];
@@ -367,6 +367,7 @@ test_round_trip (void **unused)
     d->cluster_size = 2000 + n;
     d->nbdkit_pid = 3000 + n;
     d->exported = n % 2;
+    d->cbw_bitmap = n % 2 == 0;
   }
   state_save (st);
   back = state_load ();
@@ -376,7 +377,8 @@ test_round_trip (void **unused)
   assert_string_equal (back->target_id, "top");
   assert_string_equal (back->tag, "top");
   assert_string_equal (back->nbd_path, "top");
-  assert_true (back->nbd_server_started && back->proxmox_setup);
+  assert_true (back->nbd_server_started && back->proxmox_setup &&
+               back->vm_paused);
   assert_int_equal (back->ndevices, 3);
   for (size_t n = 0; n < 3; n++) {
     const struct device_state *a = &st->devices[n], *b = &back->devices[n];
@@ -387,12 +389,13 @@ test_round_trip (void **unused)
     SAME (live_bitmap); SAME (frozen_bitmap); SAME (created_bitmap);
     SAME (marker_bitmap); SAME (nbd_path); SAME (pidfile); SAME (socket);
     SAME (tls_psk); SAME (status_file); SAME (nbdkit_log); SAME (uri);
-    SAME (mount); SAME (mount_pidfile); SAME (file);
+    SAME (mount); SAME (mount_pidfile); SAME (file); SAME (qdev);
 #undef SAME
     assert_int_equal (a->size, b->size);
     assert_int_equal (a->cluster_size, b->cluster_size);
     assert_int_equal (a->nbdkit_pid, b->nbdkit_pid);
     assert_int_equal (a->exported, b->exported);
+    assert_int_equal (a->cbw_bitmap, b->cbw_bitmap);
   }
   state_free (st);
   state_free (back);
