@@ -35,6 +35,10 @@ json_object *qmp_run (bool ok_errors, const char *cmd, json_object *args);
 /* The same, NULL without a word if QEMU refuses. */
 json_object *qmp_try (const char *cmd, json_object *args);
 
+/* The same, with QEMU's refusal in err. */
+json_object *qmp_call (const char *cmd, json_object *args, char *err,
+                       size_t errlen);
+
 /* qmp_run for a command that returns a list; anything else dies. */
 json_object *qmp_list (const char *cmd, json_object *args);
 
