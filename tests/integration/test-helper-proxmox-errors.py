@@ -95,7 +95,7 @@ def bad_input(vm, tmp, rd):
                                    "file": {"driver": "file",
                                             "filename": small}})
     vm.mark()
-    refused(vm, rd, dev_args(DEVS[0], "f-scsi0"),
+    refused(vm, rd, dev_args(DEVS[0], "f-scsi0") + ["--bitmap", TARGET],
             "drive-scsi0 and f-scsi0 are the same node f-scsi0")
     vm.qmp.cmd("blockdev-del", **{"node-name": "f-scsi0-fleecing"})
 
