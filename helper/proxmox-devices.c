@@ -113,7 +113,8 @@ check_bitmaps (json_object *node, const struct pve_device *d,
 {
   json_object *b = bitmap (node, target);
 
-  if (bitmap (node, PVE_BACKGROUND_BITMAP)) {
+  /* QEMU makes one with a bitmap (new, use), after the devices before. */
+  if (strcmp (mode, "none") != 0 && bitmap (node, PVE_BACKGROUND_BITMAP)) {
     snprintf (err, errlen, "device %s: node %s has a bitmap '%s' already "
               "(another backup access, or one that failed half-way): QEMU "
               "would fail half-way", d->name, d->node, PVE_BACKGROUND_BITMAP);

@@ -104,7 +104,7 @@ def bad_input(vm, tmp, rd):
     vm.qmp.cmd("block-dirty-bitmap-add", node=node,
                name="backup-access-background-bitmap")
     vm.mark()
-    refused(vm, rd, dev_args(*DEVS), "has a bitmap "
+    refused(vm, rd, dev_args(*DEVS) + ["--bitmap", TARGET], "has a bitmap "
             "'backup-access-background-bitmap' already")
     vm.qmp.cmd("block-dirty-bitmap-remove", node=node,
                name="backup-access-background-bitmap")

@@ -198,12 +198,17 @@ test_bitmaps (void **state)
 {
   const char *on = BITMAP ("backup", "true", "false", "false");
 
-  expect_error (throttle_blocks,
-                with (throttle_nodes, on,
-                      BITMAP ("backup-access-background-bitmap", "true",
-                              "false", "false")),
-                "none", NAMES ("drive-scsi0"), "has a bitmap "
+  const char *background = BITMAP ("backup-access-background-bitmap",
+                                   "true", "false", "false");
+  struct pve_device d[1] = { 0 };
+
+  expect_error (throttle_blocks, with (throttle_nodes, on, background),
+                "new", NAMES ("drive-scsi0"), "has a bitmap "
                 "'backup-access-background-bitmap' already");
+  /* Without a bitmap QEMU makes none. */
+  assert_int_equal (find (throttle_blocks,
+                          with (throttle_nodes, on, background), "none", d,
+                          NAMES ("drive-scsi0")), 0);
   for (const char *const *m = (const char *const[]) { "none", "new", "use",
                                                       NULL }; *m; m++)
     expect_error (throttle_blocks,
@@ -219,14 +224,10 @@ test_bitmaps (void **state)
                       BITMAP ("backup", "true", "false", "true")),
                 "use", NAMES ("drive-scsi0"), "is inconsistent");
   /* A full backup does not need it. */
-  {
-    struct pve_device d[1] = { 0 };
-    assert_int_equal (find (throttle_blocks,
-                            with (throttle_nodes, on,
-                                  BITMAP ("backup", "false", "false",
-                                          "true")),
-                            "new", d, NAMES ("drive-scsi0")), 0);
-  }
+  assert_int_equal (find (throttle_blocks,
+                          with (throttle_nodes, on,
+                                BITMAP ("backup", "false", "false", "true")),
+                          "new", d, NAMES ("drive-scsi0")), 0);
 }
 
 /* Answers of the wrong shapes: an error or nothing, never an abort. */
