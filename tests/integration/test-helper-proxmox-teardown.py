@@ -8,9 +8,10 @@ gone first on every path, and whatever happens the helper's cleanup
 leaves nothing in QEMU (nodes, exports, bitmaps but the backup's own),
 QEMU lives on, quits with status 0, and the next backup holds every
 change.  Paths: a client still connected straight to QEMU's export; an
-export of the backup's node that someone else added (and one of the
-disk with the backup's bitmap on another NBD server: the helper refuses
-to end the backup access until it is gone); teardown from
+export of the backup's node that someone else added, on the helper's NBD
+server or on another one (and of the disk with the backup's bitmap on
+another one: the helper refuses to end the backup access until it is
+gone); teardown from
 another process while run's command runs, and while run is still setting
 up; the helper killed (SIGKILL) in the middle of run, and at any moment
 of setup; nbdkit killed during run; SIGTERM to run.  And a QEMU that
@@ -144,11 +145,13 @@ def exports_in_the_way(e):
                  bitmaps=[{"node": d["bitmap-node"],
                            "name": d["bitmap-name"]}])
     e.teardown("another export of the backup's node")
-    # Another NBD server (not the helper's to stop) exports the disk with
-    # the backup's bitmap, while the helper's nbd-server-start fails
-    # (its answer comes late: the stand-in): the roll-back refuses to end
-    # the backup access, QEMU lives on, and once that export is gone
-    # teardown cleans up.
+    # Another NBD server, not the helper's to stop, while the helper's
+    # nbd-server-start fails (its answer comes late: the stand-in), and
+    # meanwhile another program exports the backup's node of one disk and
+    # the other disk itself, each with the backup's bitmap: the roll-back
+    # removes the first export (of a node of the backup's), refuses to
+    # end the backup access while the second keeps a bitmap busy (QEMU
+    # would abort), and once that is gone teardown cleans up.
     other = os.path.join(e.tmp, "other-nbd.sock")
     e.vm.qmp.cmd("nbd-server-start", addr={"type": "unix",
                                            "data": {"path": other}})
@@ -160,17 +163,23 @@ def exports_in_the_way(e):
                              stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
         proxy.wait_held()
-        d = e.state()["devices"][0]
-        e.vm.qmp.cmd("block-export-add", type="nbd", id="other",
-                     **{"node-name": d["bitmap-node"]},
-                     bitmaps=[d["bitmap-name"]])
+        d0, d1 = e.state()["devices"]
+        e.vm.qmp.cmd("block-export-add", type="nbd", id="node",
+                     **{"node-name": d0["node"]},
+                     bitmaps=[{"node": d0["bitmap-node"],
+                               "name": d0["bitmap-name"]}])
+        e.vm.qmp.cmd("block-export-add", type="nbd", id="disk",
+                     **{"node-name": d1["bitmap-node"]},
+                     bitmaps=[d1["bitmap-name"]])
         err = p.communicate(timeout=60)[1]
         check(p.returncode == 1 and "QMP nbd-server-start" in err and
-              "bitmap 'backup' on node drive-scsi0 is still in use" in err
+              "bitmap 'backup' on node drive-virtio1 is still in use" in err
               and e.vm.alive() and os.path.exists(e.rd), err)
-        e.vm.qmp.cmd("block-export-del", id="other")
+        check([x["id"] for x in e.vm.exports()] == ["disk"],
+              "exports: %s" % e.vm.exports())
+        e.vm.qmp.cmd("block-export-del", id="disk")
         e.vm.qmp.cmd("nbd-server-stop")
-        e.teardown("the disk exported by another")
+        e.teardown("the backup's nodes exported by another")
     e.next_backup_complete("exports in the way")
 
 

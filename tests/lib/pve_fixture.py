@@ -180,21 +180,27 @@ class _Client:
                 self.gone.set()
 
     def _read_client(self):
-        for line in self.conn.makefile("rb"):
-            self.commands.put(line)
+        try:
+            for line in self.conn.makefile("rb"):
+                self.commands.put(line)
+        except OSError:
+            pass
         self.gone.set()
         self.commands.put(None)
 
     def _read_qemu(self, up):
-        for line in up.makefile("rb"):
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                msg = {}
-            if "event" in msg:
-                self.send(line)
-            else:
-                self.answers.put(line)
+        try:
+            for line in up.makefile("rb"):
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    msg = {}
+                if "event" in msg:
+                    self.send(line)
+                else:
+                    self.answers.put(line)
+        except OSError:                 # QEMU went away
+            pass
         self.answers.put(None)
 
     def _wait_free(self):
