@@ -241,8 +241,10 @@ test_shapes (void **state)
                       "]", "\"children\":{\"file\":\"f-scsi0\"}"),
                 "use", NAMES ("drive-scsi0"), "not found");
   assert_int_equal (find (blockdev_blocks,
-                          with (blockdev_nodes, "\"dirty-bitmaps\":[]}",
-                                "\"dirty-bitmaps\":{\"name\":\"x\"}}"),
+                          with (blockdev_nodes, FILE_OF ("file-scsi0")
+                                "],\"dirty-bitmaps\":[]}",
+                                FILE_OF ("file-scsi0") "],\"dirty-bitmaps\""
+                                ":{\"name\":\"x\"}}"),
                           "use", d, NAMES ("drive-scsi0")), 0);
   expect_error ("{\"device\":\"drive-scsi0\"}", "{}", "use",
                 NAMES ("drive-scsi0"), "not found");
