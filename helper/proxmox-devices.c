@@ -42,18 +42,21 @@ backend_root (json_object *blocks, const char *name, bool *no_medium)
   return NULL;
 }
 
-/* The child of a node (query-named-block-nodes "children") in a role. */
-static const char *
-child (json_object *node, const char *role)
+/* The entry of a node's list (query-named-block-nodes "children",
+ * "dirty-bitmaps") whose key is value, or NULL.
+ */
+static json_object *
+entry (json_object *node, const char *list, const char *key,
+       const char *value)
 {
-  json_object *children;
+  json_object *l;
 
-  if (!json_object_object_get_ex (node, "children", &children))
+  if (!json_object_object_get_ex (node, list, &l))
     return NULL;
-  for (size_t i = 0; i < alen (children); i++) {
-    json_object *c = json_object_array_get_idx (children, i);
-    if (same (get_str (c, "child"), role))
-      return get_str (c, "node-name");
+  for (size_t i = 0; i < alen (l); i++) {
+    json_object *e = json_object_array_get_idx (l, i);
+    if (same (get_str (e, key), value))
+      return e;
   }
   return NULL;
 }
@@ -79,29 +82,14 @@ lookup (json_object *blocks, json_object *nodes, const char *name,
   else {
     node = find_node (nodes, name);
     if (node && through_throttle && same (get_str (node, "drv"), "throttle"))
-      node = find_node (nodes, child (node, "file") ?: "");
+      node = find_node (nodes, get_str (entry (node, "children", "child",
+                                               "file"), "node-name") ?: "");
   }
   if (node == NULL)
     snprintf (err, errlen, "'%s' not found: no drive (BlockBackend) or "
               "block node of that name in this QEMU (a device id such as "
               "'scsi0' is neither)", name);
   return node;
-}
-
-/* A dirty bitmap of a node, or NULL. */
-static json_object *
-bitmap (json_object *node, const char *name)
-{
-  json_object *list;
-
-  if (!json_object_object_get_ex (node, "dirty-bitmaps", &list))
-    return NULL;
-  for (size_t i = 0; i < alen (list); i++) {
-    json_object *b = json_object_array_get_idx (list, i);
-    if (same (get_str (b, "name"), name))
-      return b;
-  }
-  return NULL;
 }
 
 /* The bitmaps of d's node that would make QEMU fail half-way or abort,
@@ -111,10 +99,11 @@ static int
 check_bitmaps (json_object *node, const struct pve_device *d,
                const char *target, const char *mode, char *err, size_t errlen)
 {
-  json_object *b = bitmap (node, target);
+  json_object *b = entry (node, "dirty-bitmaps", "name", target);
 
   /* QEMU makes one with a bitmap (new, use), after the devices before. */
-  if (strcmp (mode, "none") != 0 && bitmap (node, PVE_BACKGROUND_BITMAP)) {
+  if (strcmp (mode, "none") != 0 &&
+      entry (node, "dirty-bitmaps", "name", PVE_BACKGROUND_BITMAP)) {
     snprintf (err, errlen, "device %s: node %s has a bitmap '%s' already "
               "(another backup access, or one that failed half-way): QEMU "
               "would fail half-way", d->name, d->node, PVE_BACKGROUND_BITMAP);

@@ -29,7 +29,9 @@
   "{\"name\":\"" name "\",\"recording\":" recording ",\"busy\":" busy   \
   ",\"inconsistent\":" inconsistent ",\"granularity\":4194304}"
 
-/* VE 9: -blockdev, fleecing added by blockdev-add. */
+/* VE 9: -blockdev, fleecing added by blockdev-add; the device's
+ * BlockBackend has no name.
+ */
 static const char blockdev_blocks[] =
   "[{\"device\":\"\",\"qdev\":\"/machine/peripheral/scsi0/virtio-backend\","
   "\"inserted\":{\"node-name\":\"drive-scsi0\"}}]";
@@ -42,9 +44,7 @@ static const char blockdev_nodes[] = "["
   NODE ("file-scsi0", "file", "false", "197120", "", "") "]";
 
 /* VE 9 with a throttle group: the throttle node on top. */
-static const char throttle_blocks[] =
-  "[{\"device\":\"\",\"qdev\":\"/machine/peripheral/scsi0/virtio-backend\","
-  "\"inserted\":{\"node-name\":\"drive-scsi0\"}}]";
+#define throttle_blocks blockdev_blocks
 static const char throttle_nodes[] = "["
   NODE ("drive-scsi0-fleecing", "qcow2", "false", "8388608",
         FILE_OF ("#block020"), "") ","
