@@ -239,20 +239,13 @@ check_bitmaps_free (const struct helper_state *st)
 
   for (size_t i = 0; i < st->ndevices; i++) {
     const struct device_state *d = &st->devices[i];
-    json_object *n, *bms;
-    if (!d->bitmap_node || !d->bitmap_name ||
-        (n = find_node (nodes, d->bitmap_node)) == NULL ||
-        !json_object_object_get_ex (n, "dirty-bitmaps", &bms))
-      continue;
-    for (size_t j = 0; j < alen (bms); j++) {
-      json_object *b = json_object_array_get_idx (bms, j);
-      if (strcmp (get_str (b, "name") ?: "", d->bitmap_name) == 0 &&
-          get_bool (b, "busy"))
-        die ("device %s: bitmap '%s' on node %s is still in use (exported "
-             "by someone else?): not ending the backup access, QEMU would "
-             "abort; remove that export and run teardown again",
-             d->device, d->bitmap_name, d->bitmap_node);
-    }
+    if (d->bitmap_node && d->bitmap_name &&
+        get_bool (find_bitmap (nodes, d->bitmap_node, d->bitmap_name),
+                  "busy"))
+      die ("device %s: bitmap '%s' on node %s is still in use (exported "
+           "by someone else?): not ending the backup access, QEMU would "
+           "abort; remove that export and run teardown again",
+           d->device, d->bitmap_name, d->bitmap_node);
   }
   json_object_put (nodes);
 }

@@ -86,9 +86,9 @@ ours (const struct helper_state *st, json_object *export)
 
 /* An exported bitmap is busy: ending the backup access then aborts
  * QEMU (Proxmox), merging it back fails.  So this comes before anything
- * else in QEMU is undone, and removes every export of our nodes, its
- * clients cut off ("hard": a client still connected, or a recorded
- * export that a killed helper had not yet noted as gone).
+ * else in QEMU is undone, and removes every export of our nodes with
+ * mode "hard": QEMU refuses to remove one with a client still connected
+ * otherwise.  Stopping our NBD server removes whatever else it serves.
  */
 void
 stop_exports (struct helper_state *st)

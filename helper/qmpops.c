@@ -163,18 +163,25 @@ find_node (json_object *nodes, const char *name)
   return NULL;
 }
 
-/* Whether a node (from query-named-block-nodes) has this bitmap. */
-bool
-node_has_bitmap (json_object *nodes, const char *node, const char *bitmap)
+/* A dirty bitmap of a node (from query-named-block-nodes), or NULL. */
+json_object *
+find_bitmap (json_object *nodes, const char *node, const char *bitmap)
 {
   json_object *n = find_node (nodes, node), *bm;
 
   if (n && json_object_object_get_ex (n, "dirty-bitmaps", &bm))
-    for (size_t j = 0; j < alen (bm); j++)
-      if (strcmp (get_str (json_object_array_get_idx (bm, j), "name") ?: "",
-                  bitmap) == 0)
-        return true;
-  return false;
+    for (size_t j = 0; j < alen (bm); j++) {
+      json_object *b = json_object_array_get_idx (bm, j);
+      if (strcmp (get_str (b, "name") ?: "", bitmap) == 0)
+        return b;
+    }
+  return NULL;
+}
+
+bool
+node_has_bitmap (json_object *nodes, const char *node, const char *bitmap)
+{
+  return find_bitmap (nodes, node, bitmap) != NULL;
 }
 
 json_object *

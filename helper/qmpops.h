@@ -53,6 +53,9 @@ json_object *obj (const char *key, ...);
 json_object *named_nodes (void);
 /* The node of that name in named_nodes' list, or NULL. */
 json_object *find_node (json_object *nodes, const char *name);
+/* A dirty bitmap of a node of named_nodes' list, or NULL. */
+json_object *find_bitmap (json_object *nodes, const char *node,
+                          const char *bitmap);
 /* Whether a node of named_nodes' list has that dirty bitmap. */
 bool node_has_bitmap (json_object *nodes, const char *node,
                       const char *bitmap);
