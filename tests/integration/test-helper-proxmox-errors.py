@@ -160,16 +160,22 @@ def half_way(vm, tmp, rd):
     with FaultProxy(vm.qmp_path, sock) as proxy:
         # The checks' last query answers late; meanwhile another program
         # leaves a background bitmap on the second disk.
-        proxy.hold("query-named-block-nodes", seconds=2)
+        proxy.hold("query-named-block-nodes")
         p = subprocess.Popen([HELPER, "setup", "--qmp", sock, "--run-dir", rd,
                               *dev_args(*DEVS), "--bitmap", "late"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-        proxy.wait_held()
-        vm.qmp.cmd("block-dirty-bitmap-add", node=node,
-                   name="backup-access-background-bitmap")
-        vm.mark()
-        out, err = p.communicate(timeout=60)
+        try:
+            proxy.wait_held()
+            vm.qmp.cmd("block-dirty-bitmap-add", node=node,
+                       name="backup-access-background-bitmap")
+            vm.mark()
+            proxy.release()
+            out, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     check(p.returncode == 1 and "Bitmap already exists" in err, err)
     left = vm.leftovers()
     nodes = sorted(re.findall(r"node (#block\d+) \(", err))

@@ -46,6 +46,7 @@ READER = os.path.join(TOP, "tests", "lib", "backup_reader.py")
 WHILE_SERVED = ["sh", "-c", 'while nbdinfo --size "$BACKUPACCESS_URI_0" '
                 '>/dev/null 2>&1; do sleep 0.1; done; exit 3']
 rng = random.Random(5)
+started = []                    # helpers run in the background
 
 
 class Env:
@@ -101,11 +102,13 @@ class Env:
         self.clean(what + ", next backup")
 
     def run_bg(self, cmd, qmp=None, **kw):
-        return subprocess.Popen(
+        p = subprocess.Popen(
             [HELPER, "run", "--qmp", qmp or self.vm.qmp_path, "--run-dir",
              self.rd, *self.devs, "--bitmap", TARGET, "--", *cmd],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             **kw)
+        started.append(p)
+        return p
 
     def served(self):
         """Waits until run serves every device."""
@@ -157,11 +160,12 @@ def exports_in_the_way(e):
                                            "data": {"path": other}})
     sock = os.path.join(e.tmp, "proxy.sock")
     with FaultProxy(e.vm.qmp_path, sock) as proxy:
-        proxy.hold("nbd-server-start", seconds=3)
+        proxy.hold("nbd-server-start")
         p = subprocess.Popen([HELPER, "setup", "--qmp", sock, "--run-dir",
                               e.rd, *e.devs, "--bitmap", TARGET],
                              stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
+        started.append(p)
         proxy.wait_held()
         d0, d1 = e.state()["devices"]
         e.vm.qmp.cmd("block-export-add", type="nbd", id="node",
@@ -171,6 +175,7 @@ def exports_in_the_way(e):
         e.vm.qmp.cmd("block-export-add", type="nbd", id="disk",
                      **{"node-name": d1["bitmap-node"]},
                      bitmaps=[d1["bitmap-name"]])
+        proxy.release()
         err = p.communicate(timeout=60)[1]
         check(p.returncode == 1 and "QMP nbd-server-start" in err and
               "bitmap 'backup' on node drive-virtio1 is still in use" in err
@@ -200,7 +205,7 @@ def teardown_elsewhere(e):
     sock = os.path.join(e.tmp, "proxy.sock")
     e.write()
     with FaultProxy(e.vm.qmp_path, sock) as proxy:
-        proxy.hold("block-export-add", seconds=2)
+        proxy.hold("block-export-add", seconds=4)
         p = e.run_bg(WHILE_SERVED, qmp=sock)
         proxy.wait_held()
         r = run_helper("teardown", "--run-dir", e.rd, "--failure", env=env)
@@ -247,6 +252,7 @@ def kills(e):
         p = subprocess.Popen([HELPER, "setup", *e.qmp, *e.devs, "--bitmap",
                               TARGET], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
+        started.append(p)
         time.sleep(delay)
         p.kill()
         p.wait()
@@ -307,6 +313,12 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
             late_answers(e)
         check(vm.stopped_with is None, "quit: %s" % vm.stopped_with)
     finally:
+        # Whatever failed: no helper, nbdkit or mount may outlive the test
+        # (the reader that waits for a file ends with its helper).
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
         if os.path.exists(rd):
             subprocess.run([HELPER, "teardown", "--run-dir", rd, "--failure"],
                            capture_output=True, timeout=120)
