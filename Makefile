@@ -117,6 +117,13 @@ tests/unit/test_helper_state: tests/unit/test_helper_state.c \
 	$(CC) $(ALL_CFLAGS) -Ihelper -o $@ $< $(HELPER_STATE_OBJS) $(LIB) \
 	  $(shell pkg-config --libs cmocka libnbd json-c)
 
+# How the helper finds a Proxmox VE backup access's devices.
+HELPER_PVE_OBJS = helper/proxmox-devices.o helper/qmpops.o helper/util.o
+tests/unit/test_helper_pvedevices: tests/unit/test_helper_pvedevices.c \
+                                   $(HELPER_PVE_OBJS) $(LIB) $(HELPER_HDRS)
+	$(CC) $(ALL_CFLAGS) -Ihelper -o $@ $< $(HELPER_PVE_OBJS) $(LIB) \
+	  $(shell pkg-config --libs cmocka libnbd json-c)
+
 unit-tests: $(UNIT_TESTS)
 
 check: deps

@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /* The backend for Proxmox VE's backup access API: finding it, the checks
- * made before backup-access-setup is called, recording what it set up,
- * and backup-access-teardown.
+ * made before backup-access-setup is called (proxmox-devices.c), what it
+ * set up (or, when it failed half-way, left behind), and
+ * backup-access-teardown, never while a bitmap of the backup is busy
+ * (QEMU aborts).
  */
 #define _GNU_SOURCE
 #include <stdbool.h>
@@ -13,12 +15,14 @@
 
 #include "backend.h"
 #include "cluster.h"
+#include "proxmox-devices.h"
 #include "qmpops.h"
 #include "state.h"
 #include "util.h"
 
-/* The form of backup-access-setup, found by the preflight. */
-static const char *setup_form;
+/* The devices as the preflight found them, in the order of --device. */
+static struct pve_device *found;
+static json_object *found_blocks, *found_nodes;
 
 static bool
 proxmox_available (void)
@@ -30,39 +34,35 @@ proxmox_available (void)
   return ok;
 }
 
-/* Which form of backup-access-setup this QEMU takes, from its schema:
- * "devices" (current) or "devlist" (the first version).
+/* backup-access-setup must take the devices as a list (pve-qemu 9.2
+ * and later, the form this helper speaks).
  */
-static const char *
-proxmox_setup_form (void)
+static void
+check_setup_form (void)
 {
   json_object *schema = qmp_list ("query-qmp-schema", NULL);
-  const char *arg_type = NULL, *form = NULL;
-  size_t n = alen (schema);
+  const char *arg_type = NULL;
+  bool devices = false;
 
-  for (size_t i = 0; i < n; i++) {
+  for (size_t i = 0; i < alen (schema); i++) {
     json_object *e = json_object_array_get_idx (schema, i);
     if (strcmp (get_str (e, "name") ?: "", "backup-access-setup") == 0 &&
         strcmp (get_str (e, "meta-type") ?: "", "command") == 0)
       arg_type = get_str (e, "arg-type");
   }
-  for (size_t i = 0; arg_type && i < n; i++) {
+  for (size_t i = 0; arg_type && i < alen (schema); i++) {
     json_object *e = json_object_array_get_idx (schema, i), *members;
     if (strcmp (get_str (e, "name") ?: "", arg_type) != 0 ||
         !json_object_object_get_ex (e, "members", &members))
       continue;
-    for (size_t j = 0; j < alen (members); j++) {
-      const char *m = get_str (json_object_array_get_idx (members, j),
-                               "name");
-      if (m && (strcmp (m, "devices") == 0 || strcmp (m, "devlist") == 0))
-        form = strcmp (m, "devices") == 0 ? "devices" : "devlist";
-    }
+    for (size_t j = 0; j < alen (members); j++)
+      devices |= strcmp (get_str (json_object_array_get_idx (members, j),
+                                  "name") ?: "", "devices") == 0;
   }
   json_object_put (schema);
-  if (form == NULL)
-    die ("this QEMU reports backup-access-api, but its schema has no "
-         "backup-access-setup with 'devices' or 'devlist'");
-  return form;
+  if (!devices)
+    die ("this QEMU reports backup-access-api, but its backup-access-setup "
+         "takes no 'devices' list (pve-qemu 9.2 and later do)");
 }
 
 /* The provider's vocabulary for Proxmox's bitmap-action. */
@@ -80,69 +80,55 @@ bitmap_mode_of_action (const char *action)
 }
 
 /* Checks made before anything is changed: the options, the API's
- * form, and the fleecing nodes vzdump adds.
+ * form, and the devices with their fleecing images as QEMU will find
+ * them (never a setup that can fail half-way or abort).
  */
 static void
 proxmox_preflight (struct setup_opts *o)
 {
-  json_object *nodes;
+  char err[1024];
 
+  /* QEMU names the bitmap after the target. */
+  if (o->target_id && o->bitmap && strcmp (o->target_id, o->bitmap) != 0)
+    die ("--bitmap %s and --target-id %s: Proxmox VE names the bitmap after "
+         "the target id; give one of them", o->bitmap, o->target_id);
   if (o->target_id == NULL)
     o->target_id = o->bitmap ? o->bitmap : "backupaccess";
-  if (o->bitmap == NULL && strcmp (o->bitmap_mode, "none") != 0)
-    die ("--bitmap-mode %s needs --bitmap", o->bitmap_mode);
-  setup_form = proxmox_setup_form ();
-  nodes = named_nodes ();
-
-  for (int i = 0; i < o->ndevs; i++) {
-    char *fl = xasprintf ("%s-fleecing", o->devs[i]);
-    if (find_node (nodes, fl) == NULL)
-      die ("device %s: fleecing node '%s' not found: add a qcow2 node of "
-           "the same size with discard=unmap first", o->devs[i], fl);
-    free (fl);
-  }
-  json_object_put (nodes);
+  check_setup_form ();
+  found_blocks = qmp_list ("query-block", NULL);
+  found_nodes = named_nodes ();
+  found = calloc (o->ndevs + 1, sizeof *found);
+  if (found == NULL)
+    die ("out of memory");
+  for (int i = 0; i < o->ndevs; i++)
+    found[i].name = o->devs[i];
+  if (pve_find_devices (found_blocks, found_nodes, o->target_id,
+                        o->bitmap_mode, found, o->ndevs, err,
+                        sizeof err) == -1)
+    die ("%s; nothing was changed", err);
 }
 
-/* backup-access-setup's arguments, in the form this QEMU takes. */
+/* backup-access-setup's arguments. */
 static json_object *
 setup_args (const struct setup_opts *o)
 {
-  json_object *args;
-  char *devlist = NULL;
+  json_object *list = json_object_new_array ();
 
-  if (strcmp (setup_form, "devices") == 0) {
-    json_object *list = json_object_new_array ();
-    for (int i = 0; i < o->ndevs; i++)
-      json_object_array_add (list, obj ("device", S (o->devs[i]),
-                                        "bitmap-mode", S (o->bitmap_mode),
-                                        END));
-    return obj ("target-id", S (o->target_id), "devices", list, END);
-  }
-  for (int i = 0; i < o->ndevs; i++) {
-    char *d = xasprintf ("%s%s%s", devlist ? devlist : "",
-                         devlist ? "," : "", o->devs[i]);
-    free (devlist);
-    devlist = d;
-  }
-  args = obj ("target-id", S (o->target_id), "devlist", S (devlist), END);
-  if (strcmp (o->bitmap_mode, "none") != 0)
-    json_object_object_add (args, "bitmap-name", S (o->bitmap));
-  free (devlist);
-  return args;
+  for (int i = 0; i < o->ndevs; i++)
+    json_object_array_add (list, obj ("device", S (o->devs[i]),
+                                      "bitmap-mode", S (o->bitmap_mode),
+                                      END));
+  return obj ("target-id", S (o->target_id), "devices", list, END);
 }
 
-/* A device of backup-access-setup's answer r, checked, into st (nodes:
- * named_nodes, for the fleecing node's cluster size).
- */
+/* A device of backup-access-setup's answer r, checked, into st. */
 static void
 add_device (struct helper_state *st, const struct setup_opts *o,
-            json_object *r, json_object *nodes)
+            json_object *r)
 {
   struct device_state *d;
   const char *dev = get_str (r, "device");
-  char *fl;
-  bool asked = false;
+  const struct pve_device *f = NULL;
 
   if (dev == NULL || get_str (r, "node-name") == NULL)
     die ("backup-access-setup returned an entry without device/node-name");
@@ -151,11 +137,11 @@ add_device (struct helper_state *st, const struct setup_opts *o,
    */
   check_name ("device returned by QEMU", dev, false);
   for (int j = 0; j < o->ndevs; j++)
-    asked |= strcmp (o->devs[j], dev) == 0;
-  if (!asked)
+    if (strcmp (o->devs[j], dev) == 0)
+      f = &found[j];
+  if (f == NULL)
     die ("backup-access-setup returned device '%s', which was not asked "
          "for", dev);
-  fl = xasprintf ("%s-fleecing", dev);
   if (get_str (r, "bitmap-name"))
     check_name ("bitmap name returned by QEMU", get_str (r, "bitmap-name"),
                 true);
@@ -168,28 +154,100 @@ add_device (struct helper_state *st, const struct setup_opts *o,
              bitmap_mode_of_action (get_str (r, "bitmap-action")));
   state_set (&d->bitmap_name, get_str (r, "bitmap-name"));
   state_set (&d->bitmap_node, get_str (r, "bitmap-node-name"));
-  state_set (&d->fleece_node, fl);
-  d->cluster_size = ba_cbw_cluster (node_image_int (find_node (nodes, fl),
-                                                    "cluster-size"));
-  free (fl);
+  state_set (&d->fleece_node, f->fleece_node);
+  d->cluster_size = ba_cbw_cluster (f->fleece_cluster);
+}
+
+/* Appends piece (consumed) to *list, comma-separated. */
+static void
+add (char **list, char *piece)
+{
+  char *t = xasprintf ("%s%s %s", *list, **list ? "," : "", piece);
+
+  free (*list);
+  free (piece);
+  *list = t;
+}
+
+/* What a refused backup-access-setup left behind, for the message: the
+ * nodes and bitmaps there now that the preflight did not see.
+ */
+static char *
+left_behind (void)
+{
+  json_object *now = named_nodes ();
+  char *out = xasprintf ("%s", "");
+
+  for (size_t i = 0; i < alen (now); i++) {
+    json_object *n = json_object_array_get_idx (now, i), *bms;
+    const char *name = get_str (n, "node-name") ?: "?";
+    if (find_node (found_nodes, name) == NULL) {
+      add (&out, xasprintf ("node %s (%s)", name, get_str (n, "drv") ?: "?"));
+      continue;
+    }
+    if (!json_object_object_get_ex (n, "dirty-bitmaps", &bms))
+      continue;
+    for (size_t j = 0; j < alen (bms); j++) {
+      const char *b = get_str (json_object_array_get_idx (bms, j), "name");
+      if (b && !node_has_bitmap (found_nodes, name, b))
+        add (&out, xasprintf ("bitmap '%s' on %s", b, name));
+    }
+  }
+  json_object_put (now);
+  return out;
 }
 
 static void
 proxmox_setup (struct helper_state *st, const struct setup_opts *o)
 {
-  json_object *nodes = named_nodes (), *args = setup_args (o), *result;
+  json_object *result;
+  char err[1024];
 
-  /* Recorded first: teardown must call backup-access-teardown even if
-   * we die right after QEMU set it up.
+  /* Recorded first: teardown must call backup-access-teardown if we
+   * die before QEMU answers (if it answers with an error, it has set
+   * nothing up, and a teardown could end another's backup access).
    */
   st->proxmox_setup = true;
   state_save (st);
-  result = qmp_list ("backup-access-setup", args);
+  result = qmp_call ("backup-access-setup", setup_args (o), err, sizeof err);
+  if (result == NULL) {
+    char *left = left_behind (), msg[4096] = "";
+    st->proxmox_setup = false;
+    state_save (st);
+    if (*left)
+      snprintf (msg, sizeof msg, ".  QEMU failed half-way: in QEMU now and "
+                "not before:%s.  QEMU cannot remove such nodes: it will "
+                "abort when it quits (the guest runs on until then)", left);
+    free (left);
+    die ("QMP backup-access-setup: %s%s", err, msg);
+  }
+  if (!json_object_is_type (result, json_type_array))
+    die ("QMP backup-access-setup: QEMU's answer is not a list");
   for (size_t i = 0; i < alen (result); i++)
-    add_device (st, o, json_object_array_get_idx (result, i), nodes);
+    add_device (st, o, json_object_array_get_idx (result, i));
   json_object_put (result);
-  json_object_put (nodes);
   state_save (st);
+}
+
+/* Dies unless every bitmap st exports is free: backup-access-teardown
+ * on a busy one (still exported over NBD) aborts QEMU.
+ */
+static void
+check_bitmaps_free (const struct helper_state *st)
+{
+  json_object *nodes = named_nodes ();
+
+  for (size_t i = 0; i < st->ndevices; i++) {
+    const struct device_state *d = &st->devices[i];
+    if (d->bitmap_node && d->bitmap_name &&
+        get_bool (find_bitmap (nodes, d->bitmap_node, d->bitmap_name),
+                  "busy"))
+      die ("device %s: bitmap '%s' on node %s is still in use (exported "
+           "by someone else?): not ending the backup access, QEMU would "
+           "abort; remove that export and run teardown again",
+           d->device, d->bitmap_name, d->bitmap_node);
+  }
+  json_object_put (nodes);
 }
 
 static void
@@ -197,6 +255,7 @@ proxmox_teardown (struct helper_state *st, bool success)
 {
   if (!st->proxmox_setup)
     return;
+  check_bitmaps_free (st);
   /* Errors are reported, not fatal: vzdump does the same. */
   json_object_put (qmp_run (true, "backup-access-teardown", obj (
     "target-id", S (st->target_id),

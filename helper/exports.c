@@ -6,6 +6,7 @@
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <json.h>
 
@@ -69,23 +70,46 @@ start_exports (struct helper_state *st)
   free (sock);
 }
 
-/* An exported bitmap is busy: merging it back would fail (or abort
- * QEMU).  So this comes before anything else in QEMU is undone.
+/* An export of one of our snapshot-access nodes: recorded, or added by
+ * someone else (it keeps the bitmap busy all the same).
+ */
+static bool
+ours (const struct helper_state *st, json_object *export)
+{
+  const char *node = get_str (export, "node-name");
+
+  for (size_t i = 0; node && i < st->ndevices; i++)
+    if (st->devices[i].node && strcmp (node, st->devices[i].node) == 0)
+      return true;
+  return false;
+}
+
+/* An exported bitmap is busy: ending the backup access then aborts
+ * QEMU (Proxmox), merging it back fails.  So this comes before anything
+ * else in QEMU is undone, and removes every export of our nodes with
+ * mode "hard": QEMU refuses to remove one with a client still connected
+ * otherwise.  Stopping our NBD server removes whatever else it serves.
  */
 void
 stop_exports (struct helper_state *st)
 {
-  for (size_t i = 0; i < st->ndevices; i++) {
-    struct device_state *d = &st->devices[i];
-    if (d->exported) {
-      json_object *r = qmp_run (true, "block-export-del",
-                                obj ("id", S (d->export), END));
-      json_object_put (r);
-      wait_gone ("query-block-exports", "id", d->export);
-      d->exported = false;
+  json_object *list = qmp_list ("query-block-exports", NULL);
+
+  for (size_t i = 0; i < alen (list); i++) {
+    json_object *e = json_object_array_get_idx (list, i);
+    const char *id = get_str (e, "id");
+    if (id == NULL || !ours (st, e))
+      continue;
+    json_object_put (qmp_run (true, "block-export-del",
+                              obj ("id", S (id), "mode", S ("hard"), END)));
+    wait_gone ("query-block-exports", "id", id);
+  }
+  json_object_put (list);
+  for (size_t i = 0; i < st->ndevices; i++)
+    if (st->devices[i].exported) {
+      st->devices[i].exported = false;
       state_save (st);
     }
-  }
   if (st->nbd_server_started) {
     json_object_put (qmp_run (true, "nbd-server-stop", NULL));
     st->nbd_server_started = false;

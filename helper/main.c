@@ -78,7 +78,11 @@ usage (FILE *fp, int status)
   fprintf (fp, "Usage: %s COMMAND [OPTIONS]\n\n"
            "Commands:\n" SETUP_USAGE SERVE_USAGE MOUNT_USAGE STATUS_USAGE
            TEARDOWN_USAGE RUN_USAGE
-           "\nEach command takes --help.  See backupaccess-helper(1).\n",
+           "\nEach command takes --help.  See backupaccess-helper(1).\n"
+           "On Proxmox VE, vzdump sets up the backup access itself (one per "
+           "VM):\nback VMs up to the backupaccess storage (README, "
+           "\"Proxmox VE\"); 'setup' is\nfor VMs that vzdump is not backing "
+           "up at the same time.\n",
            progname);
   exit (status);
 }
@@ -132,8 +136,12 @@ cmd_serve (struct opts *o, int argc, char **argv)
 static int
 cmd_mount (struct opts *o, int argc, char **argv)
 {
-  struct helper_state *st = existing_state ();
-  json_object *out = json_object_new_object ();
+  struct helper_state *st;
+  json_object *out;
+
+  lock_run_dir ();
+  st = existing_state ();
+  out = json_object_new_object ();
 
   mount_devices (st, out);
   print_json (out);

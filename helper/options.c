@@ -110,11 +110,8 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
     case OPT_FLEECING_DIR: o->setup.fleecing_dir = optarg; break;
     case OPT_CLUSTER:
       o->setup.cluster = parse_size ("--cluster-size", optarg);
-      if (o->setup.cluster < BA_QCOW2_CLUSTER_MIN ||
-          o->setup.cluster > BA_QCOW2_CLUSTER_MAX ||
-          (o->setup.cluster & (o->setup.cluster - 1)))
-        die ("--cluster-size %s: a qcow2 cluster size, a power of two from "
-             "512 to 2M", optarg);
+      if (!ba_cluster_size_valid (o->setup.cluster))
+        die ("--cluster-size %s: " BA_CLUSTER_RULE, optarg);
       break;
     case OPT_BACKEND: o->setup.backend = optarg; break;
     case OPT_TARGET_ID: o->setup.target_id = optarg; break;

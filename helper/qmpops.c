@@ -73,6 +73,16 @@ qmp_close (void)
   }
 }
 
+/* A connection that failed is out of step (a late answer would be
+ * taken for the next one's): closed, so that a roll-back starts afresh.
+ */
+static void __attribute__ ((noreturn))
+lost (const char *cmd, const char *err)
+{
+  qmp_close ();
+  die ("QMP %s: %s", cmd, err);
+}
+
 /* Runs a QMP command; dies on error unless ok_errors, in which case
  * it returns NULL.  args is consumed.
  */
@@ -85,7 +95,9 @@ qmp_run (bool ok_errors, const char *cmd, json_object *args)
 
   json_object_put (args);
   if (r == NULL) {
-    if (!ok_errors || !qemu_error)
+    if (!qemu_error)
+      lost (cmd, err);
+    if (!ok_errors)
       die ("QMP %s: %s", cmd, err);
     warn ("QMP %s: %s (ignored)", cmd, err);
   }
@@ -96,12 +108,19 @@ json_object *
 qmp_try (const char *cmd, json_object *args)
 {
   char err[1024];
+
+  return qmp_call (cmd, args, err, sizeof err);
+}
+
+json_object *
+qmp_call (const char *cmd, json_object *args, char *err, size_t errlen)
+{
   int qemu_error;
-  json_object *r = ba_qmp_cmd (qmp, cmd, args, &qemu_error, err, sizeof err);
+  json_object *r = ba_qmp_cmd (qmp, cmd, args, &qemu_error, err, errlen);
 
   json_object_put (args);
   if (r == NULL && !qemu_error)
-    die ("QMP %s: %s", cmd, err);
+    lost (cmd, err);
   return r;
 }
 
@@ -144,18 +163,25 @@ find_node (json_object *nodes, const char *name)
   return NULL;
 }
 
-/* Whether a node (from query-named-block-nodes) has this bitmap. */
-bool
-node_has_bitmap (json_object *nodes, const char *node, const char *bitmap)
+/* A dirty bitmap of a node (from query-named-block-nodes), or NULL. */
+json_object *
+find_bitmap (json_object *nodes, const char *node, const char *bitmap)
 {
   json_object *n = find_node (nodes, node), *bm;
 
   if (n && json_object_object_get_ex (n, "dirty-bitmaps", &bm))
-    for (size_t j = 0; j < json_object_array_length (bm); j++)
-      if (strcmp (get_str (json_object_array_get_idx (bm, j), "name") ?: "",
-                  bitmap) == 0)
-        return true;
-  return false;
+    for (size_t j = 0; j < alen (bm); j++) {
+      json_object *b = json_object_array_get_idx (bm, j);
+      if (strcmp (get_str (b, "name") ?: "", bitmap) == 0)
+        return b;
+    }
+  return NULL;
+}
+
+bool
+node_has_bitmap (json_object *nodes, const char *node, const char *bitmap)
+{
+  return find_bitmap (nodes, node, bitmap) != NULL;
 }
 
 json_object *

@@ -35,6 +35,10 @@ json_object *qmp_run (bool ok_errors, const char *cmd, json_object *args);
 /* The same, NULL without a word if QEMU refuses. */
 json_object *qmp_try (const char *cmd, json_object *args);
 
+/* The same, with QEMU's refusal in err. */
+json_object *qmp_call (const char *cmd, json_object *args, char *err,
+                       size_t errlen);
+
 /* qmp_run for a command that returns a list; anything else dies. */
 json_object *qmp_list (const char *cmd, json_object *args);
 
@@ -49,6 +53,9 @@ json_object *obj (const char *key, ...);
 json_object *named_nodes (void);
 /* The node of that name in named_nodes' list, or NULL. */
 json_object *find_node (json_object *nodes, const char *name);
+/* A dirty bitmap of a node of named_nodes' list, or NULL. */
+json_object *find_bitmap (json_object *nodes, const char *node,
+                          const char *bitmap);
 /* Whether a node of named_nodes' list has that dirty bitmap. */
 bool node_has_bitmap (json_object *nodes, const char *node,
                       const char *bitmap);

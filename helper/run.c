@@ -144,11 +144,15 @@ do_run (struct opts *o, char **cmd)
   json_object_put (out);
   state_free (st);
   on_die (NULL);
+  /* While COMMAND runs, another helper may tear the backup down (or ask
+   * for its status): QEMU's monitor and the run directory are free.
+   */
+  qmp_close ();
+  unlock_run_dir ();
 
   rc = run_command (cmd);
   warn ("%s exited with %d: tearing down with %s", cmd[0], rc,
         rc == 0 ? "success" : "failure");
-  qmp_close ();
   do_teardown (rc == 0);
   return rc;
 }

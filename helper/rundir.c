@@ -11,6 +11,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -102,6 +104,52 @@ make_run_dir (void)
   if (!S_ISDIR (st.st_mode) || st.st_uid != geteuid () ||
       (st.st_mode & 077) != 0)
     die ("%s: must be a directory owned by you with mode 0700", run_dir);
+}
+
+/* The open run directory whose lock we hold, or -1. */
+static int lock_fd = -1;
+
+/* Whether fd is still the directory at run_dir (not one removed by a
+ * teardown while we waited for its lock).
+ */
+static bool
+still_there (int fd)
+{
+  struct stat a, b;
+
+  return fstat (fd, &a) == 0 && lstat (run_dir, &b) == 0 &&
+    a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
+void
+lock_run_dir (void)
+{
+  while (lock_fd == -1) {
+    int fd;
+    make_run_dir ();
+    fd = open (run_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd == -1)
+      die ("%s: %m", run_dir);
+    if (flock (fd, LOCK_EX | LOCK_NB) == -1) {
+      warn ("%s is in use by another backupaccess-helper: waiting for it",
+            run_dir);
+      if (flock (fd, LOCK_EX) == -1)
+        die ("flock %s: %m", run_dir);
+    }
+    if (still_there (fd))
+      lock_fd = fd;
+    else
+      close (fd);
+  }
+}
+
+void
+unlock_run_dir (void)
+{
+  if (lock_fd != -1) {
+    close (lock_fd);
+    lock_fd = -1;
+  }
 }
 
 /* Sockets left in the run directory by processes stop_strays ended

@@ -21,6 +21,14 @@ char *checked_dir_path (const char *what, const char *path, bool check_self);
  */
 void make_run_dir (void);
 
+/* Makes the run directory if need be and takes its lock, waiting
+ * (with a word) while another helper holds it: one helper at a time
+ * changes a backup access and its state.  Held until unlock_run_dir, or
+ * the end of the process.
+ */
+void lock_run_dir (void);
+void unlock_run_dir (void);
+
 /* Removes the sockets in the run directory. */
 void remove_stray_sockets (void);
 

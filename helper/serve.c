@@ -300,7 +300,7 @@ do_serve_state (struct opts *o)
 {
   struct helper_state *st;
 
-  make_run_dir ();
+  lock_run_dir ();
   if (o->nbd_path == NULL) {
     st = state_load ();
     if (st == NULL)

@@ -3,6 +3,7 @@
  * and sets up snapshot access through a backend, then QEMU's exports.
  */
 #define _GNU_SOURCE
+#include <inttypes.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
@@ -12,6 +13,7 @@
 #include <json.h>
 
 #include "backend.h"
+#include "cluster.h"
 #include "exports.h"
 #include "options.h"
 #include "qmpops.h"
@@ -27,8 +29,16 @@ check_options (struct setup_opts *s)
 {
   if (s->qmp == NULL || s->ndevs == 0)
     die ("setup needs --qmp SOCKET and at least one --device");
-  for (int i = 0; i < s->ndevs; i++)
+  for (int i = 0; i < s->ndevs; i++) {
     check_name ("device", s->devs[i], false);
+    for (int j = 0; j < i; j++)
+      if (strcmp (s->devs[i], s->devs[j]) == 0)
+        die ("--device %s is given twice", s->devs[i]);
+  }
+  /* setup makes the fleecing images of upstream QEMU: qcow2 ones. */
+  if (s->cluster < BA_QCOW2_CLUSTER_MIN || s->cluster > BA_QCOW2_CLUSTER_MAX)
+    die ("--cluster-size %" PRIi64 ": setup creates qcow2 fleecing images, "
+         "whose clusters are a power of two from 512 to 2M", s->cluster);
   if (s->bitmap)
     check_name ("bitmap", s->bitmap, true);
   if (s->bitmap_mode == NULL)
@@ -64,7 +74,9 @@ do_setup (struct opts *o)
   /* Everything that can be checked before a change, is. */
   be->preflight (s);
 
-  make_run_dir ();
+  lock_run_dir ();
+  if (state_exists ())          /* another helper was quicker */
+    die ("%s already holds a backup access: tear it down first", run_dir);
   st = state_new (be->name);
   state_set (&st->qmp, s->qmp);
   state_set (&st->target_id, s->target_id);

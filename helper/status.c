@@ -4,6 +4,7 @@
  * image's size.
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -66,6 +67,24 @@ fleecing_bytes (const struct device_state *d)
   return -1;
 }
 
+/* Whether QEMU answers: "running", or "gone" (nothing listens: what is
+ * shown is local), or "unreachable" (another reason, said on stderr).
+ */
+static const char *
+connect_qemu (const struct helper_state *st)
+{
+  char err[1024];
+
+  if (qmp_connect (st->qmp, err, sizeof err) == 0)
+    return "running";
+  if (errno == ENOENT || errno == ECONNREFUSED) {
+    warn ("%s: QEMU is gone; the counters are those nbdkit left", err);
+    return "gone";
+  }
+  warn ("%s: the fleecing images' sizes are unknown", err);
+  return "unreachable";
+}
+
 void
 print_status (const struct helper_state *st)
 {
@@ -73,7 +92,7 @@ print_status (const struct helper_state *st)
   json_object *list = json_object_new_array ();
 
   if (st->qmp && backend_of_state (st))
-    qmp_open (st->qmp);
+    set_str (out, "qemu", connect_qemu (st));
   for (size_t i = 0; i < st->ndevices; i++) {
     const struct device_state *d = &st->devices[i];
     json_object *o = json_object_new_object (), *counters = NULL;

@@ -103,6 +103,14 @@ remove_files (const struct helper_state *st, bool qemu_gone)
     warn ("rmdir %s: %m", run_dir);
 }
 
+/* For die during a teardown: what is left, and what to do. */
+static void
+unfinished (void)
+{
+  fprintf (stderr, "%s: the teardown did not finish: %s keeps the state of "
+           "what is left; run teardown again\n", progname, run_dir);
+}
+
 void
 do_teardown (bool success)
 {
@@ -114,7 +122,7 @@ do_teardown (bool success)
     warn ("%s: nothing to tear down", run_dir);
     return;
   }
-  make_run_dir ();
+  lock_run_dir ();
   /* Left by a helper killed while it saved the state. */
   p = state_path ();
   tmp = xasprintf ("%s.tmp", p);
@@ -128,10 +136,13 @@ do_teardown (bool success)
     rmdir (run_dir);
     return;
   }
+  on_die (unfinished);
   stop_local (st);
   ok = teardown_qemu (st, success);
+  on_die (NULL);
   remove_files (st, !ok);
   state_free (st);
+  unlock_run_dir ();
   if (!ok)
     exit (1);
 }

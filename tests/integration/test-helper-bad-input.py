@@ -5,6 +5,7 @@ directory, QEMU export, node, job, frozen bitmap, nbdkit or mount), with
 the bitmap unchanged.  Errors after QEMU was changed roll back what was
 done."""
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import threading
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from harness import TOP, check
-from pve_fixture import PveVm
+from qsd_vm import QsdVm
 
 HELPER = os.path.join(TOP, "helper", "backupaccess-helper")
 DEV = "drive-scsi0"
@@ -39,7 +40,6 @@ def clean(vm, rd, bitmaps):
     check(vm.block_jobs() == [], "jobs left: %s" % vm.block_jobs())
     now = {k: v["count"] for k, v in vm.bitmaps().items()}
     check(now == bitmaps, "bitmaps changed: %s != %s" % (now, bitmaps))
-    check(vm.proxy is None or vm.proxy.targets() == [], "target left")
     out = subprocess.run(["pgrep", "-f", rd], capture_output=True, text=True)
     check(out.stdout.strip() == "", "processes left: %s" % out.stdout)
 
@@ -84,17 +84,17 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
     os.unlink(os.path.join(rd, "state.json"))
     os.rmdir(rd)
 
-    with PveVm(size=8 << 20, devices=(DEV,), fleecing=True) as vm:
+    with QsdVm(size=8 << 20, devices=(DEV,)) as vm:
         vm.qmp.cmd("block-dirty-bitmap-add", node=DEV, name="backup")
         vm.guest_write(0, b"\x11" * 65536)
         bitmaps = {k: v["count"] for k, v in vm.bitmaps().items()}
-        q = ["--qmp", vm.qmp_path, "--run-dir", rd]
+        q = ["--qmp", vm.qmp_path, "--run-dir", rd, *up]
 
         for name in ("../x", "a/b", "", "x" * 200):
             fails(helper("setup", *q, "--device", name), "device '%s'" % name)
         fails(helper("setup", *q, "--device", DEV, "--bitmap", "../b"),
               "bitmap '../b'")
-        fails(helper("setup", *q, *up, "--device", "nosuch"),
+        fails(helper("setup", *q, "--device", "nosuch"),
               "device nosuch: no such block node")
         fails(helper("setup", *q, "--device", DEV, "--bitmap-mode", "some"),
               "--bitmap-mode some")
@@ -113,8 +113,12 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
               "teardown")
         clean(vm, rd, bitmaps)
 
-        # nbdkit missing: run rolls back the setup it made.
-        env = dict(os.environ, PATH=os.path.join(tmp, "empty"))
+        # nbdkit missing: run rolls back the setup it made (which needs
+        # qemu-img only).
+        os.mkdir(os.path.join(tmp, "bin"))
+        os.symlink(shutil.which("qemu-img"),
+                   os.path.join(tmp, "bin", "qemu-img"))
+        env = dict(os.environ, PATH=os.path.join(tmp, "bin"))
         r = helper("run", *q, "--device", DEV, "--bitmap", "backup", "--",
                    "true", env=env)
         fails(r, "cannot run nbdkit")
@@ -134,7 +138,7 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
     # A QMP error after QEMU was changed: another NBD server is running,
     # so nbd-server-start fails once copy-before-write is in place.  The
     # helper undoes everything, and the bitmap keeps its changes.
-    with PveVm(size=8 << 20, devices=(DEV,), guest_nbd=True) as vm:
+    with QsdVm(size=8 << 20, devices=(DEV,), guest_nbd=True) as vm:
         vm.qmp.cmd("block-dirty-bitmap-add", node=DEV, name="backup")
         vm.guest_write(0, b"\x22" * 65536)
         bitmaps = {k: v["count"] for k, v in vm.bitmaps().items()}

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 # qemu: upstream
 """backupaccess-helper against upstream QEMU (a real qemu-storage-daemon,
-its QMP reached through the fixture's pass-through proxy, --backend
+a QMP socket of its own, --backend
 upstream): a full then an incremental backup with setup / serve / status /
 mount / teardown, byte-identical under guest writes; a write made after
 setup is not in that backup but in the next; with 128 KiB fleecing
@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from harness import HELPER, check, run, run_helper
-from pve_fixture import PveVm
+from qsd_vm import QsdVm
 
 SIZE = 32 << 20
 DEV = "drive-scsi0"
@@ -297,7 +297,7 @@ def main(tmp, vm):
 
 
 with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
-     PveVm(size=SIZE, devices=(DEV,)) as vm:
+     QsdVm(size=SIZE, devices=(DEV,)) as vm:
     try:
         main(tmp, vm)
     finally:

@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from harness import Nbdkit, check, run_helper
-from pve_fixture import PveVm
+from qsd_vm import QsdVm
 
 DEV = "drive-scsi0"
 NOBODY = 65534
@@ -154,7 +154,7 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
           "directory")
 
 with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
-     PveVm(size=8 << 20, devices=(DEV,)) as vm:
+     QsdVm(size=8 << 20, devices=(DEV,)) as vm:
     rd = os.path.join(tmp, "run")
     fl = os.path.join(tmp, "fleece")
     os.mkdir(fl, 0o700)

@@ -104,23 +104,35 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
             check(kib < 48 << 10 or os.environ.get("BACKUPACCESS_SAN"),
                   "the helper used %d KiB" % kib)
 
-    # Wrong types, from a peer that otherwise plays Proxmox's API.
+    # Wrong types, from a peer that otherwise answers as the real Proxmox
+    # VE QEMU does (pve-qemu 10.0.2-4, a -blockdev disk: the shapes of
+    # its answers, trimmed to what the helper reads).
     SCHEMA = [{"name": "backup-access-setup", "meta-type": "command",
-               "arg-type": "A"},
-              {"name": "A", "meta-type": "object",
-               "members": [{"name": "target-id"}, {"name": "devices"}]}]
+               "arg-type": "35"},
+              {"name": "35", "meta-type": "object",
+               "members": [{"name": "target-id", "type": "str"},
+                           {"name": "devices", "type": "[314]"}]}]
+
+    def node(name, child, bitmaps=()):
+        return {"node-name": name, "drv": "qcow2", "ro": False,
+                "image": {"virtual-size": 1 << 20, "cluster-size": 65536},
+                "children": [{"node-name": child, "child": "file"}],
+                "dirty-bitmaps": list(bitmaps)}
+    NODES = [node("drive-scsi0-fleecing", "#block030"),
+             node("drive-scsi0", "file-scsi0")]
     GOOD = {
         "query-proxmox-support": {"backup-access-api": True},
         "query-qmp-schema": SCHEMA,
-        "query-named-block-nodes": [{"node-name": "drive-scsi0-fleecing",
-                                     "image": {"cluster-size": 65536}}],
+        "query-block": [{"device": "", "qdev": "/machine/peripheral/scsi0/"
+                         "virtio-backend",
+                         "inserted": {"node-name": "drive-scsi0"}}],
+        "query-named-block-nodes": NODES,
         "backup-access-setup": [{"device": "drive-scsi0",
-                                 "node-name": "drive-scsi0-snapshot",
+                                 "node-name": "#block566",
                                  "size": 1 << 20}],
         "query-block-exports": [],
         "query-block-jobs": [],
     }
-
     def scripted(answers):
         def handler(peer, conn, cmd, args):
             peer.reply(conn, answers.get(cmd, {}))
@@ -150,14 +162,26 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
         check(not os.path.exists(rd), "the run directory was left")
 
     proxmox({}, None, False)                    # the script itself works
+    proxmox({"query-named-block-nodes": [          # taken as none
+        NODES[0], dict(NODES[1], **{"dirty-bitmaps": {"name": "x"}})]},
+            None, False)
     for changes, message, torn_down in [
             ({"query-qmp-schema": {"name": "x"}},
              "query-qmp-schema: QEMU's answer is not a list", False),
             ({"query-qmp-schema": [dict(SCHEMA[0]),
                                    dict(SCHEMA[1], members="devices")]},
-             "its schema has no backup-access-setup", False),
+             "takes no 'devices' list", False),
             ({"query-named-block-nodes": {"node-name": "x"}},
              "query-named-block-nodes: QEMU's answer is not a list", False),
+            ({"query-block": {"device": "drive-scsi0"}},
+             "query-block: QEMU's answer is not a list", False),
+            # Lists that are not lists: no abort in json-c.
+            ({"query-named-block-nodes": [
+                NODES[0], dict(NODES[1], drv="throttle",
+                               children={"file": "x"})]},
+             "device 'drive-scsi0' not found", False),
+            ({"query-block": [{"device": "drive-scsi0", "inserted": []}]},
+             "'drive-scsi0' has no medium", False),
             ({"backup-access-setup": {"device": "drive-scsi0"}},
              "backup-access-setup: QEMU's answer is not a list", True),
             ({"backup-access-setup": ["drive-scsi0"]},

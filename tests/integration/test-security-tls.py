@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-# qemu: upstream
+# qemu: pve
 """TCP only when asked, and then with TLS: `backupaccess-helper serve
 --listen 127.0.0.1:PORT` refuses to start without --tls-psk (unless
 --insecure-no-tls), and refuses a PSK file others can read or with a
@@ -9,7 +9,8 @@ without TLS, one with a wrong key, and one with another user name are
 refused.  --tls-psk without --listen puts TLS on the unix socket too;
 --insecure-no-tls serves plain TCP; `run` checks the options before it
 sets anything up.  mount refuses a device served with TLS (nbdfuse
-cannot take a PSK file) instead of failing half-way."""
+cannot take a PSK file) instead of failing half-way.  Against the real
+Proxmox VE QEMU (tests/lib/pve_vm.py), through its backup access API."""
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from harness import check, run_helper
-from pve_fixture import PveVm
+from pve_vm import PveVm
 
 if shutil.which("psktool") is None:
     print("psktool (gnutls-bin) is not installed")
@@ -55,8 +56,9 @@ def refused(r, message):
 
 with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
      PveVm(size=SIZE, devices=(DEV,), fleecing=True) as vm:
+    vm.mark()                   # the fleecing image is vzdump's
     vm.guest_write(0, os.urandom(SIZE))
-    snapshot = vm.disk_read(0, SIZE)
+    snapshot = vm.disk()
     rd = os.path.join(tmp, "run")
     keys = psk(os.path.join(tmp, "backup.psk"), "backup")
     wrong = psk(os.path.join(tmp, "wrong.psk"), "backup")
@@ -77,7 +79,7 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
                        ok=False), "TCP is served with TLS only")
     refused(run_helper("run", *q, "--tls-psk", keys, "--mount", "--", "true",
                        ok=False), "nbdfuse cannot use TLS")
-    check(vm.proxy.targets() == [] and not os.path.exists(rd),
+    check(vm.leftovers() == {} and not os.path.exists(rd),
           "run set up before it checked --listen")
 
     run_helper("setup", *q)
@@ -116,8 +118,8 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
             check(f.read() == snapshot, "the copy over TLS differs")
     finally:
         run_helper("teardown", "--run-dir", rd, "--failure", ok=False)
-    check(not os.path.exists(rd) and vm.proxy.targets() == [],
-          "left behind")
+    check(not os.path.exists(rd) and vm.leftovers(bitmaps=("backupaccess",))
+          == {}, "left behind: %s" % vm.leftovers())
 
     # TLS on the unix socket.
     run_helper("setup", *q)
@@ -147,6 +149,6 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
         check(r.returncode == 0 and r.stdout.strip() == str(SIZE), r.stderr)
     finally:
         run_helper("teardown", "--run-dir", rd, "--failure", ok=False)
-    check(not os.path.exists(rd) and vm.proxy.targets() == [],
-          "left behind")
+    check(not os.path.exists(rd) and vm.leftovers(bitmaps=("backupaccess",))
+          == {}, "left behind: %s" % vm.leftovers())
 print("ok")

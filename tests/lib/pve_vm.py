@@ -97,6 +97,7 @@ class PveVm(Started):
         nodes(), node_names(), exports(), block_jobs(), all_bitmaps()
         leftovers(bitmaps=())              what is there now that was not
                                            at start: {} when nothing
+        mark()                             start counts from now
         alive(), log(), stop()
     device=None means the first device; for add/del_fleecing all of them.
     """
@@ -450,6 +451,11 @@ class PveVm(Started):
                 "jobs": {j["device"] for j in self.block_jobs()},
                 "bitmaps": {(n, b) for n, bs in self.all_bitmaps().items()
                             for b in bs}}
+
+    def mark(self):
+        """What is there now counts as there at start for leftovers():
+        the fleecing images vzdump attaches, say."""
+        self.baseline = self._state()
 
     def leftovers(self, bitmaps=()):
         """What is there now that was not right after start: {} when
