@@ -75,7 +75,7 @@ scan_bitmaps (json_object *node, const char *live, struct bitmaps_seen *b)
     json_object_put (nodes);
     return;
   }
-  n = json_object_array_length (dirty);
+  n = alen (dirty);             /* a hostile reply: not an array */
   b->left = calloc (n + 1, sizeof *b->left);
   b->left_frozen = calloc (n + 1, sizeof *b->left_frozen);
   if (b->left == NULL || b->left_frozen == NULL)

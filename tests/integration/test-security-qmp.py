@@ -201,6 +201,39 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
              "bitmap name returned by QEMU", True)]:
         proxmox(changes, message, torn_down)
 
+    # The upstream back end reads the disk's bitmaps and the block jobs:
+    # an object where QEMU sends a list is taken as none (a full
+    # backup), never an abort in json-c.
+    up = {"query-named-block-nodes": [dict(NODES[1], **{
+              "dirty-bitmaps": {"name": "backup"}})],
+          "query-block": [], "query-block-jobs": {"device": "x"},
+          "query-block-exports": [],
+          "query-status": {"status": "running", "running": True}}
+
+    def upstream(peer, conn, cmd, args):
+        if cmd == "query-proxmox-support":
+            peer.error(conn, "The command query-proxmox-support has not "
+                       "been found")
+        else:
+            peer.reply(conn, up.get(cmd, {}))
+    with FakeQmp(sock, upstream) as peer:
+        r = subprocess.run(
+            [HELPER, "setup", "--qmp", sock, "--run-dir", rd, "--device",
+             "drive-scsi0", "--bitmap", "backup", "--fleecing-dir", tmp],
+            capture_output=True, text=True, timeout=LIMIT,
+            env=dict(os.environ, BACKUPACCESS_QMP_TIMEOUT=str(TIMEOUT)))
+        print("upstream, lists that are not: exit %d: %s"
+              % (r.returncode, r.stderr.strip()))
+        check(r.returncode in (0, 1), "exit %d: %s" % (r.returncode,
+                                                       r.stderr))
+        up["query-block-jobs"] = []     # teardown, from a sane QEMU
+        t = subprocess.run([HELPER, "teardown", "--run-dir", rd,
+                            "--failure"], capture_output=True, text=True,
+                           timeout=LIMIT, env=dict(
+                               os.environ, BACKUPACCESS_QMP_TIMEOUT="3"))
+        check(t.returncode == 0 and not os.path.exists(rd),
+              "teardown: %s" % t.stderr)
+
     r, _ = setup(sock, rd, env=dict(os.environ, BACKUPACCESS_QMP_TIMEOUT="0"))
     check(r.returncode == 1 and "BACKUPACCESS_QMP_TIMEOUT=0" in r.stderr,
           r.stderr)
