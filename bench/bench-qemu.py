@@ -87,11 +87,32 @@ def copy(uri, conns, request_size, extra=()):
     return time.monotonic() - t0, ru.ru_utime + ru.ru_stime
 
 
+def fresh_qemu(image):
+    """A started Fleecing on image with its snapshot.  On a busy shared
+    machine QEMU has once taken more than the QMP timeout to greet:
+    that start is tried once more (the copy itself never is)."""
+    for attempt in (1, 2):
+        f = Fleecing(SIZE, image=image)
+        try:
+            f.start()
+            f.snapshot(bitmap=False)
+            return f
+        except TimeoutError as e:
+            f.stop()
+            if attempt == 2:
+                raise
+            print("bench: QEMU did not start (%s), trying again" % e,
+                  file=sys.stderr)
+        except BaseException:
+            f.stop()
+            raise
+
+
 def measure(tmp, image, args, conns, request_size):
     """One copy from a fresh qemu-storage-daemon: (seconds, {who: CPU
     seconds})."""
-    with Fleecing(SIZE, image=image) as f:
-        f.snapshot(bitmap=False)
+    f = fresh_qemu(image)
+    try:
         q0 = proc_cpu(f.proc.pid)
         if args is None:
             secs, client = copy(f.snap_uri(), conns, request_size)
@@ -104,6 +125,8 @@ def measure(tmp, image, args, conns, request_size):
                 nbdkit = nk.cpu_seconds() - k0
         cpu = {"qemu": proc_cpu(f.proc.pid) - q0, "nbdkit": nbdkit,
                "client": client}
+    finally:
+        f.stop()
     return secs, cpu
 
 
