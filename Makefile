@@ -53,7 +53,7 @@ DEB_PACKAGES += busybox-static cpio e2fsprogs
 
 LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c lib/view.c \
              lib/bitmap.c lib/qmp.c lib/statefile.c lib/cluster.c \
-             lib/upstream.c
+             lib/upstream.c lib/copy.c
 LIB_HDRS   = $(wildcard lib/*.h)
 LIB_OBJS   = $(LIB_SRCS:.c=.o)
 LIB        = lib/libbackupaccess.a
@@ -169,7 +169,7 @@ FUZZ_CC      = clang
 FUZZ_CFLAGS  = -g -O1 -fsanitize=fuzzer,address,undefined \
                -fno-sanitize-recover=undefined -std=gnu11 -Ilib \
                $(shell pkg-config --cflags json-c)
-FUZZ_LIBSRCS = $(filter-out lib/bitmap.c lib/upstream.c,$(LIB_SRCS))
+FUZZ_LIBSRCS = $(filter-out lib/bitmap.c lib/upstream.c lib/copy.c,$(LIB_SRCS))
 FUZZERS      = $(patsubst %.c,%,$(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_SECONDS ?= 600
 
