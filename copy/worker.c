@@ -142,7 +142,7 @@ source_failed (struct worker *w, int e, const char *what,
 
   if (ba_upstream_error (w->src, e, what, r->offset, r->len, msg,
                          sizeof msg) == EPERM)
-    ba_copy_read_refused (w->job->copy, r);
+    ba_copy_read_refused (w->job->copy, r, what);
   else
     ba_copy_fail (w->job->copy, "QEMU: %s", msg);
   job_wake (w->job);

@@ -252,7 +252,8 @@ ba_copy_check_read (struct ba_copy *c, const struct ba_copy_req *r,
 }
 
 void
-ba_copy_read_refused (struct ba_copy *c, const struct ba_copy_req *r)
+ba_copy_read_refused (struct ba_copy *c, const struct ba_copy_req *r,
+                      const char *what)
 {
   struct ba_range bad;
   enum ba_view_refusal why;
@@ -261,16 +262,16 @@ ba_copy_read_refused (struct ba_copy *c, const struct ba_copy_req *r)
   why = ba_view_upstream_refused (c->view, r->offset, r->len, &bad);
   if (why == BA_VIEW_BROKEN) {
     c->st.broken = true;
-    fail (c, "QEMU refused to read [%" PRIu64 ", +%" PRIu32 "), which "
+    fail (c, "QEMU refused the %s of [%" PRIu64 ", +%" PRIu32 "), which "
           "is in the backup and was never discarded: the snapshot is "
           "broken (copy-before-write failed: the fleecing image is full, "
           "or a guest write waited longer than cbw-timeout)",
-          r->offset, r->len);
+          what, r->offset, r->len);
   }
   else
-    fail (c, "QEMU refused to read [%" PRIu64 ", +%" PRIu32 "): [%" PRIu64
-          ", %" PRIu64 ") was already discarded", r->offset, r->len,
-          bad.start, bad.end);
+    fail (c, "QEMU refused the %s of [%" PRIu64 ", +%" PRIu32 "): [%"
+          PRIu64 ", %" PRIu64 ") was already discarded", what, r->offset,
+          r->len, bad.start, bad.end);
   pthread_mutex_unlock (&c->lock);
 }
 

@@ -101,11 +101,13 @@ bool ba_copy_is_zero (const void *buf, size_t len);
 int ba_copy_check_read (struct ba_copy *c, const struct ba_copy_req *r,
                         char *msg, size_t len);
 
-/* QEMU refused the read of r (EPERM from lib/upstream.c): fails the copy
- * with the reason, which is a broken snapshot (copy-before-write failed)
- * unless r had been discarded.
+/* QEMU refused a read, or the block status, of r (EPERM from
+ * lib/upstream.c; what: "read", "block status"): fails the copy with the
+ * reason, which is a broken snapshot (copy-before-write failed) unless r
+ * had been discarded.
  */
-void ba_copy_read_refused (struct ba_copy *c, const struct ba_copy_req *r);
+void ba_copy_read_refused (struct ba_copy *c, const struct ba_copy_req *r,
+                           const char *what);
 
 /* Another failure (a read that failed otherwise, a write, a flush): the
  * copy has failed; the first message is kept.  Nothing more is handed

@@ -322,7 +322,7 @@ do_read (struct model *m, struct ba_copy *c, struct op *o, bool *drop)
 {
   if (fails (m)) {
     if (rnd (2))
-      ba_copy_read_refused (c, &o->r);
+      ba_copy_read_refused (c, &o->r, "read");
     else
       ba_copy_fail (c, "read failed");
     m->failed = true;
@@ -535,7 +535,7 @@ test_refused_is_broken (void **state)
   struct ba_range ch;
   char msg[1024];
 
-  ba_copy_read_refused (c, &r);
+  ba_copy_read_refused (c, &r, "read");
   assert_true (ba_copy_failed (c, msg, sizeof msg));
   assert_non_null (strstr (msg, "the snapshot is broken"));
   ba_copy_get_stats (c, &st);
