@@ -34,6 +34,8 @@
   "                  [--bandwidth-limit BYTES_PER_S] [--connections N]\n" \
   "                  [--requests N] [--request-size SIZE] [--no-extents]\n" \
   "                  [--progress] [--status FILE] OUTPUT\n" \
+  "backupaccess-copy --check [--backing PREV [--backing-format FMT]]\n" \
+  "                  [--format qcow2|raw] OUTPUT\n" \
   "\n" \
   "Copies QEMU's snapshot-access export (the whole disk, or with --bitmap\n" \
   "the dirty regions, into a qcow2 overlay of the previous backup PREV)\n" \
@@ -143,8 +145,8 @@ enum {
   OPT_URI = 256, OPT_SOCKET, OPT_EXPORT, OPT_BITMAP, OPT_BACKING,
   OPT_BACKING_FORMAT, OPT_FORMAT, OPT_CLUSTER, OPT_DISCARD,
   OPT_DISCARD_CLEAN, OPT_BANDWIDTH, OPT_CONNECTIONS, OPT_REQUESTS,
-  OPT_REQUEST_SIZE, OPT_NO_EXTENTS, OPT_PROGRESS, OPT_STATUS, OPT_HELP,
-  OPT_VERSION,
+  OPT_REQUEST_SIZE, OPT_NO_EXTENTS, OPT_PROGRESS, OPT_STATUS, OPT_CHECK,
+  OPT_HELP, OPT_VERSION,
 };
 
 static const struct option long_options[] = {
@@ -165,6 +167,7 @@ static const struct option long_options[] = {
   { "no-extents", no_argument, NULL, OPT_NO_EXTENTS },
   { "progress", no_argument, NULL, OPT_PROGRESS },
   { "status", required_argument, NULL, OPT_STATUS },
+  { "check", no_argument, NULL, OPT_CHECK },
   { "help", no_argument, NULL, OPT_HELP },
   { "version", no_argument, NULL, OPT_VERSION },
   { NULL, 0, NULL, 0 },
@@ -211,6 +214,7 @@ set_option (struct options *o, int c, const char *arg)
   case OPT_NO_EXTENTS: o->extents = false; break;
   case OPT_PROGRESS: o->progress = true; break;
   case OPT_STATUS: o->status = arg; break;
+  case OPT_CHECK: o->check = true; break;
   }
 }
 
@@ -244,14 +248,16 @@ parse_options (int argc, char **argv, struct options *o)
     exit (2);
   }
   o->output = file_path (argv[optind]);
+  if (o->backing_format && !o->backing)
+    die ("--backing-format without --backing");
+  if (o->check)
+    return;
   if (!o->uri == !o->socket)
     die ("give QEMU's export as --socket SOCKET --export NAME, or --uri URI");
   if (o->socket && o->export == NULL)
     die ("--socket needs --export NAME (QEMU's name of the export)");
   if (o->uri && o->export)
     die ("--export goes with --socket; a URI names its export itself");
-  if (o->backing_format && !o->backing)
-    die ("--backing-format without --backing");
 }
 
 static const char *
@@ -467,6 +473,14 @@ main (int argc, char **argv)
   char err[1024];
 
   parse_options (argc, argv, &o);
+  if (o.check) {
+    /* What can be checked without QEMU: OUTPUT, PREV. */
+    job.out = output_check (&o, 0, false, err, sizeof err);
+    if (job.out == NULL)
+      die ("%s", err);
+    output_free (job.out);
+    return 0;
+  }
   install_signals ();
   ba_regions_init (&dirty);
   incremental = read_source (&o, &dirty, &size);

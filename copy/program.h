@@ -35,6 +35,7 @@ struct options {
   bool progress;                /* --progress */
   uint64_t bandwidth;           /* --bandwidth-limit, bytes/s; 0: none */
   const char *status;           /* --status FILE */
+  bool check;                   /* --check: OUTPUT and PREV only */
 };
 
 extern const char *progname;
