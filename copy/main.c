@@ -323,20 +323,9 @@ catch_stop_signals (void)
   sigaction (SIGTERM, &sa, NULL);
 }
 
-static void
-progress (struct job *job)
-{
-  struct ba_copy_stats st;
-
-  if (!job->o->progress)
-    return;
-  ba_copy_get_stats (job->copy, &st);
-  fprintf (stderr, "%s: %3.0f%% (%" PRIu64 " of %" PRIu64 " MiB)%c",
-           progname, st.total ? 100.0 * st.done / st.total : 100.0,
-           st.done >> 20, st.total >> 20, isatty (2) ? '\r' : '\n');
-}
-
-/* The counters as JSON into --status FILE (through a temporary file). */
+/* The counters as JSON into --status FILE (through a temporary file):
+ * complete only at the end of a copy that succeeded.
+ */
 static void
 write_status (const struct options *o, const struct ba_copy_stats *st,
               bool incremental, bool ok, double secs)
@@ -353,6 +342,7 @@ write_status (const struct options *o, const struct ba_copy_stats *st,
   json_object_object_add (j, key, json_object_new_int64 ((int64_t) (v)))
   ADD ("bytes-total", st->total);
   ADD ("bytes-done", st->done);
+  ADD ("bytes-left", st->total - st->done);
   ADD ("bytes-read", st->bytes_read);
   ADD ("bytes-data", st->bytes_data);
   ADD ("bytes-zeroes", st->bytes_zeroes);
@@ -369,6 +359,25 @@ write_status (const struct options *o, const struct ba_copy_stats *st,
     warn ("--status %s: cannot write it", o->status);
   free (tmp);
   json_object_put (j);
+}
+
+/* Once a second while the copy runs: the share done (--progress) and
+ * the status file.
+ */
+static void
+progress (struct job *job)
+{
+  const struct options *o = job->o;
+  struct ba_copy_stats st;
+
+  ba_copy_get_stats (job->copy, &st);
+  if (o->status)
+    write_status (o, &st, job->incremental, false,
+                  (now_ns () - job->t0) / 1e9);
+  if (o->progress)
+    fprintf (stderr, "%s: %3.0f%% (%" PRIu64 " of %" PRIu64 " MiB)%c",
+             progname, st.total ? 100.0 * st.done / st.total : 100.0,
+             st.done >> 20, st.total >> 20, isatty (2) ? '\r' : '\n');
 }
 
 static void
@@ -498,7 +507,8 @@ main (int argc, char **argv)
   pthread_cond_init (&job.cond, NULL);
   catch_stop_signals ();
 
-  t0 = now_ns ();
+  job.incremental = incremental;
+  t0 = job.t0 = now_ns ();
   ok = copy_all (&job, incremental);
   if (!ok)
     output_abort (job.out);

@@ -113,6 +113,8 @@ struct job {
   struct output *out;
   struct rate *rate;            /* NULL: no limit */
   bool extents;                 /* ask QEMU for zero runs */
+  bool incremental;             /* for the status file */
+  int64_t t0;                   /* when the copy started */
   int wake_fd;                  /* eventfd: readable once all must stop */
   pthread_mutex_t lock;         /* guards running */
   pthread_cond_t cond;
