@@ -121,7 +121,7 @@ parse_bool (const char *what, const char *s)
 static const char *
 parse_format (const char *what, const char *s)
 {
-  if (strcmp (s, "qcow2") && strcmp (s, "raw"))
+  if (strcmp (s, "qcow2") != 0 && strcmp (s, "raw") != 0)
     die ("%s %s: qcow2 or raw", what, s);
   return s;
 }

@@ -283,7 +283,7 @@ open_qcow2 (struct output *out, unsigned n, char *err, size_t len)
     snprintf (err, len, "qemu-img create %s: %s", out->part, buf);
     return -1;
   }
-  out->h = calloc (n, sizeof *out->h);
+  out->h = calloc (n, sizeof (struct nbd_handle *));
   if (out->h == NULL) {
     snprintf (err, len, "out of memory");
     return -1;

@@ -56,19 +56,19 @@ struct trim {
 struct worker {
   struct job *job;
   pthread_t thread;
-  unsigned slot;                /* its connection in the pool */
   struct nbd_handle *src, *dst; /* dst NULL: a raw file */
   struct cmd *cmds;
-  unsigned depth, busy, trims;  /* trims: in flight */
-  unsigned *ready, nready;      /* completed, for the loop */
+  unsigned *ready;              /* completed, for the loop */
   struct ba_copy_split split;
-  bool splitting, more;
   struct ba_copy_req next;      /* from the plan, not issued yet */
-  bool have_next;
   int64_t next_at;              /* when the bandwidth limit lets it go */
   int64_t stopped_at, last_flush;
-  bool abandoned;               /* left requests in flight */
   struct ba_regions zero, due;
+  unsigned slot;                /* its connection in the pool */
+  unsigned depth, busy, trims;  /* trims: in flight */
+  unsigned nready;
+  bool splitting, more, have_next;
+  bool abandoned;               /* left requests in flight */
 };
 
 void

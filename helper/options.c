@@ -97,14 +97,18 @@ static void
 parse_copy_into (struct opts *o, const char *arg)
 {
   struct copy_into *c = &o->copies[o->ncopies++];
-  char *s = strdup (arg), *eq = strchr (s, '='), *key;
+  char *s = strdup (arg), *eq, *key;
+
+  if (s == NULL)
+    die ("out of memory");
+  eq = strchr (s, '=');
 
   if (eq == NULL || eq == s || eq[1] == '\0' || eq[1] == ',')
     die ("--copy-into %s: DEVICE=FILE[,backing=PREV][,backing-format=FMT]",
          arg);
   *eq = '\0';
   check_name ("--copy-into device", s, false);
-  c->device = strdup (s);
+  c->device = xasprintf ("%s", s);
   key = strchr (eq + 1, ',');
   if (key)
     *key++ = '\0';
@@ -134,11 +138,12 @@ static void
 add_copied_devices (struct setup_opts *so, const struct opts *o)
 {
   for (int i = 0; i < o->ncopies; i++) {
-    bool listed = false;
-    for (int j = 0; j < so->ndevs; j++)
-      listed = listed || strcmp (so->devs[j], o->copies[i].device) == 0;
+    char *dev = o->copies[i].device;
+    bool listed = dev == NULL;
+    for (int j = 0; j < so->ndevs && !listed; j++)
+      listed = so->devs[j] && strcmp (so->devs[j], dev) == 0;
     if (!listed)
-      so->devs[so->ndevs++] = o->copies[i].device;
+      so->devs[so->ndevs++] = dev;
   }
 }
 
