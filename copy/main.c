@@ -49,15 +49,21 @@ const char *progname = "backupaccess-copy";
 #define CONNECTIONS_DEFAULT 2
 #define REQUESTS_DEFAULT 16
 
+static void
+vwarn (const char *fmt, va_list ap)
+{
+  fprintf (stderr, "%s: ", progname);
+  vfprintf (stderr, fmt, ap);
+  fputc ('\n', stderr);
+}
+
 void
 warn (const char *fmt, ...)
 {
   va_list ap;
 
   va_start (ap, fmt);
-  fprintf (stderr, "%s: ", progname);
-  vfprintf (stderr, fmt, ap);
-  fputc ('\n', stderr);
+  vwarn (fmt, ap);
   va_end (ap);
 }
 
@@ -67,9 +73,7 @@ die (const char *fmt, ...)
   va_list ap;
 
   va_start (ap, fmt);
-  fprintf (stderr, "%s: ", progname);
-  vfprintf (stderr, fmt, ap);
-  fputc ('\n', stderr);
+  vwarn (fmt, ap);
   va_end (ap);
   exit (1);
 }
@@ -260,12 +264,6 @@ parse_options (int argc, char **argv, struct options *o)
     die ("--export goes with --socket; a URI names its export itself");
 }
 
-static const char *
-source_name (const struct options *o)
-{
-  return o->uri ? o->uri : o->export;
-}
-
 /* QEMU's disk: its size and, with --bitmap, the dirty regions.  Returns
  * whether the backup is incremental (some bytes are clean).  Dies on
  * bad input, before anything is made.
@@ -321,78 +319,6 @@ catch_stop_signals (void)
 
   sigaction (SIGINT, &sa, NULL);
   sigaction (SIGTERM, &sa, NULL);
-}
-
-/* The counters as JSON into --status FILE (through a temporary file):
- * complete only at the end of a copy that succeeded.
- */
-static void
-write_status (const struct options *o, const struct ba_copy_stats *st,
-              bool incremental, bool ok, double secs)
-{
-  json_object *j = json_object_new_object ();
-  char *tmp;
-
-  json_object_object_add (j, "output", json_object_new_string (o->output));
-  json_object_object_add (j, "kind", json_object_new_string
-                          (incremental ? "incremental" : "full"));
-  json_object_object_add (j, "complete", json_object_new_boolean (ok));
-  json_object_object_add (j, "broken", json_object_new_boolean (st->broken));
-#define ADD(key, v) \
-  json_object_object_add (j, key, json_object_new_int64 ((int64_t) (v)))
-  ADD ("bytes-total", st->total);
-  ADD ("bytes-done", st->done);
-  ADD ("bytes-left", st->total - st->done);
-  ADD ("bytes-read", st->bytes_read);
-  ADD ("bytes-data", st->bytes_data);
-  ADD ("bytes-zeroes", st->bytes_zeroes);
-  ADD ("bytes-skipped", st->bytes_skipped);
-  ADD ("bytes-discarded", st->bytes_discarded);
-  ADD ("bytes-discarded-clean", st->clean_discarded);
-  ADD ("trims", st->trims_sent);
-  ADD ("trim-errors", st->trim_errors);
-#undef ADD
-  json_object_object_add (j, "seconds", json_object_new_double (secs));
-  if (asprintf (&tmp, "%s.tmp", o->status) == -1 ||
-      json_object_to_file_ext (tmp, j, JSON_C_TO_STRING_PRETTY) == -1 ||
-      rename (tmp, o->status) == -1)
-    warn ("--status %s: cannot write it", o->status);
-  free (tmp);
-  json_object_put (j);
-}
-
-/* Once a second while the copy runs: the share done (--progress) and
- * the status file.
- */
-static void
-progress (struct job *job)
-{
-  const struct options *o = job->o;
-  struct ba_copy_stats st;
-
-  ba_copy_get_stats (job->copy, &st);
-  if (o->status)
-    write_status (o, &st, job->incremental, false,
-                  (now_ns () - job->t0) / 1e9);
-  if (o->progress)
-    fprintf (stderr, "%s: %3.0f%% (%" PRIu64 " of %" PRIu64 " MiB)%c",
-             progname, st.total ? 100.0 * st.done / st.total : 100.0,
-             st.done >> 20, st.total >> 20, isatty (2) ? '\r' : '\n');
-}
-
-static void
-summary (const struct options *o, const struct ba_copy_stats *st,
-         bool incremental, double secs)
-{
-  warn ("%s: %s backup of %s complete: %" PRIu64 " bytes, %" PRIu64
-        " read from QEMU, %" PRIu64 " written as data, %" PRIu64
-        " as zeroes, %" PRIu64 " left as holes; %" PRIu64 " bytes "
-        "discarded in QEMU in %" PRIu64 " trims, %" PRIu64 " trim errors; "
-        "%.2f s, %.0f MiB/s", o->output,
-        incremental ? "incremental" : "full", source_name (o), st->total,
-        st->bytes_read, st->bytes_data, st->bytes_zeroes, st->bytes_skipped,
-        st->bytes_discarded, st->trims_sent, st->trim_errors, secs,
-        secs > 0 ? st->total / secs / 1048576 : 0.0);
 }
 
 /* The pool of connections to QEMU, one per worker (and base:allocation
@@ -455,7 +381,7 @@ copy_all (struct job *job, bool incremental)
       send_trims_sync (job, &trims, true);
   }
   job->extents = o->extents && ba_upstream_can_meta_context (job->src);
-  run_workers (job, progress);
+  run_workers (job, report_progress);
   if (ba_copy_complete (job->copy)) {
     /* The last discards, then the image to stable storage. */
     if (o->discard && ba_copy_flush_trims (job->copy, &trims) == 0)
@@ -475,10 +401,8 @@ main (int argc, char **argv)
   struct options o;
   struct ba_regions dirty;
   struct job job = { .o = &o };
-  struct ba_copy_stats st;
   uint64_t size;
   bool incremental, ok;
-  int64_t t0;
   char err[1024];
 
   parse_options (argc, argv, &o);
@@ -508,22 +432,13 @@ main (int argc, char **argv)
   catch_stop_signals ();
 
   job.incremental = incremental;
-  t0 = job.t0 = now_ns ();
+  job.t0 = now_ns ();
   ok = copy_all (&job, incremental);
   if (!ok)
     output_abort (job.out);
   workers_free (&job);
   ba_upstream_close (job.src);
-  ba_copy_get_stats (job.copy, &st);
-  if (o.status)
-    write_status (&o, &st, incremental, ok, (now_ns () - t0) / 1e9);
-  if (ok)
-    summary (&o, &st, incremental, (now_ns () - t0) / 1e9);
-  else {
-    ba_copy_failed (job.copy, err, sizeof err);
-    warn ("the backup of %s failed: %s; %s was not written", source_name (&o),
-          err, o.output);
-  }
+  report_end (&job, ok);
   output_free (job.out);
   ba_copy_free (job.copy);
   rate_free (job.rate);

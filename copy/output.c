@@ -330,9 +330,27 @@ output_handle (struct output *out, unsigned i)
 }
 
 int
-output_fd (const struct output *out)
+output_write (struct output *out, const char *buf, uint64_t len,
+              uint64_t offset, bool zeroes)
 {
-  return out->fd;
+  uint64_t done = 0;
+  ssize_t r;
+
+  if (zeroes)
+    return fallocate (out->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      (off_t) offset, (off_t) len);
+  while (done < len) {
+    r = pwrite (out->fd, buf + done, len - done, (off_t) (offset + done));
+    if (r == -1 && errno == EINTR)
+      continue;
+    if (r <= 0) {
+      if (r == 0)
+        errno = EIO;
+      return -1;
+    }
+    done += r;
+  }
+  return 0;
 }
 
 /* Closes the connections; the last one stops qemu-nbd. */

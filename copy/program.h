@@ -2,7 +2,8 @@
 /* backupaccess-copy: what its units share.  main.c reads the options
  * and runs the copy, output.c makes the backup image, worker.c copies
  * (threads, each with a connection to QEMU and one to the destination),
- * rate.c is the bandwidth limit.
+ * qemu.c asks QEMU for zero runs and discards, rate.c is the bandwidth
+ * limit, report.c tells how it goes.
  */
 #ifndef BACKUPACCESS_COPY_PROGRAM_H
 #define BACKUPACCESS_COPY_PROGRAM_H
@@ -67,9 +68,14 @@ bool output_is_zero (const struct output *out);
  */
 int output_open (struct output *out, unsigned n, char *err, size_t len);
 
-/* Connection i to qemu-nbd, or NULL for a raw file (output_fd). */
+/* Connection i to qemu-nbd, or NULL for a raw file (output_write). */
 struct nbd_handle *output_handle (struct output *out, unsigned i);
-int output_fd (const struct output *out);
+
+/* Writes len bytes of buf at offset into the raw file (zeroes: a hole
+ * instead).  Returns 0, or -1 with errno.
+ */
+int output_write (struct output *out, const char *buf, uint64_t len,
+                  uint64_t offset, bool zeroes);
 
 /* The image flushed to stable storage, qemu-nbd stopped, and OUTPUT.part
  * renamed to OUTPUT (never over a file that appeared meanwhile).
@@ -141,9 +147,33 @@ void workers_free (struct job *job);
 /* Wakes every worker: the copy failed, or a signal came. */
 void job_wake (struct job *job);
 
-/* Sends QEMU the trims in *trims (whole clusters) on an idle connection
- * of the pool, and clears it.
+/* ---- report.c: what the copy tells ---- */
+
+/* QEMU's export, for messages. */
+const char *source_name (const struct options *o);
+
+/* Once a second while the copy runs: --progress, --status FILE. */
+void report_progress (struct job *job);
+
+/* At the end: --status FILE, and the summary or why it failed. */
+void report_end (struct job *job, bool ok);
+
+/* ---- qemu.c: what the copy asks QEMU besides reads ---- */
+
+/* The runs of chunk (all dirty) that read as zeroes, from block status
+ * on h, into *zero (empty if QEMU does not say).  Returns 0, or -1 with
+ * libnbd's errno in *err and the offset it failed at in *at.
  */
+int zero_runs (struct nbd_handle *h, const struct ba_range *chunk,
+               struct ba_regions *zero, int *err, uint64_t *at);
+
+/* Sends QEMU the trims in *trims (whole clusters), and clears it: with
+ * aio on h, counting them in *in_flight until they complete; or
+ * synchronously on an idle connection of the pool (clean: discards of
+ * clean clusters).
+ */
+void send_trims (struct job *job, struct nbd_handle *h,
+                 struct ba_regions *trims, unsigned *in_flight);
 void send_trims_sync (struct job *job, struct ba_regions *trims, bool clean);
 
 #endif /* BACKUPACCESS_COPY_PROGRAM_H */

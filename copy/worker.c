@@ -2,7 +2,7 @@
 /* The copy of backupaccess-copy: worker threads, each with its own
  * connection to QEMU (from lib/upstream.c's pool) and to the
  * destination.  A worker takes chunks of the copy set from lib/copy.c,
- * asks QEMU which runs of a chunk read as zeroes, and keeps up to
+ * asks QEMU which runs of a chunk read as zeroes (qemu.c), and keeps up to
  * --requests requests in flight with libnbd's aio calls, driven by poll
  * in its own thread as nbdcopy does: each read, once complete, is
  * written from the same buffer, and only once that write has completed
@@ -25,8 +25,6 @@
 
 #include "program.h"
 
-/* The longest trim sent (libnbd takes less than 4 GiB). */
-#define TRIM_MAX ((uint64_t) 1 << 30)
 /* How long a worker waits for its requests in flight once the copy has
  * failed, before it leaves them.
  */
@@ -46,11 +44,6 @@ struct cmd {
   enum ba_copy_write kind;
   int err;                      /* the completion's, 0: none */
   char *buf;
-};
-
-struct trim {
-  struct worker *w;
-  uint64_t count;
 };
 
 struct worker {
@@ -111,20 +104,6 @@ cmd_done (void *opaque, int *error)
   return 1;
 }
 
-static int
-trim_done (void *opaque, int *error)
-{
-  struct trim *t = opaque;
-
-  t->w->trims--;
-  ba_copy_trimmed (t->w->job->copy, t->count, *error == 0, false);
-  if (*error)
-    warn ("a discard of %" PRIu64 " bytes in QEMU failed: %s (the fleecing "
-          "image keeps them)", t->count, strerror (*error));
-  free (t);
-  return 1;
-}
-
 static bool
 stopping (struct worker *w)
 {
@@ -156,33 +135,6 @@ dest_failed (struct worker *w, const struct ba_copy_req *r, const char *why)
   job_wake (w->job);
 }
 
-/* Trims *trims in QEMU on this worker's connection, and clears it. */
-static void
-send_trims (struct worker *w, struct ba_regions *trims)
-{
-  uint64_t cluster = w->job->o->cluster;
-
-  for (size_t i = 0; i < trims->n; i++) {
-    uint64_t s = trims->r[i].start, e = trims->r[i].end, n;
-    for (; s < e; s += n) {
-      struct trim *t = malloc (sizeof *t);
-      nbd_completion_callback cb = { .callback = trim_done, .user_data = t };
-
-      n = ba_trim_piece (s, e, cluster, TRIM_MAX);
-      if (t == NULL)
-        break;                  /* fleecing space, never data */
-      *t = (struct trim) { .w = w, .count = n };
-      w->trims++;
-      if (nbd_aio_trim (w->src, n, s, cb, 0) == -1) {
-        w->trims--;
-        ba_copy_trimmed (w->job->copy, n, false, false);
-        free (t);
-      }
-    }
-  }
-  ba_regions_clear (trims);
-}
-
 /* The destination holds c now. */
 static void
 cmd_complete (struct worker *w, struct cmd *c)
@@ -190,30 +142,16 @@ cmd_complete (struct worker *w, struct cmd *c)
   if (ba_copy_done (w->job->copy, &c->r, c->kind, &w->due) == -1)
     warn ("out of memory: some clusters will not be discarded");
   free_cmd (w, c);
-  send_trims (w, &w->due);
+  send_trims (w->job, w->src, &w->due, &w->trims);
 }
 
+/* Into the raw file, synchronously (as nbdcopy writes files). */
 static void
 write_file (struct worker *w, struct cmd *c)
 {
-  int fd = output_fd (w->job->out);
-  uint64_t done = 0;
-  ssize_t r = 0;
-
-  if (c->kind == BA_COPY_WRITE_ZEROES)
-    r = fallocate (fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                   (off_t) c->r.offset, c->r.len);
-  else
-    while (done < c->r.len && r != -1)
-      if ((r = pwrite (fd, c->buf + done, c->r.len - done,
-                       (off_t) (c->r.offset + done))) > 0)
-        done += r;
-      else if (r == 0 || errno != EINTR)
-        r = -1;
-      else
-        r = 0;
-  if (r == -1) {
-    dest_failed (w, &c->r, strerror (errno ? errno : EIO));
+  if (output_write (w->job->out, c->buf, c->r.len, c->r.offset,
+                    c->kind == BA_COPY_WRITE_ZEROES) == -1) {
+    dest_failed (w, &c->r, strerror (errno));
     free_cmd (w, c);
     return;
   }
@@ -292,60 +230,24 @@ handle_ready (struct worker *w)
   }
 }
 
-struct extent_ctx {
-  struct ba_regions *zero;
-  uint64_t pos, end;
-  bool oom;
-};
-
-static int
-extent_cb (void *opaque, const char *context, uint64_t offset,
-           uint32_t *entries, size_t nr, int *error)
-{
-  struct extent_ctx *x = opaque;
-
-  if (strcmp (context, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0)
-    return 0;
-  for (size_t i = 0; i + 1 < nr && offset < x->end; i += 2) {
-    uint64_t e = offset + entries[i] < x->end ? offset + entries[i] : x->end;
-    if ((entries[i + 1] & LIBNBD_STATE_ZERO) && e > x->pos &&
-        ba_regions_append (x->zero, offset > x->pos ? offset : x->pos,
-                           e) == -1)
-      x->oom = true;
-    offset = e;
-  }
-  if (offset > x->pos)
-    x->pos = offset;
-  return 0;
-}
-
-/* Which runs of chunk read as zeroes, from QEMU's block status (one
- * request is read whole: asking would cost as much).  Returns 0, or -1
- * when the copy failed.
+/* Which runs of chunk read as zeroes (one request is read whole:
+ * asking would cost as much).  Returns 0, or -1 when the copy failed.
  */
 static int
-zero_runs (struct worker *w, const struct ba_range *chunk)
+chunk_zero_runs (struct worker *w, const struct ba_range *chunk)
 {
-  struct extent_ctx x = { .zero = &w->zero, .pos = chunk->start,
-                          .end = chunk->end };
-  nbd_extent_callback cb = { .callback = extent_cb, .user_data = &x };
+  uint64_t at;
+  int e;
 
   ba_regions_clear (&w->zero);
   if (!w->job->extents || chunk->end - chunk->start <= w->job->o->request_size)
     return 0;
-  while (x.pos < chunk->end && !x.oom) {
-    uint64_t before = x.pos;
-    if (nbd_block_status (w->src, chunk->end - x.pos, x.pos, cb, 0) == -1) {
-      const struct ba_copy_req r = { .offset = x.pos,
-        .len = (uint32_t) (chunk->end - x.pos) };
-      source_failed (w, nbd_get_errno (), "block status", &r);
-      return -1;
-    }
-    if (x.pos == before)
-      break;                    /* no answer: read it all */
+  if (zero_runs (w->src, chunk, &w->zero, &e, &at) == -1) {
+    const struct ba_copy_req r = { .offset = at,
+                                   .len = (uint32_t) (chunk->end - at) };
+    source_failed (w, e, "block status", &r);
+    return -1;
   }
-  if (x.oom)
-    ba_regions_clear (&w->zero);
   return 0;
 }
 
@@ -358,7 +260,7 @@ next_request (struct worker *w)
 
   while (!w->splitting || !ba_copy_split_next (&w->split, &w->next)) {
     w->splitting = false;
-    if (!ba_copy_next_chunk (copy, &chunk) || zero_runs (w, &chunk) == -1)
+    if (!ba_copy_next_chunk (copy, &chunk) || chunk_zero_runs (w, &chunk) == -1)
       return false;
     ba_copy_split_init (&w->split, copy, &chunk, &w->zero);
     w->splitting = true;
@@ -416,7 +318,8 @@ notify (struct nbd_handle *h, short revents)
 
 /* Waits for the connections (and, until the copy stops, the wake-up),
  * at most until the bandwidth limit lets the next request go or a
- * second.  Returns -1 when a connection has no socket any more.
+ * second.  Returns -1, the copy failed, when a connection has no socket
+ * any more.
  */
 static int
 wait_events (struct worker *w)
@@ -428,8 +331,11 @@ wait_events (struct worker *w)
 
   for (int i = 0; i < 2 && hs[i]; i++) {
     int fd = nbd_aio_get_fd (hs[i]);
-    if (fd == -1)
+    if (fd == -1) {
+      ba_copy_fail (w->job->copy, "the connection to %s is lost: %s",
+                    i == 0 ? "QEMU" : "qemu-nbd", nbd_get_error ());
       return -1;
+    }
     fds[n++] = (struct pollfd) { .fd = fd, .events = events_of (hs[i]) };
   }
   if (!stopping (w))
@@ -454,7 +360,7 @@ flush_batch (struct worker *w)
     return;
   w->last_flush = now;
   ba_copy_flush_trims (w->job->copy, &w->due);
-  send_trims (w, &w->due);
+  send_trims (w->job, w->src, &w->due, &w->trims);
 }
 
 static void *
@@ -474,10 +380,11 @@ worker_main (void *arg)
       break;
     if (stop && w->stopped_at == 0)
       w->stopped_at = now_ns ();
+    if (stop && now_ns () - w->stopped_at > DRAIN_NS)
+      warn ("requests to QEMU or qemu-nbd did not end in %d s: left",
+            (int) (DRAIN_NS / SECOND_NS));
     if ((stop && now_ns () - w->stopped_at > DRAIN_NS) ||
         wait_events (w) == -1) {
-      ba_copy_fail (w->job->copy, "the connection to QEMU or to the "
-                    "destination is gone");
       w->abandoned = true;
       break;
     }
@@ -596,24 +503,4 @@ workers_free (struct job *job)
   }
   free (job->workers);
   job->workers = NULL;
-}
-
-void
-send_trims_sync (struct job *job, struct ba_regions *trims, bool clean)
-{
-  char err[512];
-
-  for (size_t i = 0; i < trims->n; i++) {
-    uint64_t s = trims->r[i].start, e = trims->r[i].end, n;
-    for (; s < e; s += n) {
-      bool ok;
-      n = ba_trim_piece (s, e, job->o->cluster, TRIM_MAX);
-      ok = ba_upstream_trim (job->src, n, s, err, sizeof err) == 0;
-      if (!ok)
-        warn ("a discard in QEMU failed: %s (the fleecing image keeps it)",
-              err);
-      ba_copy_trimmed (job->copy, n, ok, clean);
-    }
-  }
-  ba_regions_clear (trims);
 }
