@@ -33,6 +33,7 @@
   "                  [--discard[=BOOL]] [--discard-clean]\n" \
   "                  [--bandwidth-limit BYTES_PER_S] [--connections N]\n" \
   "                  [--requests N] [--request-size SIZE] [--no-extents]\n" \
+  "                  [--trim-batch SIZE]\n" \
   "                  [--progress] [--status FILE] OUTPUT\n" \
   "backupaccess-copy --check [--backing PREV [--backing-format FMT]]\n" \
   "                  [--format qcow2|raw] OUTPUT\n" \
@@ -45,7 +46,7 @@
 const char *progname = "backupaccess-copy";
 
 /* Trims are batched like the filter's (backupaccess-trim-batch). */
-#define TRIM_BATCH ((uint64_t) 4 << 20)
+#define TRIM_BATCH_DEFAULT ((uint64_t) 4 << 20)
 #define CONNECTIONS_DEFAULT 2
 #define REQUESTS_DEFAULT 16
 
@@ -150,6 +151,7 @@ enum {
   OPT_BACKING_FORMAT, OPT_FORMAT, OPT_CLUSTER, OPT_DISCARD,
   OPT_DISCARD_CLEAN, OPT_BANDWIDTH, OPT_CONNECTIONS, OPT_REQUESTS,
   OPT_REQUEST_SIZE, OPT_NO_EXTENTS, OPT_PROGRESS, OPT_STATUS, OPT_CHECK,
+  OPT_TRIM_BATCH,
   OPT_HELP, OPT_VERSION,
 };
 
@@ -169,6 +171,7 @@ static const struct option long_options[] = {
   { "requests", required_argument, NULL, OPT_REQUESTS },
   { "request-size", required_argument, NULL, OPT_REQUEST_SIZE },
   { "no-extents", no_argument, NULL, OPT_NO_EXTENTS },
+  { "trim-batch", required_argument, NULL, OPT_TRIM_BATCH },
   { "progress", no_argument, NULL, OPT_PROGRESS },
   { "status", required_argument, NULL, OPT_STATUS },
   { "check", no_argument, NULL, OPT_CHECK },
@@ -216,6 +219,7 @@ set_option (struct options *o, int c, const char *arg)
       die ("--request-size %s: %s", arg, BA_UPSTREAM_PIECE_RULE);
     break;
   case OPT_NO_EXTENTS: o->extents = false; break;
+  case OPT_TRIM_BATCH: o->trim_batch = parse_size ("--trim-batch", arg); break;
   case OPT_PROGRESS: o->progress = true; break;
   case OPT_STATUS: o->status = arg; break;
   case OPT_CHECK: o->check = true; break;
@@ -230,7 +234,7 @@ parse_options (int argc, char **argv, struct options *o)
   *o = (struct options) {
     .cluster = BA_CLUSTER_DEFAULT, .request_size = BA_UPSTREAM_PIECE_DEFAULT,
     .connections = CONNECTIONS_DEFAULT, .requests = REQUESTS_DEFAULT,
-    .discard = true, .extents = true,
+    .discard = true, .extents = true, .trim_batch = TRIM_BATCH_DEFAULT,
   };
   while ((c = getopt_long (argc, argv, "", long_options, NULL)) != -1) {
     if (c == OPT_HELP) {
@@ -354,7 +358,7 @@ new_copy (const struct options *o, const struct ba_regions *dirty,
     .disk_size = size, .dirty = o->bitmap ? dirty : NULL,
     .cluster_size = o->cluster, .request_size = o->request_size,
     .destination_is_zero = zero, .discard = o->discard,
-    .trim_batch = TRIM_BATCH,
+    .trim_batch = o->trim_batch,
   };
   struct ba_copy *copy = ba_copy_new (&cfg);
 

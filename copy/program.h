@@ -35,6 +35,7 @@ struct options {
   bool extents;                 /* not --no-extents */
   bool progress;                /* --progress */
   uint64_t bandwidth;           /* --bandwidth-limit, bytes/s; 0: none */
+  uint64_t trim_batch;          /* --trim-batch */
   const char *status;           /* --status FILE */
   bool check;                   /* --check: OUTPUT and PREV only */
 };

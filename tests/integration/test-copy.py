@@ -14,7 +14,9 @@ graph of tests/lib/qemu_fixture.py), while the guest writes:
   fleecing image is small at the end) or nothing with --discard=false;
 - failures: the snapshot breaks half-way (copy-before-write into a
   fleecing image that fails every write), QEMU killed half-way, the
-  destination's file system full, SIGTERM: each exits 1 with its reason,
+  destination's file system full (half-way, and at the first write: what
+  was read but not written is not discarded), SIGTERM: each exits 1 with
+  its reason,
   and neither OUTPUT nor OUTPUT.part is left; a copy killed outright
   leaves OUTPUT.part, which the next copy replaces, and one still
   running keeps it;
@@ -274,17 +276,54 @@ def qemu_gone_and_signals(tmp):
         finish(p, status, "connection to QEMU is lost", "QEMU killed", out)
 
 
+def readable(f, offset, count):
+    """Whether QEMU still lets [offset, +count) be read (not discarded)."""
+    h = nbd.NBD()
+    h.set_export_name("snap")
+    h.connect_unix(f.nbd_path)
+    try:
+        h.pread(count, offset)
+        return True
+    except nbd.Error:
+        return False
+    finally:
+        h.shutdown()
+
+
+def first_write_fails(tmp, tiny):
+    """The first write of all fails (a 128K file system, one request at a
+    time, every discard sent at once): the copy read it, but QEMU must
+    still hold it."""
+    with Fleecing(SIZE, tmpdir=os.path.join(tmp, "qsd-tiny")) as f:
+        f.guest_write(0, rng.randbytes(SIZE))
+        f.snapshot(bitmap=False)
+        out = os.path.join(tiny, "full.raw")
+        r, st = copy(f, out, "--connections=1", "--requests=1",
+                     "--trim-batch=0", "--no-extents", ok=False)
+        check(r.returncode == 1 and "No space left" in r.stderr,
+              "the first write fails: %d %s" % (r.returncode, r.stderr))
+        no_output(out, "the first write fails")
+        check(st["bytes-done"] == 0 and st["bytes-discarded"] == 0 and
+              readable(f, 0, 256 * K), "read but not written, and "
+              "discarded all the same: %s" % st)
+
+
 def destination_full(tmp):
     """OUTPUT on a file system that fills up: the copy fails, and QEMU
     still holds what was not written."""
     small = os.path.join(tmp, "small")
+    tiny = os.path.join(tmp, "tiny")
     os.mkdir(small)
+    os.mkdir(tiny)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700",
                         "tmpfs", small], capture_output=True, text=True)
     if r.returncode != 0:
         print("destination full: SKIPPED, no tmpfs: %s" % r.stderr.strip())
         return
     try:
+        run(["mount", "-t", "tmpfs", "-o", "size=128k,mode=0700", "tmpfs",
+             tiny])
+        first_write_fails(tmp, tiny)
         with Fleecing(SIZE, tmpdir=os.path.join(tmp, "qsd-full")) as f:
             f.guest_write(0, rng.randbytes(SIZE))
             f.snapshot(bitmap=False)
@@ -296,13 +335,11 @@ def destination_full(tmp):
             check(st["bytes-discarded"] <= st["bytes-done"] < SIZE,
                   "discarded what was not written: %s" % st)
             # What was not written is still there to read.
-            h = nbd.NBD()
-            h.set_export_name("snap")
-            h.connect_unix(f.nbd_path)
-            h.pread(64 * K, SIZE - 64 * K - 12 * K)
-            h.shutdown()
+            check(readable(f, SIZE - 64 * K - 12 * K, 64 * K),
+                  "the end of the disk was discarded")
     finally:
-        subprocess.run(["umount", small], capture_output=True)
+        for d in (tiny, small):
+            subprocess.run(["umount", d], capture_output=True)
 
 
 def bad_input(tmp, full):
