@@ -127,11 +127,12 @@ def open_gate(env, p, timeout=120):
         time.sleep(0.05)
 
 
-def backup(env, text, ref, name, signal_when=None):
+def backup(env, text, ref, name, signal_when=None, guest_writes=True):
     """Runs one example command as vzdump would take the backup; the
     reference is copied while the VM is paused, the copy goes on only
-    once the guest has written and trimmed after the setup.  Returns
-    (exit status, stderr)."""
+    once the guest has written and trimmed after the setup (unless its
+    workload is stopped: not guest_writes).  Returns (exit status,
+    stderr)."""
     g = env.g
     err = open(os.path.join(env.tmp, name + ".stderr"), "w+")
     at = g.freeze()
@@ -145,8 +146,9 @@ def backup(env, text, ref, name, signal_when=None):
         g.qmp.cmd("cont")
         g.thaw()
     if gate is not None:
-        s = gb.wait_progress(g, at, "trims", 1)
-        gb.wait_progress(g, s, "rounds", 5)
+        if guest_writes:
+            s = gb.wait_progress(g, at, "trims", 1)
+            gb.wait_progress(g, s, "rounds", 5)
         os.write(gate, b"go\n")
         os.close(gate)
         if signal_when:
@@ -217,8 +219,9 @@ def bad_input(env, cmds):
          "unknown or repeated 'size'"),
         (base + "--copy-into =%s" % env.path("n.qcow2"), "DEVICE=FILE"),
     ]
+    ungated = dict(env.env, BACKUPACCESS_COPY=COPY)
     for text, want in cases:
-        r = subprocess.run(["sh", "-c", text], env=env.env,
+        r = subprocess.run(["sh", "-c", text], env=ungated,
                            capture_output=True, text=True, timeout=120)
         check(r.returncode != 0 and want in r.stderr and
               "tearing down" not in r.stderr,
@@ -256,18 +259,27 @@ def main(q, tmp):
         bad_input(env, cmds)
 
         # Interrupted, and refused without a backing file: both fail,
-        # neither leaves a file, the bitmap keeps every change.
+        # neither leaves a file, the bitmap keeps every change.  The
+        # guest's workload stops, and a write of its own marks a region
+        # that nothing writes again: only the bitmap can bring it into
+        # the next incremental.
+        g.stop_workload()
+        mark = SIZE - (2 << 20)
+        g.qmp.cmd("human-monitor-command", **{"command-line":
+                  'qemu-io -d /machine/peripheral/%s/virtio-backend '
+                  '"write -P 0x5a %d 1M"' % (g.disks[0].qdev, mark)})
         third = env.command(builtin[1].replace("drive0-2", "drive0-3")
                             .replace("drive0-1", "drive0-2"))
         part = env.path("drive0-3.qcow2.part")
         rc, out = backup(env, third + " --bandwidth-limit 64K", ref[0],
-                         "interrupted", when_copying(part))
+                         "interrupted", when_copying(part), False)
         check(rc != 0 and "interrupted by a signal" in out and
               "tearing down with failure" in out, "SIGTERM: %d" % rc)
         rc, out = backup(env, third.split(",backing=")[0], ref[0],
-                         "no backing file")
+                         "no backing file", guest_writes=False)
         check(rc != 0 and "give it with --backing PREV" in out,
               "an incremental without PREV: %d" % rc)
+        g.start_workload()
         check(sorted(os.listdir(env.backup)) == sorted(
             os.path.basename(env.path(n)) for n in
             ("drive0-1.qcow2", "drive0-2.qcow2")),
@@ -276,6 +288,10 @@ def main(q, tmp):
                  ["backup"])
         rc, _ = backup(env, third, ref[3], "next incremental")
         check(rc == 0, "the next incremental failed")
+        with open(ref[3], "rb") as f:
+            f.seek(mark)
+            check(f.read(1 << 20) == b"\x5a" * (1 << 20),
+                  "the marking write is not on the disk")
         chain_ok(env, env.path("drive0-3.qcow2"), "qcow2", ref[3], before,
                  ["backup"])
 
