@@ -244,6 +244,18 @@ def qemu_gone_and_signals(tmp):
     with Fleecing(SIZE, tmpdir=os.path.join(tmp, "qsd-gone")) as f:
         f.guest_write(0, rng.randbytes(SIZE))
         f.snapshot(bitmap=False)
+        # A previous raw backup whose first bytes (the guest's) look like
+        # a qcow2 image naming a host file: it stays raw.
+        forged = os.path.join(tmp, "forged.raw")
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/hostname",
+             "-F", "raw", forged, str(SIZE)])
+        out = os.path.join(tmp, "on-forged.qcow2")
+        copy(f, out, "--backing", forged, "--discard=false")
+        info = json.loads(run(["qemu-img", "info", "--output=json",
+                               out]).stdout)
+        check(info.get("backing-filename-format") == "raw",
+              "a raw PREV was probed: %s" % info)
+        os.unlink(out)
         out = os.path.join(tmp, "term.qcow2")
         p, status = running_copy(f, out)
         p.send_signal(signal.SIGTERM)
