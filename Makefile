@@ -53,7 +53,7 @@ DEB_PACKAGES += busybox-static cpio e2fsprogs
 
 LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c lib/view.c \
              lib/bitmap.c lib/qmp.c lib/statefile.c lib/cluster.c \
-             lib/upstream.c
+             lib/upstream.c lib/copy.c
 LIB_HDRS   = $(wildcard lib/*.h)
 LIB_OBJS   = $(LIB_SRCS:.c=.o)
 LIB        = lib/libbackupaccess.a
@@ -63,7 +63,11 @@ HELPER     = helper/backupaccess-helper
 HELPER_SRCS = $(wildcard helper/*.c)
 HELPER_HDRS = $(wildcard helper/*.h)
 HELPER_OBJS = $(HELPER_SRCS:.c=.o)
-MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1
+COPY       = copy/backupaccess-copy
+COPY_SRCS  = $(wildcard copy/*.c)
+COPY_HDRS  = $(wildcard copy/*.h)
+COPY_OBJS  = $(COPY_SRCS:.c=.o)
+MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1 backupaccess-copy.1
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
 
@@ -71,7 +75,7 @@ UNIT_TESTS = $(UNIT_SRCS:.c=)
 .PHONY: all deps print-build-deps install uninstall check-package check check-asan check-valgrind unit-tests demo bench \
         clean lint fuzz fuzz-long install-provider uninstall-provider check-provider
 
-all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE)
+all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MANPAGE)
 
 deps:
 	@tests/deps/packages $(DEB_PACKAGES)
@@ -99,6 +103,13 @@ helper/%.o: helper/%.c $(HELPER_HDRS) $(LIB_HDRS)
 $(HELPER): $(HELPER_OBJS) $(LIB)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $(HELPER_OBJS) \
 	  $(LIB) $(shell pkg-config --libs libnbd json-c)
+
+copy/%.o: copy/%.c $(COPY_HDRS) $(LIB_HDRS)
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+$(COPY): $(COPY_OBJS) $(LIB)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $(COPY_OBJS) \
+	  $(LIB) $(shell pkg-config --libs libnbd json-c) -lpthread
 
 # @VERSION@ in a page becomes the version.
 %.1: %.pod debian/changelog
@@ -162,6 +173,7 @@ bench: deps
 	bench/bench.sh
 
 C_SOURCES = $(LIB_SRCS) filter/backupaccess.c plugin/backupaccess-plugin.c \
+            $(COPY_SRCS) \
             $(HELPER_SRCS) $(wildcard tests/fuzz/fuzz_*.c)
 
 lint:
@@ -176,7 +188,7 @@ FUZZ_CC      = clang
 FUZZ_CFLAGS  = -g -O1 -fsanitize=fuzzer,address,undefined \
                -fno-sanitize-recover=undefined -std=gnu11 -Ilib \
                $(shell pkg-config --cflags json-c)
-FUZZ_LIBSRCS = $(filter-out lib/bitmap.c lib/upstream.c,$(LIB_SRCS))
+FUZZ_LIBSRCS = $(filter-out lib/bitmap.c lib/upstream.c lib/copy.c,$(LIB_SRCS))
 FUZZERS      = $(patsubst %.c,%,$(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_SECONDS ?= 600
 
@@ -191,7 +203,7 @@ fuzz-long: fuzz
 	FUZZ_SECONDS=$(FUZZ_SECONDS) tests/integration/test-fuzz.sh
 
 clean:
-	rm -f lib/*.o helper/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
+	rm -f lib/*.o helper/*.o copy/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
 	rm -f $(FUZZERS)
 	rm -rf .san
 
@@ -207,7 +219,7 @@ MANDIR           ?= $(PREFIX)/share/man
 NBDKIT_FILTERDIR ?= $(shell pkg-config --variable=filterdir nbdkit)
 NBDKIT_PLUGINDIR ?= $(shell pkg-config --variable=plugindir nbdkit)
 INSTALLED = $(NBDKIT_FILTERDIR)/$(FILTER) $(NBDKIT_PLUGINDIR)/$(PLUGIN) \
-            $(BINDIR)/$(notdir $(HELPER)) \
+            $(BINDIR)/$(notdir $(HELPER)) $(BINDIR)/$(notdir $(COPY)) \
             $(addprefix $(MANDIR)/man1/,$(MANPAGE))
 
 install: all
@@ -215,7 +227,7 @@ install: all
 	  $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1
 	install -m 0644 $(FILTER) $(DESTDIR)$(NBDKIT_FILTERDIR)/
 	install -m 0644 $(PLUGIN) $(DESTDIR)$(NBDKIT_PLUGINDIR)/
-	install -m 0755 $(HELPER) $(DESTDIR)$(BINDIR)/
+	install -m 0755 $(HELPER) $(COPY) $(DESTDIR)$(BINDIR)/
 	install -m 0644 $(MANPAGE) $(DESTDIR)$(MANDIR)/man1/
 
 uninstall:

@@ -14,6 +14,9 @@
 #     BENCH_ROUNDS sets the rounds of both throughput parts.
 #  4. bench-scale.py: a 16 TiB export with 1,000,000 dirty extents:
 #     nbdkit start to first byte, and its resident memory.
+#  5. bench-copy.py: the built-in copy (backupaccess-copy) against
+#     nbdcopy straight from QEMU, same request size and destination, on
+#     QEMU 7.2 and 10.0.2, a fresh QEMU for every copy.
 set -euo pipefail
 export PATH=/usr/bin:$PATH
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -85,3 +88,5 @@ echo
 "$top/bench/bench-qemu.py"
 echo
 "$top/bench/bench-scale.py" 2>/dev/null
+echo
+"$top/bench/bench-copy.py"

@@ -44,11 +44,13 @@
 #define SERVE_USAGE \
   "  serve --run-dir DIR [--nbd-path SOCKET --device DEV[:BITMAP] ...\n" \
   "        [--cluster-size SIZE]] [--bandwidth-limit BYTES_PER_S]\n" \
+  "        [--clean zero|hole]\n" \
   "        [--listen HOST:PORT] [--tls-psk FILE] [--insecure-no-tls]\n" \
   "      Start nbdkit with the backupaccess filter per device, on\n" \
   "      DIR/DEV.sock (or TCP HOST:PORT, PORT+1, ..., with TLS); prints\n" \
   "      the client URIs as JSON.  Without --nbd-path it serves what\n" \
-  "      'setup' exported.\n"
+  "      'setup' exported.  --clean zero: clean regions read as zero\n" \
+  "      extents, for incremental copies into an overlay.\n"
 
 #define MOUNT_USAGE \
   "  mount --run-dir DIR\n" \
@@ -70,7 +72,13 @@
   "      setup (with --qmp) or serve, run COMMAND with\n" \
   "      BACKUPACCESS_JSON, BACKUPACCESS_RUN_DIR and BACKUPACCESS_URI_n\n" \
   "      in its environment, then teardown: --success only when COMMAND\n" \
-  "      exited 0; SIGINT/SIGTERM tear down with --failure.\n"
+  "      exited 0; SIGINT/SIGTERM tear down with --failure.\n" \
+  "  run SETUP-OPTIONS [--bandwidth-limit BYTES_PER_S]\n" \
+  "      --copy-into DEV=FILE[,backing=PREV][,backing-format=FMT] ...\n" \
+  "      setup, then backupaccess-copy of each device straight from QEMU\n" \
+  "      into FILE (a new qcow2 image, on top of the previous backup PREV\n" \
+  "      for an incremental; or a raw file), then teardown: --success\n" \
+  "      only when every copy succeeded.\n"
 
 static void
 usage (FILE *fp, int status)
@@ -172,6 +180,11 @@ cmd_teardown (struct opts *o, int argc, char **argv)
 static int
 cmd_run (struct opts *o, int argc, char **argv)
 {
+  if (o->ncopies > 0) {
+    if (optind < argc)
+      die ("run --copy-into takes no COMMAND: backupaccess-copy copies");
+    return do_run_copy (o);
+  }
   if (optind >= argc)
     die ("run needs -- COMMAND [ARGS...]");
   return do_run (o, argv + optind);

@@ -25,7 +25,7 @@ enum {
   OPT_QMP = 256, OPT_RUN_DIR, OPT_DEVICE, OPT_BITMAP, OPT_BITMAP_MODE,
   OPT_FLEECING_DIR, OPT_CLUSTER, OPT_BACKEND, OPT_TARGET_ID, OPT_NBD_PATH,
   OPT_BANDWIDTH, OPT_SUCCESS, OPT_FAILURE, OPT_MOUNT, OPT_HELP,
-  OPT_LISTEN, OPT_TLS_PSK, OPT_INSECURE_NO_TLS,
+  OPT_LISTEN, OPT_TLS_PSK, OPT_INSECURE_NO_TLS, OPT_CLEAN, OPT_COPY_INTO,
 };
 
 static const struct option long_options[] = {
@@ -46,6 +46,8 @@ static const struct option long_options[] = {
   { "listen", required_argument, NULL, OPT_LISTEN },
   { "tls-psk", required_argument, NULL, OPT_TLS_PSK },
   { "insecure-no-tls", no_argument, NULL, OPT_INSECURE_NO_TLS },
+  { "clean", required_argument, NULL, OPT_CLEAN },
+  { "copy-into", required_argument, NULL, OPT_COPY_INTO },
   { "help", no_argument, NULL, OPT_HELP },
   { NULL, 0, NULL, 0 },
 };
@@ -90,6 +92,61 @@ parse_size (const char *what, const char *s)
   return (int64_t) v;
 }
 
+/* DEVICE=FILE[,backing=PREV][,backing-format=FMT] */
+static void
+parse_copy_into (struct opts *o, const char *arg)
+{
+  struct copy_into *c = &o->copies[o->ncopies++];
+  char *s = strdup (arg), *eq, *key;
+
+  if (s == NULL)
+    die ("out of memory");
+  eq = strchr (s, '=');
+
+  if (eq == NULL || eq == s || eq[1] == '\0' || eq[1] == ',')
+    die ("--copy-into %s: DEVICE=FILE[,backing=PREV][,backing-format=FMT]",
+         arg);
+  *eq = '\0';
+  check_name ("--copy-into device", s, false);
+  c->device = xasprintf ("%s", s);
+  key = strchr (eq + 1, ',');
+  if (key)
+    *key++ = '\0';
+  c->file = strdup (eq + 1);
+  while (key) {
+    char *next = strchr (key, ','), *val = strchr (key, '=');
+    if (next)
+      *next++ = '\0';
+    if (val == NULL || val[1] == '\0')
+      die ("--copy-into %s: '%s' is not KEY=VALUE (a file name with a "
+           "comma is not possible here)", arg, key);
+    *val++ = '\0';
+    if (strcmp (key, "backing") == 0 && c->backing == NULL)
+      c->backing = strdup (val);
+    else if (strcmp (key, "backing-format") == 0 && !c->backing_format)
+      c->backing_format = strdup (val);
+    else
+      die ("--copy-into %s: unknown or repeated '%s' (backing=PREV, "
+           "backing-format=FMT)", arg, key);
+    key = next;
+  }
+  free (s);
+}
+
+/* Every device copied is one set up. */
+static void
+add_copied_devices (struct setup_opts *so, const struct opts *o)
+{
+  for (int i = 0; i < o->ncopies; i++) {
+    char *dev = o->copies[i].device;
+    bool listed = dev == NULL;
+    for (int j = 0; j < so->ndevs && !listed; j++)
+      listed = so->devs[j] && strcmp (so->devs[j], dev) == 0;
+    if (!listed)
+      so->devs[so->ndevs++] = dev;
+  }
+}
+
 void
 parse_options (int argc, char **argv, struct opts *o, const char *help)
 {
@@ -100,6 +157,7 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
   o->setup.backend = "auto";
   o->setup.cluster = BA_CLUSTER_DEFAULT;
   o->setup.devs = calloc (argc + 1, sizeof (char *));
+  o->copies = calloc (argc + 1, sizeof *o->copies);
   while ((c = getopt_long (argc, argv, "+", long_options, NULL)) != -1) {
     switch (c) {
     case OPT_QMP: o->setup.qmp = optarg; break;
@@ -122,6 +180,12 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
     case OPT_LISTEN: o->serve.listen = optarg; break;
     case OPT_TLS_PSK: o->serve.tls_psk = optarg; break;
     case OPT_INSECURE_NO_TLS: o->serve.insecure_no_tls = true; break;
+    case OPT_CLEAN:
+      if (strcmp (optarg, "zero") != 0 && strcmp (optarg, "hole") != 0)
+        die ("--clean %s: zero or hole", optarg);
+      o->serve.clean_zero = strcmp (optarg, "zero") == 0;
+      break;
+    case OPT_COPY_INTO: parse_copy_into (o, optarg); break;
     case OPT_SUCCESS: o->success = 1; break;
     case OPT_FAILURE: o->success = 0; break;
     case OPT_MOUNT: o->mount = true; break;
@@ -133,6 +197,7 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
       exit (2);
     }
   }
+  add_copied_devices (&o->setup, o);
   if (run_dir == NULL)
     die ("--run-dir DIR is required");
   /* Later commands may run from another directory. */
@@ -157,6 +222,13 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
 void
 free_options (struct opts *o)
 {
+  for (int i = 0; i < o->ncopies; i++) {
+    free (o->copies[i].device);
+    free (o->copies[i].file);
+    free (o->copies[i].backing);
+    free (o->copies[i].backing_format);
+  }
+  free (o->copies);
   free (o->setup.devs);
   free ((char *) o->nbd_path);
   free ((char *) o->setup.qmp);

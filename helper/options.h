@@ -29,6 +29,17 @@ struct serve_opts {
   const char *listen;           /* HOST:PORT, or NULL */
   const char *tls_psk;          /* PSK file, or NULL */
   bool insecure_no_tls;
+  bool clean_zero;              /* --clean zero: backupaccess-clean=zero */
+};
+
+/* run --copy-into DEVICE=FILE[,backing=PREV][,backing-format=FMT]: the
+ * device copied into FILE by backupaccess-copy.
+ */
+struct copy_into {
+  char *device;
+  char *file;
+  char *backing;                /* NULL: none */
+  char *backing_format;         /* NULL: from PREV's name */
 };
 
 struct opts {
@@ -37,11 +48,14 @@ struct opts {
   struct serve_opts serve;
   int success;                  /* -1 unset, 0 failure, 1 success */
   bool mount;                   /* run --mount */
+  struct copy_into *copies;     /* run --copy-into, in order */
+  int ncopies;
 };
 
 /* Parses the options after the command name into *o (help: the
- * command's usage, for --help and errors); sets run_dir.  Dies on a
- * bad option.
+ * command's usage, for --help and errors); sets run_dir.  A device of
+ * --copy-into that no --device names is added to them.  Dies on a bad
+ * option.
  */
 void parse_options (int argc, char **argv, struct opts *o, const char *help);
 

@@ -1,10 +1,13 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /* run: setup or serve, then COMMAND with the devices in its
- * environment, then teardown, with success only when COMMAND exited 0;
- * SIGINT and SIGTERM go to COMMAND and end in a teardown with failure.
+ * environment, or with --copy-into a backupaccess-copy per device (one
+ * after the other, straight from QEMU's exports, no nbdkit), then
+ * teardown, with success only when COMMAND, or every copy, exited 0;
+ * SIGINT and SIGTERM go to the child and end in a teardown with failure.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <inttypes.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -18,6 +21,7 @@
 
 #include <json.h>
 
+#include "backend.h"
 #include "mount.h"
 #include "options.h"
 #include "qmpops.h"
@@ -153,6 +157,163 @@ do_run (struct opts *o, char **cmd)
   rc = run_command (cmd);
   warn ("%s exited with %d: tearing down with %s", cmd[0], rc,
         rc == 0 ? "success" : "failure");
+  do_teardown (rc == 0);
+  return rc;
+}
+
+/* ---- run --copy-into ---- */
+
+static const struct copy_into *
+copy_of (const struct opts *o, const char *device)
+{
+  for (int i = 0; i < o->ncopies; i++)
+    if (strcmp (o->copies[i].device, device) == 0)
+      return &o->copies[i];
+  return NULL;
+}
+
+/* backupaccess-copy's command line: argv[0..3] are the program and the
+ * arguments every copy has; the rest are formatted in buf.
+ */
+struct copy_cmd {
+  char *argv[24];
+  char *formatted[4];
+};
+
+static void
+copy_cmd_free (struct copy_cmd *c)
+{
+  free (c->argv[0]);
+  for (size_t i = 0; i < 4; i++)
+    free (c->formatted[i]);
+}
+
+/* The options about PREV, and FILE. */
+static size_t
+copy_cmd_output (struct copy_cmd *c, size_t a, const struct copy_into *ci)
+{
+  if (ci->backing) {
+    c->argv[a++] = "--backing";
+    c->argv[a++] = ci->backing;
+  }
+  if (ci->backing_format) {
+    c->argv[a++] = "--backing-format";
+    c->argv[a++] = ci->backing_format;
+  }
+  c->argv[a++] = "--";
+  c->argv[a++] = ci->file;
+  c->argv[a] = NULL;
+  return a;
+}
+
+/* The copy of device d into ci. */
+static void
+copy_cmd_init (struct copy_cmd *c, const struct helper_state *st,
+               const struct device_state *d, const struct copy_into *ci,
+               const struct serve_opts *so)
+{
+  const struct backend *be = backend_named (st->backend);
+  size_t a = 0;
+
+  memset (c, 0, sizeof *c);
+  c->argv[a++] = module_path ("BACKUPACCESS_COPY", "copy/backupaccess-copy",
+                              "backupaccess-copy");
+  c->argv[a++] = "--socket";
+  c->argv[a++] = d->nbd_path;
+  c->argv[a++] = "--export";
+  c->argv[a++] = d->export;
+  c->argv[a++] = "--cluster";
+  c->argv[a++] = c->formatted[0] = xasprintf ("%" PRIi64, d->cluster_size);
+  if (d->bitmap_name) {
+    c->argv[a++] = "--bitmap";
+    c->argv[a++] = d->bitmap_name;
+    if (be && be->discard_clean)
+      c->argv[a++] = "--discard-clean";
+  }
+  if (so->bandwidth > 0) {
+    c->argv[a++] = "--bandwidth-limit";
+    c->argv[a++] = c->formatted[1] = xasprintf ("%" PRIi64, so->bandwidth);
+  }
+  copy_cmd_output (c, a, ci);
+}
+
+/* Before anything is set up: the options, and each FILE and PREV as
+ * backupaccess-copy --check sees them.
+ */
+static void
+copy_preflight (const struct opts *o)
+{
+  const struct serve_opts *so = &o->serve;
+
+  if (o->mount || so->listen || so->tls_psk || so->insecure_no_tls ||
+      so->clean_zero)
+    die ("--copy-into copies straight from QEMU, without nbdkit: --mount, "
+         "--listen, --tls-psk and --clean are for nbdkit's clients");
+  for (int i = 0; i < o->setup.ndevs; i++) {
+    int n = 0;
+    for (int j = 0; j < o->ncopies; j++)
+      n += strcmp (o->copies[j].device, o->setup.devs[i]) == 0;
+    if (n != 1)
+      die ("device %s: %s --copy-into %s=FILE", o->setup.devs[i],
+           n ? "more than one" : "no", o->setup.devs[i]);
+  }
+  for (int i = 0; i < o->ncopies; i++) {
+    struct copy_cmd c = { .argv = { module_path ("BACKUPACCESS_COPY",
+      "copy/backupaccess-copy", "backupaccess-copy"), "--check" } };
+    copy_cmd_output (&c, 2, &o->copies[i]);
+    if (run_command (c.argv) != 0)
+      die ("device %s: --copy-into %s: nothing was set up",
+           o->copies[i].device, o->copies[i].file);
+    copy_cmd_free (&c);
+  }
+}
+
+/* Copies every device, one after the other; the first failure (or a
+ * signal) ends it.  Returns the exit status.
+ */
+static int
+copy_devices (const struct helper_state *st, const struct opts *o)
+{
+  int rc = 0;
+
+  for (size_t i = 0; i < st->ndevices && rc == 0 && !got_signal; i++) {
+    const struct device_state *d = &st->devices[i];
+    const struct copy_into *ci = copy_of (o, d->device);
+    struct copy_cmd c;
+
+    copy_cmd_init (&c, st, d, ci, &o->serve);
+    warn ("device %s: bitmap-mode %s: copying into %s%s%s", d->device,
+          d->bitmap_mode ? d->bitmap_mode : "none", ci->file,
+          ci->backing ? " on top of " : "", ci->backing ? ci->backing : "");
+    rc = run_command (c.argv);
+    copy_cmd_free (&c);
+    if (rc != 0)
+      warn ("device %s: the copy failed (%d): %s is no backup", d->device,
+            rc, ci->file);
+  }
+  if (rc == 0 && got_signal)
+    rc = 128 + got_signal;
+  return rc;
+}
+
+int
+do_run_copy (struct opts *o)
+{
+  struct helper_state *st;
+  int rc;
+  struct sigaction sa = { .sa_handler = on_signal, .sa_flags = SA_RESTART };
+
+  copy_preflight (o);
+  sigaction (SIGINT, &sa, NULL);
+  sigaction (SIGTERM, &sa, NULL);
+  st = o->setup.qmp ? do_setup (o) : do_serve_state (o);
+  on_die (roll_back);
+  rc = copy_devices (st, o);
+  state_free (st);
+  on_die (NULL);
+  warn ("%s: tearing down with %s", rc == 0 ? "every copy succeeded"
+        : "a copy failed", rc == 0 ? "success" : "failure");
+  qmp_close ();
   do_teardown (rc == 0);
   return rc;
 }

@@ -17,4 +17,13 @@ extern mode_t caller_umask;
  */
 int do_run (struct opts *o, char **cmd);
 
+/* run --copy-into: checks every FILE first (nothing set up on bad
+ * input), then setup (with --qmp) or serve's state (--nbd-path), then
+ * backupaccess-copy per device straight from QEMU's export, one after
+ * the other, then teardown with success only if every copy exited 0.
+ * Returns the exit status of the first copy that failed (128 + a
+ * signal), or 0.
+ */
+int do_run_copy (struct opts *o);
+
 #endif /* BACKUPACCESS_HELPER_RUN_H */

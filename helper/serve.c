@@ -31,10 +31,10 @@
 #include "state.h"
 #include "util.h"
 
-/* Where the filter and the plugin are: beside this program (the build
- * tree), else installed in nbdkit's directories.
+/* Where the filter, the plugin and the copy program are: beside this
+ * program (the build tree), else installed.
  */
-static char *
+char *
 module_path (const char *env, const char *file, const char *installed)
 {
   char self[PATH_MAX];
@@ -80,7 +80,7 @@ struct nbdkit_cmd {
   char *sock, *pidfile, *log, *status;
   char *formatted[12];          /* the arguments formatted here */
   size_t nformatted;
-  char *argv[24];
+  char *argv[26];
 };
 
 /* arg, kept to be freed with c. */
@@ -139,6 +139,8 @@ nbdkit_cmd_init (struct nbdkit_cmd *c, const struct serving *sv,
     if (sv->be && sv->be->discard_clean && !d->cbw_bitmap)
       c->argv[a++] = "backupaccess-discard-clean=true";
   }
+  if (so->clean_zero)
+    c->argv[a++] = "backupaccess-clean=zero";
   if (so->bandwidth > 0)
     c->argv[a++] = keep (c, xasprintf ("rate=%" PRIi64, so->bandwidth * 8));
   c->argv[a] = NULL;

@@ -18,6 +18,13 @@ struct helper_state *do_serve_state (struct opts *o);
  */
 void serve_devices (struct helper_state *st, const struct serve_opts *so);
 
+/* A program or module of the project: the file named by the
+ * environment variable env, else file beside the helper (the build
+ * tree: "../file" or "file"), else installed (found by nbdkit, or in
+ * PATH).
+ */
+char *module_path (const char *env, const char *file, const char *installed);
+
 /* Stops device d's nbdkit if st records one, after printing what its
  * log says (the filter's summary, the last errors); recorded when done.
  */

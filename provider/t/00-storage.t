@@ -50,23 +50,30 @@ for my $bad ('backup/100/../../etc', 'backup/100/lxc-1', 'backup/0/qemu-1', 'ima
     like($@, qr/unable to parse/, "volume name '$bad' refused");
 }
 
-# The request size of an incremental copy divides every boundary of the
-# dirty regions (but the end of the disk).
-my $rs = \&PVE::BackupProvider::Plugin::BackupAccess::Copy::request_size;
-my $M = 1 << 20;
-is($rs->(32 * $M, [[0, 4 * $M], [8 * $M, 4 * $M]]), 256 << 10, 'request size: 256K for 4 MiB blocks');
-is($rs->(32 * $M, []), 256 << 10, 'request size: 256K for a clean bitmap');
-is($rs->(21 * $M + 4096, [[20 * $M, $M + 4096]]), 256 << 10, '... the end of the disk does not count');
-is($rs->(32 * $M, [[64 << 10, 64 << 10], [4 * $M, 4 * $M]]), 64 << 10, 'request size: 64K blocks');
-is($rs->(32 * $M, [[0, 4096 * 3]]), 4096, 'request size: 4K blocks');
-is($rs->(32 * $M, [[512, 512]]), 512, 'request size: never below 512');
+# The copy's command line: the bitmap, the limit, the previous backup.
+my $argv = PVE::BackupProvider::Plugin::BackupAccess::Copy::copy_argv({ copy => 'c' }, {
+    'nbd-path' => '/q.sock', device => 'drive-scsi0', cluster => 131072, bitmap => 'b:s',
+    bandwidth => 1000, backing => { file => '../x/drive-scsi0.raw', format => 'raw' },
+    target => '/t/drive-scsi0.qcow2' }, '/r/s.json');
+is("@$argv", 'c --socket /q.sock --export drive-scsi0 --cluster 131072 --status /r/s.json'
+    . ' --bitmap b:s --bandwidth-limit 1000 --backing ../x/drive-scsi0.raw --backing-format raw'
+    . ' --format qcow2 -- /t/drive-scsi0.qcow2', 'the copy of an incremental');
+$argv = PVE::BackupProvider::Plugin::BackupAccess::Copy::copy_argv({ copy => 'c' }, {
+    'nbd-path' => '/q.sock', device => 'drive-scsi0', cluster => 65536, bandwidth => 0,
+    target => '/t/drive-scsi0.raw' }, '/r/s.json');
+is("@$argv", 'c --socket /q.sock --export drive-scsi0 --cluster 65536 --status /r/s.json'
+    . ' --format raw -- /t/drive-scsi0.raw', 'the copy of a full backup without a bitmap');
 
-# job_init: the storage is there, nbdkit loads the filter and the plugin.
+# job_init: the storage is there, the programs run (for a file consumer,
+# nbdkit loads the filter and the plugin).
 eval { provider($scfg)->job_init(1) };
 is($@, '', 'job_init with the build tree');
 {
-    local $ENV{BACKUPACCESS_FILTER} = "$tmp/nosuch.so";
+    local $ENV{BACKUPACCESS_COPY} = "$tmp/nosuch";
     eval { provider($scfg)->job_init(1) };
+    like($@, qr/nosuch --version' failed: /, 'job_init: no copy program');
+    local $ENV{BACKUPACCESS_FILTER} = "$tmp/nosuch.so";
+    eval { provider({ %$scfg, 'vm-file-consumer' => '/bin/true' })->job_init(1) };
     like($@, qr/failed: .*cannot open filter/, 'job_init: a filter nbdkit cannot load');
 }
 eval { provider({ %$scfg, path => "$tmp/nosuch" })->job_init(1) };

@@ -9,7 +9,7 @@
 # (its export cannot be read at all).  Also: the images and their chain,
 # discards reaching QEMU (the fleecing image shrinks, read clusters are
 # gone from the export), the guest and firewall configurations, the
-# bandwidth limit for the whole backup (one nbdkit at a time, each with
+# bandwidth limit for the whole backup (one copy at a time, each with
 # the limit), a base that later backups build on cannot be removed, and
 # nothing left running or mounted; QEMU quits with status 0.
 use strict;
@@ -97,11 +97,11 @@ restored_ok($scfg, $incr1, 'incr1');
 is_deeply([leftovers($vm->pid)], [], 'incr1: nothing left running or mounted');
 
 # Only A changes; B's export cannot be read at all.  With a bandwidth
-# limit, through a wrapper that records each nbdkit.
+# limit, through a wrapper that records each copy.
 $vm->write_disk($A, 7 << 20, 3 << 20, 0x41);
-my $record = "$tmp/nbdkit.record";
-local $ENV{BACKUPACCESS_NBDKIT} = "$FindBin::Bin/bin/nbdkit-record";
-local $ENV{NBDKIT_RECORD} = $record;
+my $record = "$tmp/copy.record";
+local $ENV{BACKUPACCESS_COPY} = "$FindBin::Bin/bin/copy-record";
+local $ENV{COPY_RECORD} = $record;
 my $incr2 = Vzdump::backup($vm, provider($scfg), time => 1002, %fleecing, bwlimit => 50 << 20);
 is($incr2->{error}, undef, 'second incremental succeeds');
 my @log2 = log_lines();
@@ -117,14 +117,14 @@ restored_ok($scfg, $incr1, 'incr1 again');
 open(my $fh, '<', $record) or die "$record: $!";
 my @rec = <$fh>;
 close($fh);
-# Without job_init's check (nbdkit --version) and its end.
+# Without job_init's check (--version) and its end.
 for (my $i = 0; $i < @rec; $i++) {
-    splice(@rec, $i--, 2) if $rec[$i] =~ /^start .* --version$/;
+    splice(@rec, $i--, 2) if $rec[$i] =~ /^start --version$/;
 }
-is(scalar(@rec), 4, 'incr2: one nbdkit per disk');
-like($rec[$_], qr/^start .*--filter=rate .*rate=419430400$/, "incr2: nbdkit $_ has the whole limit")
+is(scalar(@rec), 4, 'incr2: one copy per disk');
+like($rec[$_], qr/^start .* --bandwidth-limit 52428800 /, "incr2: copy $_ has the whole limit")
     for 0, 2;
-like($rec[$_], qr/^end 0$/, "incr2: nbdkit $_ ended before the next started") for 1, 3;
+like($rec[$_], qr/^end 0$/, "incr2: copy $_ ended before the next started") for 1, 3;
 is_deeply([leftovers($vm->pid)], [], 'incr2: nothing left running or mounted');
 
 # Backups that others build on cannot go; the latest can, and then the

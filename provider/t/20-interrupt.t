@@ -44,7 +44,7 @@ sub stop_during_second_disk {
     my $end = time() + 120;
     my $status = "$tmp/run/100.$parent/$B.status.json";
     while (time() < $end) {
-        if (find_process('nbdcopy', "$B.sock") && -e $status) {
+        if (find_process('backupaccess-copy', "--export $B ") && -e $status) {
             my $s = eval { PVE::BackupProvider::Plugin::BackupAccess::Archive::read_json($status) };
             if ($s && $s->{'bytes-read'} > 0 && $s->{'bytes-left'} > 0) {
                 kill('TERM', $parent);

@@ -4,7 +4,7 @@
 # bitmap-mode when the provider's answer does not list it (here the
 # answer is taken not to list drive-virtio1).  Its export has no bitmap
 # and the whole disk is readable: the provider makes a full backup of it
-# (a raw image, no bitmap given to the filter), next to an incremental of
+# (a raw image, no bitmap given to the copy), next to an incremental of
 # the other disk.  QEMU dropped that device's bitmap, so the next backup,
 # for which the provider asks to use it again, is a full one for it
 # (bitmap-mode 'new').  Every backup restores to its snapshot.  The

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: BSD-3-Clause
-# What the provider's tests share: the build tree's filter, plugin and
-# helper and the Proxmox VE QEMU's qemu-img and qemu-nbd for the provider
+# What the provider's tests share: the build tree's filter, plugin,
+# helper and copy program and the Proxmox VE QEMU's qemu-img and qemu-nbd for the provider
 # (through its environment variables), a private scratch directory, a
 # storage and its provider, byte comparison of images, and the check
 # that nothing of ours is left running or mounted -- and at the end,
@@ -38,6 +38,7 @@ sub scratch {
     $ENV{BACKUPACCESS_FILTER} = "$TOP/nbdkit-backupaccess-filter.so";
     $ENV{BACKUPACCESS_PLUGIN} = "$TOP/nbdkit-backupaccess-plugin.so";
     $ENV{BACKUPACCESS_HELPER} = "$TOP/helper/backupaccess-helper";
+    $ENV{BACKUPACCESS_COPY} = "$TOP/copy/backupaccess-copy";
     $ENV{BACKUPACCESS_RUN_ROOT} = "$SCRATCH/run";
     if (my $bin = $ENV{BACKUPACCESS_PVE_QEMU_BIN}) {
         $ENV{BACKUPACCESS_QEMU_IMG} = "$bin/qemu-img";

@@ -35,8 +35,7 @@ sub tools {
         filter => $ENV{BACKUPACCESS_FILTER} // 'backupaccess',
         plugin => $ENV{BACKUPACCESS_PLUGIN} // 'backupaccess',
         helper => $ENV{BACKUPACCESS_HELPER} // 'backupaccess-helper',
-        nbdcopy => $ENV{BACKUPACCESS_NBDCOPY} // 'nbdcopy',
-        nbdinfo => 'nbdinfo',
+        copy => $ENV{BACKUPACCESS_COPY} // 'backupaccess-copy',
         nbdfuse => 'nbdfuse',
         fusermount => 'fusermount3',
         'qemu-img' => $ENV{BACKUPACCESS_QEMU_IMG} // 'qemu-img',
@@ -77,7 +76,9 @@ sub kind {
 }
 
 # Checks, before any guest is backed up, that the storage is there and
-# that nbdkit loads the filter and the plugin (built for this nbdkit).
+# that the programs run: backupaccess-copy for images; for a file
+# consumer, the helper and nbdkit with the filter and the plugin (built
+# for this nbdkit).
 sub job_init {
     my ($self, $start_time) = @_;
     my $path = $self->{scfg}->{path};
@@ -85,10 +86,10 @@ sub job_init {
     my $t = $self->{tools};
     my $procs = PVE::BackupProvider::Plugin::BackupAccess::Process->new();
     my $log = private_dir($t->{'run-root'}) . "/job-init.$$.log";
-    for my $argv ([$t->{nbdkit}, "--filter=$t->{filter}", $t->{plugin}, '--version'],
-        [$t->{nbdcopy}, '--version'], [$t->{'qemu-img'}, '--version'],
-        $self->{scfg}->{'vm-file-consumer'} ? [$t->{helper}, '--help'] : [$t->{'qemu-nbd'}, '--version'])
-    {
+    my @uses = $self->{scfg}->{'vm-file-consumer'}
+        ? ([$t->{nbdkit}, "--filter=$t->{filter}", $t->{plugin}, '--version'], [$t->{helper}, '--help'])
+        : ([$t->{copy}, '--version']);
+    for my $argv (@uses, [$t->{'qemu-img'}, '--version'], [$t->{'qemu-nbd'}, '--version']) {
         unlink($log);
         my ($st) = eval { $procs->run($argv, log => $log) };
         my $why = $@ || ($st ? PVE::BackupProvider::Plugin::BackupAccess::Process::tail_of($log, 2) : '');

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: BSD-3-Clause
-# The child processes of the backup provider (nbdkit, nbdcopy, nbdfuse,
+# The child processes of the backup provider (backupaccess-copy, nbdkit, nbdfuse,
 # qemu-img, the helper): each started without a shell in a process group
 # of its own, so that it and whatever it started can be stopped as a
 # whole, and a record of them that stops every one still running when a
