@@ -52,6 +52,7 @@ DEB_PACKAGES += seabios ipxe-qemu libaio1 libfdt1 libfuse3-3 libglib2.0-0 \
 DEB_PACKAGES += busybox-static cpio e2fsprogs
 
 LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c lib/view.c \
+             lib/status.c \
              lib/bitmap.c lib/qmp.c lib/statefile.c lib/cluster.c \
              lib/upstream.c
 LIB_HDRS   = $(wildcard lib/*.h)
