@@ -35,7 +35,8 @@ ALL_CFLAGS = $(CFLAGS) $(WARNFLAGS) -std=gnu11 -fPIC -Ilib \
 # Debian packages to build (debian/control's Build-Depends are the same,
 # tests/integration/test-debian-control.sh checks it), ...
 DEB_BUILD_PACKAGES = build-essential debhelper pkg-config perl \
-  nbdkit nbdkit-plugin-dev libnbd-dev libjson-c-dev libcmocka-dev
+  nbdkit nbdkit-plugin-dev libnbd-dev libjson-c-dev libcmocka-dev \
+  libfuse3-dev
 # ... and to test, lint, fuzz, run the demo and the benchmark.
 DEB_PACKAGES = $(DEB_BUILD_PACKAGES) \
   libnbd-bin python3-libnbd fuse3 \
@@ -64,7 +65,11 @@ HELPER     = helper/backupaccess-helper
 HELPER_SRCS = $(wildcard helper/*.c)
 HELPER_HDRS = $(wildcard helper/*.h)
 HELPER_OBJS = $(HELPER_SRCS:.c=.o)
-MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1
+MOUNT      = mount/backupaccess-mount
+MOUNT_SRCS = $(wildcard mount/*.c)
+MOUNT_HDRS = $(wildcard mount/*.h)
+MOUNT_OBJS = $(MOUNT_SRCS:.c=.o)
+MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1 backupaccess-mount.1
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
 
@@ -72,7 +77,7 @@ UNIT_TESTS = $(UNIT_SRCS:.c=)
 .PHONY: all deps print-build-deps install uninstall check-package check check-asan check-valgrind unit-tests demo bench \
         clean lint fuzz fuzz-long install-provider uninstall-provider check-provider
 
-all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE)
+all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MOUNT) $(MANPAGE)
 
 deps:
 	@tests/deps/packages $(DEB_PACKAGES)
@@ -100,6 +105,13 @@ helper/%.o: helper/%.c $(HELPER_HDRS) $(LIB_HDRS)
 $(HELPER): $(HELPER_OBJS) $(LIB)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $(HELPER_OBJS) \
 	  $(LIB) $(shell pkg-config --libs libnbd json-c)
+
+mount/%.o: mount/%.c $(MOUNT_HDRS) $(LIB_HDRS)
+	$(CC) $(ALL_CFLAGS) $(shell pkg-config --cflags fuse3) -c $< -o $@
+
+$(MOUNT): $(MOUNT_OBJS) $(LIB)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $(MOUNT_OBJS) \
+	  $(LIB) $(shell pkg-config --libs fuse3 libnbd json-c) -lpthread
 
 # @VERSION@ in a page becomes the version.
 %.1: %.pod debian/changelog
@@ -156,13 +168,14 @@ bench: deps
 	bench/bench.sh
 
 C_SOURCES = $(LIB_SRCS) filter/backupaccess.c plugin/backupaccess-plugin.c \
-            $(HELPER_SRCS) $(wildcard tests/fuzz/fuzz_*.c)
+            $(HELPER_SRCS) $(MOUNT_SRCS) $(wildcard tests/fuzz/fuzz_*.c)
 
 lint:
 	cppcheck --quiet --enable=warning,performance,portability \
 	  --error-exitcode=1 -Ilib $(C_SOURCES)
 	clang-tidy --quiet --warnings-as-errors='*' $(C_SOURCES) -- \
-	  -std=gnu11 -Ilib -Ihelper -DPACKAGE_VERSION='"$(VERSION)"' $(shell pkg-config --cflags json-c)
+	  -std=gnu11 -Ilib -Ihelper -DPACKAGE_VERSION='"$(VERSION)"' \
+	  $(shell pkg-config --cflags json-c fuse3)
 
 # libFuzzer targets, built with clang apart from the gcc build: the
 # library sources are compiled into each one (not lib/*.o).
@@ -185,7 +198,7 @@ fuzz-long: fuzz
 	FUZZ_SECONDS=$(FUZZ_SECONDS) tests/integration/test-fuzz.sh
 
 clean:
-	rm -f lib/*.o helper/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
+	rm -f lib/*.o helper/*.o mount/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(MOUNT) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
 	rm -f $(FUZZERS)
 	rm -rf .san
 
@@ -201,7 +214,7 @@ MANDIR           ?= $(PREFIX)/share/man
 NBDKIT_FILTERDIR ?= $(shell pkg-config --variable=filterdir nbdkit)
 NBDKIT_PLUGINDIR ?= $(shell pkg-config --variable=plugindir nbdkit)
 INSTALLED = $(NBDKIT_FILTERDIR)/$(FILTER) $(NBDKIT_PLUGINDIR)/$(PLUGIN) \
-            $(BINDIR)/$(notdir $(HELPER)) \
+            $(BINDIR)/$(notdir $(HELPER)) $(BINDIR)/$(notdir $(MOUNT)) \
             $(addprefix $(MANDIR)/man1/,$(MANPAGE))
 
 install: all
@@ -209,7 +222,7 @@ install: all
 	  $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1
 	install -m 0644 $(FILTER) $(DESTDIR)$(NBDKIT_FILTERDIR)/
 	install -m 0644 $(PLUGIN) $(DESTDIR)$(NBDKIT_PLUGINDIR)/
-	install -m 0755 $(HELPER) $(DESTDIR)$(BINDIR)/
+	install -m 0755 $(HELPER) $(MOUNT) $(DESTDIR)$(BINDIR)/
 	install -m 0644 $(MANPAGE) $(DESTDIR)$(MANDIR)/man1/
 
 uninstall:
