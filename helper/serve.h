@@ -18,6 +18,12 @@ struct helper_state *do_serve_state (struct opts *o);
  */
 void serve_devices (struct helper_state *st, const struct serve_opts *so);
 
+/* The path of a file of ours (the filter, the plugin, the mount
+ * program): env if that is set, else file relative to this program's
+ * directory or its parent (the build tree), else installed.
+ */
+char *module_path (const char *env, const char *file, const char *installed);
+
 /* Stops device d's nbdkit if st records one, after printing what its
  * log says (the filter's summary, the last errors); recorded when done.
  */

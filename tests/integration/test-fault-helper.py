@@ -9,7 +9,7 @@ got the command, the helper never saw the answer), for every N; and
 setup at a few moments in time; this covers every step.)
 
 After each kill `teardown --failure` must exit 0 and leave nothing: no
-run directory, nbdkit, nbdfuse, mount, fleecing image, QEMU export, block
+run directory, nbdkit, backupaccess-mount, mount, fleecing image, QEMU export, block
 node, job or frozen bitmap; an incremental's bitmap must be exactly as
 before, a failed full backup's bitmap gone.  At the end, after all the
 kills and guest writes in between, an incremental through the helper
@@ -154,7 +154,7 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
     kills["run, while its command runs"] = 1
 
     # Whatever the state does not name but lives in the run directory
-    # (as a helper killed while nbdkit or nbdfuse started can leave):
+    # (as a helper killed while nbdkit or the mount started can leave):
     # teardown stops it.
     run_helper(*setup_args("backup"))
     stray = subprocess.Popen(["nbdkit", "-f", "-U",

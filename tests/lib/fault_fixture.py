@@ -15,8 +15,8 @@ UpstreamVm
 no_leftovers(vm, run_dir, fleecing_dir)
     Nothing of the helper's is left: no run directory, no QEMU export
     but the guest's, no block node "ba-*", no block job, no nbdkit or
-    nbdfuse process and no mount under the run directory, no fleecing
-    image.
+    backupaccess-mount process and no mount under the run directory, no
+    fleecing image.
 
 Backup chains (helper_backup, chain_equals): a backup through the helper
 applied onto a copy of the previous one, compared with the guest disk as
@@ -373,12 +373,12 @@ def helper_backup(vm, rd, fleecing_dir, tmp, base, out, what,
 # known point): prints "paused <bytes>" after pause_after bytes, waits for
 # a line on stdin, then reads the rest.  A failed read ends it with
 # status 3 and "read error: <errno> <message>" on stderr.  It reads an
-# NBD URI, or a file (an nbdfuse mount) with O_DIRECT.
+# NBD URI, or a file (a FUSE mount) with O_DIRECT.
 READER = r'''
 import errno, json, mmap, os, sys, nbd
 uri, regions, pause_after, chunk = (sys.argv[1], json.loads(sys.argv[2]),
                                     int(sys.argv[3]), int(sys.argv[4]))
-if uri.startswith("/"):             # a file (nbdfuse), read with O_DIRECT
+if uri.startswith("/"):             # a file (a mount), read with O_DIRECT
     fd = os.open(uri, os.O_RDONLY | os.O_DIRECT)
     buf = mmap.mmap(-1, chunk)
     def pread(n, off):
