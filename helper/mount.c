@@ -7,6 +7,7 @@
  * other's discards for a broken snapshot.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdbool.h>
@@ -80,13 +81,11 @@ source_args (struct mount_cmd *c, struct device_state *d,
     if (d->bitmap_name && be && be->discard_clean)
       c->argv[a++] = "--discard-clean";
   }
-  else if (d->socket) {
-    c->argv[a++] = "--socket";
-    c->argv[a++] = d->socket;
-  }
   else {
-    c->argv[a++] = "--uri";
-    c->argv[a++] = d->uri;
+    c->argv[a++] = d->socket ? "--socket" : "--uri";
+    c->argv[a++] = d->socket ? d->socket : d->uri;
+    /* Its nbdkit may read for other clients too. */
+    c->argv[a++] = "--behind-filter";
   }
   if (d->bitmap_name) {
     c->argv[a++] = "--bitmap";
@@ -265,6 +264,28 @@ mount_stop (struct helper_state *st, struct device_state *d)
   state_save (st);
 }
 
+/* Removes the empty mount points left in the run directory (by a
+ * mount that was stopped without a record).
+ */
+static void
+remove_mount_points (void)
+{
+  DIR *dir = opendir (run_dir);
+  struct dirent *e;
+
+  while (dir && (e = readdir (dir)) != NULL) {
+    size_t n = strlen (e->d_name);
+    if (n > 4 && strcmp (e->d_name + n - 4, ".mnt") == 0) {
+      char *p = xasprintf ("%s/%s", run_dir, e->d_name);
+      if (!is_mounted (p))
+        rmdir (p);
+      free (p);
+    }
+  }
+  if (dir)
+    closedir (dir);
+}
+
 void
 mount_stop_strays (void)
 {
@@ -288,4 +309,5 @@ mount_stop_strays (void)
   if (fp)
     fclose (fp);
   free (prefix);
+  remove_mount_points ();
 }

@@ -25,7 +25,7 @@ struct disk {
   struct ba_view *view;
   struct ba_regions dirty;
   uint64_t size, cluster;
-  bool readonly;
+  bool readonly, behind_filter;
   char *status_path;
   struct ba_status *status;
   pthread_t flusher;
@@ -216,6 +216,7 @@ disk_open (const struct disk_config *c, char *errbuf, size_t errlen)
   pthread_cond_init (&d->cond, NULL);
   d->cluster = c->cluster;
   d->readonly = c->readonly;
+  d->behind_filter = c->behind_filter;
   if (c->status_path && (d->status_path = strdup (c->status_path)) == NULL) {
     snprintf (errbuf, errlen, "out of memory");
     goto fail;
@@ -385,7 +386,9 @@ disk_read (struct disk *d, void *buf, uint64_t count, uint64_t offset)
   if (ba_upstream_pread (d->up, buf, count, offset, err, sizeof err) == -1) {
     int e = errno;
     log_error ("%s", err);
-    return e == EPERM ? upstream_refused (d, offset, count) : e ? e : EIO;
+    if (e == EPERM && !d->behind_filter)
+      return upstream_refused (d, offset, count);
+    return e ? e : EIO;
   }
   log_debug ("read [%" PRIu64 ", +%" PRIu64 ")", offset, count);
   return 0;

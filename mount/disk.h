@@ -26,6 +26,11 @@ struct disk_config {
   uint64_t cluster;             /* the copy-before-write cluster */
   uint64_t trim_batch;          /* discards sent in batches of this */
   bool readonly;                /* never trim upstream */
+  /* The export is served through the backupaccess filter, which may
+   * have read and discarded data for other clients: its refusals are
+   * passed on as they are (it tells a broken snapshot itself).
+   */
+  bool behind_filter;
   bool discard_clean;           /* trim the clean clusters at start-up */
   const char *status_path;      /* NULL: no status file */
 };

@@ -46,6 +46,8 @@
   "      --request-size SIZE  QEMU's reads in pieces of SIZE (default 256K)\n" \
   "      --trim-batch SIZE    Discards in batches of SIZE (default 4M)\n" \
   "      --discard-clean      Discard the clean clusters at start-up\n" \
+  "      --behind-filter      The export is nbdkit's backupaccess filter's:\n" \
+  "                           pass its refusals on as they are\n" \
   "  -r, --readonly           Never discard (no trims to QEMU)\n" \
   "  -P, --pidfile FILE       Write the process ID there once mounted\n" \
   "      --status FILE        The counters as JSON, every second\n" \
@@ -56,7 +58,7 @@
 
 enum { OPT_URI = 256, OPT_BITMAP_SOCKET, OPT_BITMAP_EXPORT, OPT_BITMAP_URI,
        OPT_REQUEST_SIZE, OPT_TRIM_BATCH, OPT_DISCARD_CLEAN, OPT_STATUS,
-       OPT_FUSE_DEBUG, OPT_HELP };
+       OPT_FUSE_DEBUG, OPT_HELP, OPT_BEHIND_FILTER };
 
 static const struct option long_options[] = {
   { "socket", required_argument, NULL, 'U' },
@@ -71,6 +73,7 @@ static const struct option long_options[] = {
   { "request-size", required_argument, NULL, OPT_REQUEST_SIZE },
   { "trim-batch", required_argument, NULL, OPT_TRIM_BATCH },
   { "discard-clean", no_argument, NULL, OPT_DISCARD_CLEAN },
+  { "behind-filter", no_argument, NULL, OPT_BEHIND_FILTER },
   { "readonly", no_argument, NULL, 'r' },
   { "pidfile", required_argument, NULL, 'P' },
   { "status", required_argument, NULL, OPT_STATUS },
@@ -215,6 +218,7 @@ parse_options (int argc, char **argv, struct options *o)
       c->trim_batch = parse_size ("--trim-batch", optarg, UINT64_C (1) << 30);
       break;
     case OPT_DISCARD_CLEAN: c->discard_clean = true; break;
+    case OPT_BEHIND_FILTER: c->behind_filter = true; break;
     case 'r': c->readonly = true; break;
     case 'P': o->pidfile = optarg; break;
     case OPT_STATUS: c->status_path = optarg; break;

@@ -12,7 +12,9 @@
   exits by itself;
 - through backupaccess-helper (upstream back end, mount straight on
   QEMU's export, no serve): status shows the mount's counters, serve is
-  refused for a device mounted that way; the mount SIGKILLed mid-read
+  refused for a device mounted that way; a device served and then
+  mounted, read partly through nbdkit and partly through the file, each
+  refusing what the other read, nothing broken; the mount SIGKILLed mid-read
   while another process holds the file open: reads fail, mount says the
   mount has gone, teardown --failure unmounts lazily and leaves nothing;
   the next incremental holds every change; and a backup read through
@@ -24,6 +26,8 @@ import signal
 import sys
 import tempfile
 import time
+
+import nbd
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from harness import Nbdkit, check, requests_in_log, run_helper
@@ -155,6 +159,45 @@ def helper_mount_killed(tmp):
               and "0 of %d readable bytes left" % total in r.stderr, r.stderr)
         no_leftovers(vm, rd, fl)
         chain_equals(out, at_setup, tmp, "the incremental through the mount")
+        chain.append(out)
+
+        # Served, then mounted: the mount reads through that nbdkit, so
+        # both agree on what has been read (and nothing looks broken).
+        vm.random_writes(rng, 12, max_len=600 << 10)
+        at_setup = vm.disk_read()
+        run_helper("setup", "--qmp", vm.helper_qmp, "--run-dir", rd,
+                   "--backend", "upstream", "--device", vm.device,
+                   "--fleecing-dir", fl, "--bitmap", "backup")
+        uri = json.loads(run_helper("serve", "--run-dir", rd).stdout)
+        uri = uri["devices"][0]["uri"]
+        m = json.loads(run_helper("mount", "--run-dir", rd).stdout)
+        m = m["mounts"][0]
+        out = os.path.join(tmp, "backup-served.raw")
+        with open(chain[-1], "rb") as src, open(out, "wb") as dst:
+            dst.write(src.read())
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        try:
+            with open(out, "r+b") as dst:
+                for i, (off, n) in enumerate(m["dirty-regions"]):
+                    dst.seek(off)
+                    if i % 2 == 0:          # through nbdkit, then the file
+                        dst.write(h.pread(n, off))
+                        check(read_error(m["file"], off, 4096) == "EPERM",
+                              "the file read what nbdkit had read")
+                    else:                   # through the file, then nbdkit
+                        dst.write(read_direct(m["file"], off, n))
+                        try:
+                            h.pread(4096, off)
+                            check(False, "nbdkit read what the file had read")
+                        except nbd.Error as e:
+                            check(e.errno == "EPERM", "nbdkit: %s" % e)
+        finally:
+            h.shutdown()
+        r = run_helper("teardown", "--run-dir", rd, "--success")
+        check("broken" not in r.stderr and " 0 of " in r.stderr, r.stderr)
+        no_leftovers(vm, rd, fl)
+        chain_equals(out, at_setup, tmp, "served and mounted")
         chain.append(out)
 
         # The mount SIGKILLed mid-read, the file held open elsewhere.
