@@ -37,7 +37,7 @@ import nbd
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from harness import check, run_helper
 from fault_fixture import (HelperSetup, PausedReader, UpstreamVm,
-                           helper_backup, mounts, no_leftovers)
+                           helper_backup, kill_mount_mid_read, no_leftovers)
 
 SIZE = 32 << 20
 CLUSTER = 65536
@@ -112,25 +112,10 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
     m = json.loads(run_helper("mount", "--run-dir", rd).stdout)["mounts"][0]
     regions = [(o, o + n) for o, n in m["dirty-regions"]]
     check(regions == s.regions(SIZE), "mount's regions %s" % regions)
-    reader = PausedReader(m["file"], regions,
-                          sum(e - b for b, e in regions) // 3, 65536)
-    holder = os.open(m["file"], os.O_RDONLY)
-    try:
-        with open(os.path.join(rd, vm.device + ".mount.pid")) as f:
-            os.kill(int(f.read()), signal.SIGKILL)
-        rc, out, err = reader.go()
-        check(rc == 3 and ("ECONNABORTED" in err or "ENOTCONN" in err),
-              "reader after the mount was killed: exit %d %r" % (rc, err))
-        r, secs = teardown_failure(s, rd, vm, fl, "the mount killed")
-        check("is busy (a process has the file open): unmounted lazily"
-              in r.stderr, r.stderr)
-    finally:
-        reader.kill()
-        try:
-            os.close(holder)
-        except OSError:
-            pass                        # the connection is gone
-    check(not [p for p in mounts() if p.startswith(rd)], "mount left")
+    t0 = time.monotonic()
+    err, r = kill_mount_mid_read(vm, rd, m, lambda: teardown_failure(
+        s, rd, vm, fl, "the mount killed")[0])
+    secs = time.monotonic() - t0
     faults.append("backupaccess-mount SIGKILL mid-read (file held open): "
                   "reader %s; "
                   "teardown %.1f s: %s" % (err.strip(), secs,

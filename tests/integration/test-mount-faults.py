@@ -22,30 +22,21 @@
 import json
 import os
 import random
-import signal
 import sys
 import tempfile
-import time
 
 import nbd
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from harness import Nbdkit, check, requests_in_log, run_helper
-from fault_fixture import (PausedReader, UpstreamVm, chain_equals,
-                           helper_backup, mounts, no_leftovers)
-from mount_fixture import Mount, read_direct, read_error
+from fault_fixture import (UpstreamVm, chain_equals, helper_backup,
+                           kill_mount_mid_read, no_leftovers)
+from mount_fixture import Mount, read_direct, read_error, wait_until
 from qemu_fixture import Fleecing
 
 SIZE = 32 << 20
 MiB = 1 << 20
 rng = random.Random(4242)
-
-
-def wait_until(pred, what, timeout=30):
-    end = time.monotonic() + timeout
-    while not pred():
-        check(time.monotonic() < end, "timed out: " + what)
-        time.sleep(0.1)
 
 
 def broken_snapshot(tmp):
@@ -207,29 +198,14 @@ def helper_mount_killed(tmp):
                    "--fleecing-dir", fl, "--bitmap", "backup")
         m = json.loads(run_helper("mount", "--run-dir", rd).stdout)
         m = m["mounts"][0]
-        regions = [(o, o + n) for o, n in m["dirty-regions"]]
-        reader = PausedReader(m["file"], regions,
-                              sum(e - b for b, e in regions) // 3, 65536)
-        holder = os.open(m["file"], os.O_RDONLY)
-        try:
-            with open(os.path.join(rd, vm.device + ".mount.pid")) as f:
-                os.kill(int(f.read()), signal.SIGKILL)
-            rc, _, err = reader.go()
-            check(rc == 3 and ("ENOTCONN" in err or "ECONNABORTED" in err),
-                  "reader after the mount was killed: %d %r" % (rc, err))
+
+        def mount_refused_then_teardown():
             r = run_helper("mount", "--run-dir", rd, ok=False)
             check(r.returncode == 1 and "its backupaccess-mount has gone" in
                   r.stderr, "mount after it was killed: %s" % r.stderr)
-            r = run_helper("teardown", "--run-dir", rd, "--failure")
-            check("unmounted lazily" in r.stderr, r.stderr)
-        finally:
-            reader.kill()
-            try:
-                os.close(holder)
-            except OSError:
-                pass
+            return run_helper("teardown", "--run-dir", rd, "--failure")
+        kill_mount_mid_read(vm, rd, m, mount_refused_then_teardown)
         no_leftovers(vm, rd, fl)
-        check(not [p for p in mounts() if p.startswith(rd)], "mount left")
         out = os.path.join(tmp, "backup2.raw")
         helper_backup(vm, rd, fl, tmp, chain[-1], out,
                       "the incremental after the mount was killed", "reuse")

@@ -26,25 +26,17 @@ import os
 import random
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from harness import Nbdkit, check, dirty_regions, requests_in_log
 from mount_fixture import (FALLOC_FL_KEEP_SIZE, Mount, punch, read_direct,
-                           read_error)
+                           read_error, wait_until)
 from qemu_fixture import Fleecing
 
 SIZE = 64 << 20
 CLUSTER = 64 << 10
 MiB = 1 << 20
 rng = random.Random(2024)
-
-
-def wait_until(pred, what, timeout=30):
-    end = time.monotonic() + timeout
-    while not pred():
-        check(time.monotonic() < end, "timed out: " + what)
-        time.sleep(0.1)
 
 
 def status(path):

@@ -22,6 +22,14 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long,
                             ctypes.c_long]
 
 
+def wait_until(pred, what, timeout=30):
+    """Polls pred until it holds, or fails the test after timeout s."""
+    end = time.monotonic() + timeout
+    while not pred():
+        check(time.monotonic() < end, "timed out: " + what)
+        time.sleep(0.1)
+
+
 def mounted(path):
     with open("/proc/self/mounts") as f:
         return any(line.split()[1] == path for line in f)
