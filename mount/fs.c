@@ -329,7 +329,8 @@ fs_lseek (fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
   struct fs *fs = fuse_req_userdata (req);
   int64_t r;
 
-  if ((whence != SEEK_DATA && whence != SEEK_HOLE) || off < 0) {
+  if ((whence != SEEK_DATA && whence != SEEK_HOLE) || off < 0 ||
+      (ino != DISK_INO && ino != DIRTY_INO)) {
     fuse_reply_err (req, EINVAL);
     return;
   }

@@ -89,6 +89,7 @@ struct options {
   struct disk_config disk;
   char *mountpoint, *name;
   const char *pidfile;
+  char *pidfile_abs, *status_abs;       /* what the two point to */
   bool foreground, fuse_debug;
 };
 
@@ -129,6 +130,27 @@ parse_size (const char *what, const char *s, uint64_t max)
   if (v > max)
     die ("%s %s: too large (at most %" PRIu64 ")", what, s, max);
   return v;
+}
+
+/* path, absolute (from the working directory). */
+static char *
+absolute (const char *path)
+{
+  char *cwd, *r;
+
+  if (path[0] == '/')
+    r = strdup (path);
+  else {
+    cwd = getcwd (NULL, 0);
+    if (cwd == NULL)
+      die ("getcwd: %m");
+    if (asprintf (&r, "%s/%s", cwd, path) == -1)
+      r = NULL;
+    free (cwd);
+  }
+  if (r == NULL)
+    die ("out of memory");
+  return r;
 }
 
 /* MOUNTPOINT, or MOUNTPOINT/FILENAME when MOUNTPOINT is no directory. */
@@ -238,6 +260,15 @@ parse_options (int argc, char **argv, struct options *o)
   }
   check_options (o);
   split_mountpoint (o, argv[optind]);
+  /* A daemon runs in /. */
+  if (o->pidfile) {
+    o->pidfile_abs = absolute (o->pidfile);
+    o->pidfile = o->pidfile_abs;
+  }
+  if (c->status_path) {
+    o->status_abs = absolute (c->status_path);
+    c->status_path = o->status_abs;
+  }
 }
 
 /* The pidfile, written whole (a new file renamed over it), so that
@@ -365,5 +396,7 @@ main (int argc, char **argv)
   fs_free (fs);
   free (o.mountpoint);
   free (o.name);
+  free (o.pidfile_abs);
+  free (o.status_abs);
   return r == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }
