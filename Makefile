@@ -35,7 +35,8 @@ ALL_CFLAGS = $(CFLAGS) $(WARNFLAGS) -std=gnu11 -fPIC -Ilib \
 # Debian packages to build (debian/control's Build-Depends are the same,
 # tests/integration/test-debian-control.sh checks it), ...
 DEB_BUILD_PACKAGES = build-essential debhelper pkg-config perl \
-  nbdkit nbdkit-plugin-dev libnbd-dev libjson-c-dev libcmocka-dev
+  nbdkit nbdkit-plugin-dev libnbd-dev libjson-c-dev libcmocka-dev \
+  libfuse3-dev
 # ... and to test, lint, fuzz, run the demo and the benchmark.
 DEB_PACKAGES = $(DEB_BUILD_PACKAGES) \
   libnbd-bin python3-libnbd fuse3 \
@@ -52,6 +53,7 @@ DEB_PACKAGES += seabios ipxe-qemu libaio1 libfdt1 libfuse3-3 libglib2.0-0 \
 DEB_PACKAGES += busybox-static cpio e2fsprogs
 
 LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c lib/view.c \
+             lib/status.c \
              lib/bitmap.c lib/qmp.c lib/statefile.c lib/cluster.c \
              lib/upstream.c lib/copy.c
 LIB_HDRS   = $(wildcard lib/*.h)
@@ -67,7 +69,11 @@ COPY       = copy/backupaccess-copy
 COPY_SRCS  = $(wildcard copy/*.c)
 COPY_HDRS  = $(wildcard copy/*.h)
 COPY_OBJS  = $(COPY_SRCS:.c=.o)
-MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1 backupaccess-copy.1
+MOUNT      = mount/backupaccess-mount
+MOUNT_SRCS = $(wildcard mount/*.c)
+MOUNT_HDRS = $(wildcard mount/*.h)
+MOUNT_OBJS = $(MOUNT_SRCS:.c=.o)
+MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1 backupaccess-copy.1 backupaccess-mount.1
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
 
@@ -75,7 +81,7 @@ UNIT_TESTS = $(UNIT_SRCS:.c=)
 .PHONY: all deps print-build-deps install uninstall check-package check check-asan check-valgrind unit-tests demo bench \
         clean lint fuzz fuzz-long install-provider uninstall-provider check-provider
 
-all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MANPAGE)
+all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MOUNT) $(MANPAGE)
 
 deps:
 	@tests/deps/packages $(DEB_PACKAGES)
@@ -110,6 +116,13 @@ copy/%.o: copy/%.c $(COPY_HDRS) $(LIB_HDRS)
 $(COPY): $(COPY_OBJS) $(LIB)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $(COPY_OBJS) \
 	  $(LIB) $(shell pkg-config --libs libnbd json-c) -lpthread
+
+mount/%.o: mount/%.c $(MOUNT_HDRS) $(LIB_HDRS)
+	$(CC) $(ALL_CFLAGS) $(shell pkg-config --cflags fuse3) -c $< -o $@
+
+$(MOUNT): $(MOUNT_OBJS) $(LIB)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $(MOUNT_OBJS) \
+	  $(LIB) $(shell pkg-config --libs fuse3 libnbd json-c) -lpthread
 
 # @VERSION@ in a page becomes the version.
 %.1: %.pod debian/changelog
@@ -173,14 +186,15 @@ bench: deps
 	bench/bench.sh
 
 C_SOURCES = $(LIB_SRCS) filter/backupaccess.c plugin/backupaccess-plugin.c \
-            $(COPY_SRCS) \
+            $(COPY_SRCS) $(MOUNT_SRCS) \
             $(HELPER_SRCS) $(wildcard tests/fuzz/fuzz_*.c)
 
 lint:
 	cppcheck --quiet --enable=warning,performance,portability \
 	  --error-exitcode=1 -Ilib $(C_SOURCES)
 	clang-tidy --quiet --warnings-as-errors='*' $(C_SOURCES) -- \
-	  -std=gnu11 -Ilib -Ihelper -DPACKAGE_VERSION='"$(VERSION)"' $(shell pkg-config --cflags json-c)
+	  -std=gnu11 -Ilib -Ihelper -DPACKAGE_VERSION='"$(VERSION)"' \
+	  $(shell pkg-config --cflags json-c fuse3)
 
 # libFuzzer targets, built with clang apart from the gcc build: the
 # library sources are compiled into each one (not lib/*.o).
@@ -203,7 +217,7 @@ fuzz-long: fuzz
 	FUZZ_SECONDS=$(FUZZ_SECONDS) tests/integration/test-fuzz.sh
 
 clean:
-	rm -f lib/*.o helper/*.o copy/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
+	rm -f lib/*.o helper/*.o copy/*.o mount/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MOUNT) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
 	rm -f $(FUZZERS)
 	rm -rf .san
 
@@ -220,6 +234,7 @@ NBDKIT_FILTERDIR ?= $(shell pkg-config --variable=filterdir nbdkit)
 NBDKIT_PLUGINDIR ?= $(shell pkg-config --variable=plugindir nbdkit)
 INSTALLED = $(NBDKIT_FILTERDIR)/$(FILTER) $(NBDKIT_PLUGINDIR)/$(PLUGIN) \
             $(BINDIR)/$(notdir $(HELPER)) $(BINDIR)/$(notdir $(COPY)) \
+            $(BINDIR)/$(notdir $(MOUNT)) \
             $(addprefix $(MANDIR)/man1/,$(MANPAGE))
 
 install: all
@@ -227,7 +242,7 @@ install: all
 	  $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1
 	install -m 0644 $(FILTER) $(DESTDIR)$(NBDKIT_FILTERDIR)/
 	install -m 0644 $(PLUGIN) $(DESTDIR)$(NBDKIT_PLUGINDIR)/
-	install -m 0755 $(HELPER) $(COPY) $(DESTDIR)$(BINDIR)/
+	install -m 0755 $(HELPER) $(COPY) $(MOUNT) $(DESTDIR)$(BINDIR)/
 	install -m 0644 $(MANPAGE) $(DESTDIR)$(MANDIR)/man1/
 
 uninstall:

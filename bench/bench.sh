@@ -11,8 +11,11 @@
 #     filter, our plugin, our plugin + filter) at 256K, 1M and 4M
 #     requests, on QEMU 7.2 and 10.0.2, a fresh QEMU for every copy; an
 #     incremental backup; the fleecing image's peak, discard on and off.
-#     BENCH_ROUNDS sets the rounds of both throughput parts.
-#  4. bench-scale.py: a 16 TiB export with 1,000,000 dirty extents:
+#     BENCH_ROUNDS sets the rounds of the throughput parts.
+#  4. bench-mount.py: the file-handle path, dd bs=4M iflag=direct of a
+#     mounted file: backupaccess-mount against nbdfuse straight on QEMU's
+#     export, on QEMU 7.2 and 10.0.2, a fresh QEMU for every copy.
+#  5. bench-scale.py: a 16 TiB export with 1,000,000 dirty extents:
 #     nbdkit start to first byte, and its resident memory.
 #  5. bench-copy.py: the built-in copy (backupaccess-copy) against
 #     nbdcopy straight from QEMU, same request size and destination, on
@@ -86,6 +89,8 @@ echo
 "$top/bench/coverage-memory"
 echo
 "$top/bench/bench-qemu.py"
+echo
+"$top/bench/bench-mount.py"
 echo
 "$top/bench/bench-scale.py" 2>/dev/null
 echo

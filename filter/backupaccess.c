@@ -13,12 +13,11 @@
  *   requests inside the dirty regions' granules.
  *
  * The view is process-wide, shared by every connection; it locks
- * itself.  This file's own lock guards the flusher and status threads'
- * state, and is never held across a call to the plugin or a write.
+ * itself.  This file's own lock guards the flusher thread's state, and
+ * is never held across a call to the plugin.  The status file has a
+ * thread of its own (lib/status.c).
  */
-#define _GNU_SOURCE             /* asprintf */
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -28,13 +27,13 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <json.h>
 #include <nbdkit-filter.h>
 
 #include "cluster.h"
 #include "mapfile.h"
 #include "bitmap.h"
 #include "regions.h"
+#include "status.h"
 #include "view.h"
 
 /* -D backupaccess.verbose=1: one debug line per request. */
@@ -68,13 +67,11 @@ static unsigned params_seen;    /* bit per parameter, to refuse repeats */
 static struct ba_regions dirty;
 static bool have_dirty;         /* else the whole disk is readable */
 static struct ba_view *view;
-/* The threads' state below is guarded by lock. */
+static struct ba_status *status;        /* the status file's thread */
+/* The flusher's state below is guarded by lock. */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_t status_thread;
-static bool status_running, status_stop;
-static pthread_cond_t status_cond = PTHREAD_COND_INITIALIZER;
 /* The flusher thread sends the batch every second, so that the last
- * discards of a slow or idle client (an nbdfuse mount) do not wait for
+ * discards of a slow or idle client (a FUSE mount) do not wait for
  * its connection to end.  It sends them through the plugin context of
  * an open connection (there is a batch only while one is open): one of
  * its own would be one more connection to QEMU, and the nbd plugin
@@ -114,104 +111,10 @@ static bool disk_size_known;
   "backupaccess-status=FILE    Write the counters there as JSON, every\n" \
   "                            second while they change."
 
-/* Writes the counters to status_path (atomically: a temporary file
- * renamed over it).
- */
-static void
-write_status (const struct ba_view_stats *st)
-{
-  json_object *o;
-  char *tmp = NULL;
-  FILE *fp;
-
-  o = json_object_new_object ();
-  json_object_object_add (o, "bytes-read",
-                          json_object_new_uint64 (st->bytes_read));
-  json_object_object_add (o, "bytes-discarded",
-                          json_object_new_uint64 (st->bytes_discarded));
-  json_object_object_add (o, "bytes-discarded-clean",
-                          json_object_new_uint64 (st->clean_discarded));
-  json_object_object_add (o, "bytes-left",
-                          json_object_new_uint64 (st->readable_left));
-  json_object_object_add (o, "bytes-total",
-                          json_object_new_uint64 (st->readable_total));
-  json_object_object_add (o, "requests-refused",
-                          json_object_new_uint64 (st->refused));
-  json_object_object_add (o, "trim-errors",
-                          json_object_new_uint64 (st->trim_errors));
-  json_object_object_add (o, "broken", json_object_new_boolean (st->broken));
-  json_object_object_add (o, "pid", json_object_new_int (getpid ()));
-  json_object_object_add (o, "time", json_object_new_int64 (time (NULL)));
-  /* A new file of a name nobody can guess (mkstemp: O_EXCL, mode
-   * 0600 whatever nbdkit's umask), so that in a shared directory the
-   * write never follows a symlink planted there, and only the owner
-   * can read the counters.
-   */
-  if (asprintf (&tmp, "%s.XXXXXX", status_path) != -1) {
-    int fd = mkostemp (tmp, O_CLOEXEC);
-    if (fd != -1) {
-      fp = fdopen (fd, "w");
-      if (fp == NULL)
-        close (fd);
-      else
-        fprintf (fp, "%s\n", json_object_to_json_string_ext
-                 (o, JSON_C_TO_STRING_PLAIN));
-      if (fp == NULL || fclose (fp) != 0 || rename (tmp, status_path) == -1)
-        unlink (tmp);
-    }
-  }
-  free (tmp);
-  json_object_put (o);
-}
-
-/* The status thread: the counters, once a second while they change,
- * and once more at the end.
- */
-static void *
-status_loop (void *arg)
-{
-  uint64_t last = UINT64_MAX;
-  bool stop = false;
-
-  while (!stop) {
-    struct ba_view_stats st;
-    struct timespec ts;
-    uint64_t now;
-
-    ba_view_get_stats (view, &st);
-    now = st.reads + st.refused + st.trims_sent + st.trim_errors +
-      st.client_trims + st.broken;
-    if (now != last) {
-      write_status (&st);
-      last = now;
-    }
-    pthread_mutex_lock (&lock);
-    if (!status_stop) {
-      clock_gettime (CLOCK_REALTIME, &ts);
-      ts.tv_sec++;
-      pthread_cond_timedwait (&status_cond, &lock, &ts);
-    }
-    stop = status_stop;
-    pthread_mutex_unlock (&lock);
-  }
-  {
-    struct ba_view_stats st;
-    ba_view_get_stats (view, &st);
-    write_status (&st);
-  }
-  return NULL;
-}
-
 static void
 backupaccess_unload (void)
 {
-  if (status_running) {
-    pthread_mutex_lock (&lock);
-    status_stop = true;
-    pthread_cond_signal (&status_cond);
-    pthread_mutex_unlock (&lock);
-    pthread_join (status_thread, NULL);
-  }
+  ba_status_stop (status);
   free (status_path);
   if (view) {
     char summary[512];
@@ -707,12 +610,11 @@ backupaccess_after_fork (nbdkit_backend *backend)
   if (discard && trim_batch > 0 && start_flusher () == -1)
     return -1;
   if (status_path) {
-    int e = pthread_create (&status_thread, NULL, status_loop, NULL);
-    if (e != 0) {
-      nbdkit_error ("backupaccess-status: pthread_create: %s", strerror (e));
+    status = ba_status_start (view, status_path, err, sizeof err);
+    if (status == NULL) {
+      nbdkit_error ("backupaccess-status: %s", err);
       return -1;
     }
-    status_running = true;
   }
   nbdkit_debug ("backupaccess: disk size %" PRIu64 ", %zu dirty regions, "
                 "cluster %" PRIi64 ", preferred block size %" PRIu32

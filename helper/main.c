@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /* backupaccess-helper: sets up snapshot access to a running QEMU's disks
  * over QMP, serves it through nbdkit + the backupaccess filter, mounts
- * it with nbdfuse, reports progress, and tears it all down again.
+ * it with backupaccess-mount, reports progress, and tears it all down
+ * again.
  *
  * Every step is recorded in DIR/state.json before (or as) it is taken,
  * so that "teardown" can undo a setup that stopped half-way, and can run
@@ -54,8 +55,9 @@
 
 #define MOUNT_USAGE \
   "  mount --run-dir DIR\n" \
-  "      nbdfuse per served device (DIR/DEV.mnt/DEV); prints the files\n" \
-  "      and their dirty regions.  Open the files with O_DIRECT.\n"
+  "      backupaccess-mount per device (DIR/DEV.mnt/DEV), straight on\n" \
+  "      QEMU's export (or through its nbdkit once served); prints the\n" \
+  "      files and their dirty regions.  Open the files with O_DIRECT.\n"
 
 #define STATUS_USAGE \
   "  status --run-dir DIR\n" \

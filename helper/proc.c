@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /* Child processes (an argv, never a shell): running one, starting one
  * that outlives the helper, and finding, checking and stopping the
- * nbdkit and nbdfuse processes the helper started, through /proc.
+ * nbdkit and backupaccess-mount processes the helper started, through
+ * /proc; what their logs say.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -161,22 +162,29 @@ process_running (pid_t pid)
 }
 
 /* The programs the helper starts, and stops. */
-static const char *const our_programs[] = { "nbdkit", "nbdfuse" };
+static const char *const our_programs[] = { "nbdkit", "backupaccess-mount" };
 
-/* Whether name is one of them; with prefix, whether it begins with one
- * (a process's comm is cut at 15 characters, and ends in a newline).
+/* A process's comm: its name cut at 15 characters. */
+#define COMM_MAX 15
+
+/* Whether name is one of them; with comm, whether it begins with one
+ * cut as comm cuts it (comm also ends in a newline).
  */
 static bool
-is_our_program (const char *name, bool prefix)
+is_our_program (const char *name, bool comm)
 {
-  for (size_t i = 0; i < sizeof our_programs / sizeof our_programs[0]; i++)
-    if (prefix ? strncmp (name, our_programs[i], strlen (our_programs[i])) == 0
-        : strcmp (name, our_programs[i]) == 0)
+  for (size_t i = 0; i < sizeof our_programs / sizeof our_programs[0]; i++) {
+    size_t n = strlen (our_programs[i]);
+    if (comm ? strncmp (name, our_programs[i], n < COMM_MAX ? n : COMM_MAX)
+        == 0 : strcmp (name, our_programs[i]) == 0)
       return true;
+  }
   return false;
 }
 
-/* Whether a process is one of ours (nbdkit or nbdfuse), running. */
+/* Whether a process is one of ours (nbdkit or backupaccess-mount),
+ * running.
+ */
 static bool
 our_program (long pid)
 {
@@ -190,9 +198,9 @@ our_program (long pid)
 }
 
 /* The pid in a pidfile, if that process is still the nbdkit or
- * nbdfuse we started with that pidfile, and not a zombie: a pid may
- * have been reused since, even by another nbdkit, which is not ours to
- * stop.
+ * backupaccess-mount we started with that pidfile, and not a zombie: a
+ * pid may have been reused since, even by another nbdkit, which is not
+ * ours to stop.
  */
 pid_t
 read_pidfile (const char *path)
@@ -215,8 +223,8 @@ read_pidfile (const char *path)
   if (len == -1)
     return 0;
   n = (size_t) len;
-  /* argv[0] is nbdkit or nbdfuse, and the pidfile is one of its
-   * arguments (nbdkit --pidfile PATH, nbdfuse -P PATH).
+  /* argv[0] is nbdkit or backupaccess-mount, and the pidfile is one
+   * of its arguments (--pidfile PATH).
    */
   {
     const char *base = strrchr (cmdline, '/') ? strrchr (cmdline, '/') + 1
@@ -262,9 +270,35 @@ tail_of (const char *path)
   return buf;
 }
 
-/* nbdkit sets its umask to 022 and nbdfuse writes its pidfile 0644:
- * close what they made in the run directory to everyone but us (the
- * directory's 0700 already did; this keeps it so if it is ever opened).
+void
+report_log (const char *dev, const char *program, const char *log)
+{
+  FILE *fp = fopen (log, "r");
+  char line[1024], last[3][1024];
+  unsigned errors = 0;
+
+  if (fp == NULL)
+    return;
+  while (fgets (line, sizeof line, fp)) {
+    line[strcspn (line, "\n")] = '\0';
+    if (strstr (line, ": summary: "))
+      warn ("device %s: %s", dev, line);
+    else if (strstr (line, " error: ")) {
+      snprintf (last[errors % 3], sizeof last[0], "%s", line);
+      errors++;
+    }
+  }
+  fclose (fp);
+  if (errors)
+    warn ("device %s: %s logged %u error(s), the last:", dev, program,
+          errors);
+  for (unsigned i = errors > 3 ? errors - 3 : 0; i < errors; i++)
+    warn ("  %s", last[i % 3]);
+}
+
+/* nbdkit sets its umask to 022: close what it made in the run
+ * directory to everyone but us (the directory's 0700 already did; this
+ * keeps it so if it is ever opened).
  */
 void
 make_private (const char *path)
@@ -291,7 +325,7 @@ cmdline_mentions (long pid, const char *text)
   return false;
 }
 
-/* What a helper killed while it started nbdkit or nbdfuse may have left
+/* What a helper killed while it started nbdkit or the mount may have left
  * without a record: such processes with an argument in the run
  * directory (private to us, so they are ours), and mounts in it.
  */

@@ -131,8 +131,8 @@ do_run (struct opts *o, char **cmd)
 
   serve_preflight (&o->serve, o->setup.ndevs, NULL);
   if (o->mount && o->serve.tls_psk)
-    die ("--mount: nbdfuse cannot use TLS (libnbd 1.14 takes no PSK file "
-         "from its URI): give no --tls-psk to mount");
+    die ("--mount: backupaccess-mount does not speak TLS: give no "
+         "--tls-psk to mount");
   /* From here on: a signal during setup or serve must end in a
    * teardown with failure too, not kill the helper half-way.
    */

@@ -213,6 +213,10 @@ serve_device (struct helper_state *st, struct device_state *d,
   if (d->pidfile && read_pidfile (d->pidfile) &&
       kill (read_pidfile (d->pidfile), 0) == 0)
     return;                     /* already served */
+  if (d->mount && d->uri == NULL)
+    die ("device %s is mounted, and its mount reads QEMU's export itself: "
+         "a second reader would take its discards for a broken snapshot; "
+         "serve a device before mounting it, or not at all", d->device);
   if (d->uri)
     die ("device %s: its nbdkit has gone: what it read is discarded in "
          "QEMU, and a new one would take that for a broken snapshot; this "
@@ -244,34 +248,6 @@ serve_devices (struct helper_state *st, const struct serve_opts *so)
   listen_addr_free (&sv.la);
 }
 
-/* What nbdkit's log says, before teardown removes it: the filter's
- * summary, and the last errors.
- */
-static void
-report_log (const char *dev, const char *log)
-{
-  FILE *fp = fopen (log, "r");
-  char line[1024], last[3][1024];
-  unsigned errors = 0;
-
-  if (fp == NULL)
-    return;
-  while (fgets (line, sizeof line, fp)) {
-    line[strcspn (line, "\n")] = '\0';
-    if (strstr (line, "backupaccess: summary:"))
-      warn ("device %s: %s", dev, line);
-    else if (strstr (line, " error: ")) {
-      snprintf (last[errors % 3], sizeof last[0], "%s", line);
-      errors++;
-    }
-  }
-  fclose (fp);
-  if (errors)
-    warn ("device %s: nbdkit logged %u error(s), the last:", dev, errors);
-  for (unsigned i = errors > 3 ? errors - 3 : 0; i < errors; i++)
-    warn ("  %s", last[i % 3]);
-}
-
 void
 serve_stop (struct helper_state *st, struct device_state *d)
 {
@@ -288,7 +264,7 @@ serve_stop (struct helper_state *st, struct device_state *d)
     pid = (pid_t) started;
   stop_pid (pid);
   if (d->nbdkit_log)
-    report_log (d->device, d->nbdkit_log);
+    report_log (d->device, "nbdkit", d->nbdkit_log);
   unlink (d->pidfile);
   if (d->socket)
     unlink (d->socket);

@@ -18,10 +18,10 @@ struct helper_state *do_serve_state (struct opts *o);
  */
 void serve_devices (struct helper_state *st, const struct serve_opts *so);
 
-/* A program or module of the project: the file named by the
- * environment variable env, else file beside the helper (the build
- * tree: "../file" or "file"), else installed (found by nbdkit, or in
- * PATH).
+/* The path of a program or module of the project (the filter, the
+ * plugin, the copy or mount program): the file named by the environment
+ * variable env, else file beside the helper or in its parent (the build
+ * tree), else installed (found by nbdkit, or in PATH).
  */
 char *module_path (const char *env, const char *file, const char *installed);
 

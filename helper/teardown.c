@@ -78,7 +78,7 @@ remove_files (const struct helper_state *st, bool qemu_gone)
     if (d->status_file)
       unlink (d->status_file);
     for (const char *const *ext = (const char *const[]) {
-           "nbdkit.log", "nbdfuse.log", NULL }; *ext; ext++) {
+           "nbdkit.log", "mount.log", NULL }; *ext; ext++) {
       char *f = xasprintf ("%s/%s.%s", run_dir, d->device, *ext);
       unlink (f);
       free (f);

@@ -9,8 +9,10 @@ got the command, the helper never saw the answer), for every N; and
 setup at a few moments in time; this covers every step.)
 
 After each kill `teardown --failure` must exit 0 and leave nothing: no
-run directory, nbdkit, nbdfuse, mount, fleecing image, QEMU export, block
-node, job or frozen bitmap; an incremental's bitmap must be exactly as
+run directory, nbdkit, backupaccess-mount, mount, fleecing image, QEMU
+export, block node, job or frozen bitmap (also an nbdkit and a mount in
+the run directory that the state does not name); an incremental's
+bitmap must be exactly as
 before, a failed full backup's bitmap gone.  At the end, after all the
 kills and guest writes in between, an incremental through the helper
 holds every change: its chain equals the guest disk byte for byte."""
@@ -25,7 +27,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from harness import HELPER, check, run_helper
-from fault_fixture import UpstreamVm, helper_backup, no_leftovers
+from fault_fixture import (UpstreamVm, helper_backup, lazy_unmount, mounts,
+                           no_leftovers)
+from mount_fixture import MOUNT
 
 SIZE = 16 << 20
 rng = random.Random(4242)
@@ -154,27 +158,44 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
     kills["run, while its command runs"] = 1
 
     # Whatever the state does not name but lives in the run directory
-    # (as a helper killed while nbdkit or nbdfuse started can leave):
+    # (as a helper killed while nbdkit or the mount started can leave):
     # teardown stops it.
     run_helper(*setup_args("backup"))
     stray = subprocess.Popen(["nbdkit", "-f", "-U",
                               os.path.join(rd, "stray.sock"), "memory",
                               "1M"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
+    stray_mount = None
     try:
         end = time.monotonic() + 30
         while not os.path.exists(os.path.join(rd, "stray.sock")):
             check(time.monotonic() < end and stray.poll() is None,
                   "the stray nbdkit did not start")
             time.sleep(0.05)
+        # And a backupaccess-mount on it (its comm is cut to 15
+        # characters: "backupaccess-mo").
+        os.mkdir(os.path.join(rd, "stray.mnt"))
+        stray_mount = subprocess.Popen(
+            [MOUNT, "-f", "--socket", os.path.join(rd, "stray.sock"),
+             os.path.join(rd, "stray.mnt", "disk")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while os.path.join(rd, "stray.mnt") not in mounts():
+            check(time.monotonic() < end and stray_mount.poll() is None,
+                  "the stray mount did not start")
+            time.sleep(0.05)
         r = run_helper("teardown", "--run-dir", rd, "--failure")
-        check("left by a helper that was killed" in r.stderr, r.stderr)
+        for p in (stray, stray_mount):
+            check("stopping %d, left by a helper that was killed" % p.pid
+                  in r.stderr, r.stderr)
         stray.wait(30)
+        stray_mount.wait(30)
     finally:
-        if stray.poll() is None:
-            stray.kill()
-            stray.wait()
-    no_leftovers(vm, rd, fl, "stray nbdkit")
+        for p in (stray, stray_mount):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        lazy_unmount(os.path.join(rd, "stray.mnt"))
+    no_leftovers(vm, rd, fl, "stray nbdkit and mount")
 
     # After all that, nothing is missing from the next incremental.
     vm.random_writes(rng, 4)

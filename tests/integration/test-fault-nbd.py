@@ -6,9 +6,9 @@
 - nbdkit killed (SIGKILL) mid-backup: the client fails at once
   (ENOTCONN or ECONNRESET), `serve` refuses to start a new nbdkit for the half-read
   backup and says why, teardown --failure cleans up;
-- nbdfuse killed mid-read of the mounted file, while another process
-  still holds the file open: the reader fails (ECONNABORTED), teardown
-  unmounts lazily, says so, and leaves no mount;
+- backupaccess-mount killed mid-read of the mounted file, while another
+  process still holds the file open: the reader fails (ECONNABORTED or
+  ENOTCONN), teardown unmounts lazily, says so, and leaves no mount;
 - a client killed with reads in flight (aio_pread): QEMU lives on, and
   nbdkit serves the next client, what was served to the dead one being
   gone (nbdkit 1.32.5 itself aborts now and then in that case: its own
@@ -37,7 +37,7 @@ import nbd
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from harness import check, run_helper
 from fault_fixture import (HelperSetup, PausedReader, UpstreamVm,
-                           helper_backup, mounts, no_leftovers)
+                           helper_backup, kill_mount_mid_read, no_leftovers)
 
 SIZE = 32 << 20
 CLUSTER = 65536
@@ -106,35 +106,21 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
                   % (err.strip(), secs))
     next_incremental(vm, rd, fl, tmp, chain, "nbdkit was killed")
 
-    # --- nbdfuse killed mid-read, the file still open elsewhere -------
+    # --- the mount killed mid-read, the file still open elsewhere -----
     vm.random_writes(rng, 12)
     s = HelperSetup(vm, rd, fl)
     m = json.loads(run_helper("mount", "--run-dir", rd).stdout)["mounts"][0]
     regions = [(o, o + n) for o, n in m["dirty-regions"]]
     check(regions == s.regions(SIZE), "mount's regions %s" % regions)
-    reader = PausedReader(m["file"], regions,
-                          sum(e - b for b, e in regions) // 3, 65536)
-    holder = os.open(m["file"], os.O_RDONLY)
-    try:
-        with open(os.path.join(rd, vm.device + ".nbdfuse.pid")) as f:
-            os.kill(int(f.read()), signal.SIGKILL)
-        rc, out, err = reader.go()
-        check(rc == 3 and ("ECONNABORTED" in err or "ENOTCONN" in err),
-              "reader after nbdfuse was killed: exit %d %r" % (rc, err))
-        r, secs = teardown_failure(s, rd, vm, fl, "nbdfuse killed")
-        check("is busy (a process has the file open): unmounted lazily"
-              in r.stderr, r.stderr)
-    finally:
-        reader.kill()
-        try:
-            os.close(holder)
-        except OSError:
-            pass                        # the connection is gone
-    check(not [p for p in mounts() if p.startswith(rd)], "mount left")
-    faults.append("nbdfuse SIGKILL mid-read (file held open): reader %s; "
+    t0 = time.monotonic()
+    err, r = kill_mount_mid_read(vm, rd, m, lambda: teardown_failure(
+        s, rd, vm, fl, "the mount killed")[0])
+    secs = time.monotonic() - t0
+    faults.append("backupaccess-mount SIGKILL mid-read (file held open): "
+                  "reader %s; "
                   "teardown %.1f s: %s" % (err.strip(), secs,
                                            r.stderr.strip()))
-    next_incremental(vm, rd, fl, tmp, chain, "nbdfuse was killed")
+    next_incremental(vm, rd, fl, tmp, chain, "the mount was killed")
 
     # --- a client killed with reads in flight -------------------------
     vm.random_writes(rng, 12, max_len=600 << 10)

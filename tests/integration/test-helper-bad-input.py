@@ -125,12 +125,13 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
         check("undoing what was set up" in r.stderr, r.stderr)
         clean(vm, rd, bitmaps)
 
-        # nbdfuse missing: mount fails at once; teardown cleans up.
+        # The mount program missing: mount fails at once; teardown
+        # cleans up.
         check(helper("setup", *q, "--device", DEV, "--bitmap",
                      "backup").returncode == 0, "setup")
-        check(helper("serve", "--run-dir", rd).returncode == 0, "serve")
-        env = dict(os.environ, PATH="/usr/sbin:/sbin")
-        fails(helper("mount", "--run-dir", rd, env=env), "cannot run nbdfuse")
+        env = dict(os.environ, BACKUPACCESS_MOUNT=os.path.join(tmp, "none"))
+        fails(helper("mount", "--run-dir", rd, env=env),
+              "cannot run %s" % os.path.join(tmp, "none"))
         check(helper("teardown", "--run-dir", rd, "--failure").returncode == 0,
               "teardown")
         clean(vm, rd, bitmaps)

@@ -3,8 +3,9 @@
 """What backupaccess-helper leaves on disk is the caller's alone: under a
 permissive umask (022) the run directory, its state, logs, pidfiles,
 status files, nbdkit's sockets and the fleecing images are owned by the
-caller and closed to group and others; the nbdfuse mount has no
-allow_other and another user cannot open it; COMMAND in `run` gets the
+caller and closed to group and others, with the mount straight on
+QEMU's export and after serve; the mount has no allow_other and
+another user cannot open its files; COMMAND in `run` gets the
 caller's umask back.  A run directory (or fleecing directory) below a
 directory another user can change (theirs, or writable by others and
 not sticky, also reached through a symlink) is refused before anything
@@ -37,6 +38,55 @@ def private(path, what):
           % (what, path, st.st_uid))
     check(st.st_mode & 0o077 == 0, "%s %s has mode %o"
           % (what, path, stat.S_IMODE(st.st_mode)))
+
+
+def files_are_private(rd, fl, common, served):
+    try:
+        run_helper("setup", *common)
+        if served:
+            run_helper("serve", "--run-dir", rd)
+        mounts = json.loads(run_helper("mount", "--run-dir", rd).stdout)
+        vfile = mounts["mounts"][0]["file"]
+        mnt = os.path.dirname(vfile)
+        status = os.path.join(rd, DEV + ".status.json")
+        wait_for(lambda: os.path.exists(status), "the status file")
+
+        private(rd, "run directory")
+        check(stat.S_IMODE(os.stat(rd).st_mode) == 0o700, "run dir mode")
+        names = sorted(os.listdir(rd))
+        want = ["state.json", DEV + ".status.json", DEV + ".mount.pid",
+                DEV + ".mount.log", DEV + ".mnt"]
+        if served:
+            want += [DEV + ".sock", DEV + ".nbdkit.pid", DEV + ".nbdkit.log"]
+        for w in want:
+            check(w in names, "%s missing from %s" % (w, names))
+        for name in names:
+            if name == "qemu-nbd.sock":
+                continue        # QEMU's: protected by the directory
+            if name.endswith(".mnt"):
+                continue        # the FUSE mount: below
+            private(os.path.join(rd, name), "run directory entry")
+        fleecing = os.listdir(fl)
+        check(len(fleecing) == 1, "fleecing images: %s" % fleecing)
+        private(os.path.join(fl, fleecing[0]), "fleecing image")
+
+        # The mount: no allow_other, and closed to another user (the
+        # file and its .dirty file).
+        with open("/proc/self/mountinfo") as f:
+            lines = [l for l in f if (" %s " % mnt) in l]
+        check(len(lines) == 1, "mount of %s not found" % mnt)
+        check("allow_other" not in lines[0], "mounted with allow_other: %s"
+              % lines[0])
+        for path in (vfile, vfile + ".dirty"):
+            r = subprocess.run(
+                [sys.executable, "-c", "import os,sys; os.open(sys.argv[1], "
+                 "os.O_RDONLY)", path], user=NOBODY, group=NOBODY,
+                capture_output=True, text=True, timeout=60)
+            check(r.returncode != 0 and "PermissionError" in r.stderr,
+                  "another user could open %s: %s" % (path, r.stderr))
+    finally:
+        run_helper("teardown", "--run-dir", rd, "--failure", ok=False)
+    check(not os.path.exists(rd), "run directory left")
 
 
 def wait_for(pred, what, timeout=30):
@@ -160,48 +210,10 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
     os.mkdir(fl, 0o700)
     common = ["--qmp", vm.qmp_path, "--run-dir", rd, "--backend", "upstream",
               "--device", DEV, "--fleecing-dir", fl, "--bitmap", "backup"]
-    try:
-        run_helper("setup", *common)
-        run_helper("serve", "--run-dir", rd)
-        mounts = json.loads(run_helper("mount", "--run-dir", rd).stdout)
-        vfile = mounts["mounts"][0]["file"]
-        mnt = os.path.dirname(vfile)
-        status = os.path.join(rd, DEV + ".status.json")
-        wait_for(lambda: os.path.exists(status), "the status file")
-
-        private(rd, "run directory")
-        check(stat.S_IMODE(os.stat(rd).st_mode) == 0o700, "run dir mode")
-        names = sorted(os.listdir(rd))
-        for want in ("state.json", DEV + ".sock", DEV + ".nbdkit.pid",
-                     DEV + ".nbdkit.log", DEV + ".status.json",
-                     DEV + ".nbdfuse.pid", DEV + ".nbdfuse.log",
-                     DEV + ".mnt"):
-            check(want in names, "%s missing from %s" % (want, names))
-        for name in names:
-            if name == "qemu-nbd.sock":
-                continue        # QEMU's: protected by the directory
-            if name.endswith(".mnt"):
-                continue        # the FUSE mount: below
-            private(os.path.join(rd, name), "run directory entry")
-        fleecing = os.listdir(fl)
-        check(len(fleecing) == 1, "fleecing images: %s" % fleecing)
-        private(os.path.join(fl, fleecing[0]), "fleecing image")
-
-        # The mount: no allow_other, and closed to another user.
-        with open("/proc/self/mountinfo") as f:
-            lines = [l for l in f if (" %s " % mnt) in l]
-        check(len(lines) == 1, "mount of %s not found" % mnt)
-        check("allow_other" not in lines[0], "mounted with allow_other: %s"
-              % lines[0])
-        r = subprocess.run(
-            [sys.executable, "-c", "import os,sys; os.open(sys.argv[1], "
-             "os.O_RDONLY)", vfile], user=NOBODY, group=NOBODY,
-            capture_output=True, text=True, timeout=60)
-        check(r.returncode != 0 and "PermissionError" in r.stderr,
-              "another user could open the file: %s" % r.stderr)
-    finally:
-        run_helper("teardown", "--run-dir", rd, "--failure", ok=False)
-    check(not os.path.exists(rd), "run directory left")
+    # Mounted after serve (through nbdkit), and straight on QEMU's
+    # export (the mount's own status file, no nbdkit).
+    for served in (True, False):
+        files_are_private(rd, fl, common, served)
 
     # run: COMMAND gets the caller's umask back.
     out = os.path.join(tmp, "umask")

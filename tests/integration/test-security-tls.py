@@ -8,9 +8,10 @@ client with the right key copies the snapshot byte for byte; a client
 without TLS, one with a wrong key, and one with another user name are
 refused.  --tls-psk without --listen puts TLS on the unix socket too;
 --insecure-no-tls serves plain TCP; `run` checks the options before it
-sets anything up.  mount refuses a device served with TLS (nbdfuse
-cannot take a PSK file) instead of failing half-way.  Against the real
-Proxmox VE QEMU (tests/lib/pve_vm.py), through its backup access API."""
+sets anything up.  mount refuses a device served with TLS
+(backupaccess-mount does not speak TLS) instead of failing half-way.
+Against the real Proxmox VE QEMU (tests/lib/pve_vm.py), through its
+backup access API."""
 import json
 import os
 import shutil
@@ -78,7 +79,7 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
     refused(run_helper("run", *q, "--listen", listen, "--", "true",
                        ok=False), "TCP is served with TLS only")
     refused(run_helper("run", *q, "--tls-psk", keys, "--mount", "--", "true",
-                       ok=False), "nbdfuse cannot use TLS")
+                       ok=False), "backupaccess-mount does not speak TLS")
     check(vm.leftovers() == {} and not os.path.exists(rd),
           "run set up before it checked --listen")
 
@@ -132,7 +133,7 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp, \
               % (sock, keys), "uri %s" % uri)
         refused(nbdinfo("nbd+unix:///?socket=" + sock), "requires TLS")
         refused(run_helper("mount", "--run-dir", rd, ok=False),
-                "served with TLS, which nbdfuse cannot use")
+                "served with TLS, which backupaccess-mount does not speak")
         r = nbdinfo(uri)
         check(r.returncode == 0 and r.stdout.strip() == str(SIZE), r.stderr)
     finally:

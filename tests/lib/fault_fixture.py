@@ -15,15 +15,16 @@ UpstreamVm
 no_leftovers(vm, run_dir, fleecing_dir)
     Nothing of the helper's is left: no run directory, no QEMU export
     but the guest's, no block node "ba-*", no block job, no nbdkit or
-    nbdfuse process and no mount under the run directory, no fleecing
-    image.
+    backupaccess-mount process and no mount under the run directory, no
+    fleecing image.
 
 Backup chains (helper_backup, chain_equals): a backup through the helper
 applied onto a copy of the previous one, compared with the guest disk as
 it was when the backup was set up.
 
 PausedReader: a backup client in a process of its own that stops at a
-known point, so that a fault lands in the middle of a backup.
+known point, so that a fault lands in the middle of a backup;
+kill_mount_mid_read: a device's backupaccess-mount killed that way.
 
 Use /usr/bin/python3.
 """
@@ -373,12 +374,12 @@ def helper_backup(vm, rd, fleecing_dir, tmp, base, out, what,
 # known point): prints "paused <bytes>" after pause_after bytes, waits for
 # a line on stdin, then reads the rest.  A failed read ends it with
 # status 3 and "read error: <errno> <message>" on stderr.  It reads an
-# NBD URI, or a file (an nbdfuse mount) with O_DIRECT.
+# NBD URI, or a file (a FUSE mount) with O_DIRECT.
 READER = r'''
 import errno, json, mmap, os, sys, nbd
 uri, regions, pause_after, chunk = (sys.argv[1], json.loads(sys.argv[2]),
                                     int(sys.argv[3]), int(sys.argv[4]))
-if uri.startswith("/"):             # a file (nbdfuse), read with O_DIRECT
+if uri.startswith("/"):             # a file (a mount), read with O_DIRECT
     fd = os.open(uri, os.O_RDONLY | os.O_DIRECT)
     buf = mmap.mmap(-1, chunk)
     def pread(n, off):
@@ -450,3 +451,34 @@ class PausedReader:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.communicate()
+
+
+def kill_mount_mid_read(vm, rd, mount, teardown):
+    """Kills vm.device's backupaccess-mount (SIGKILL) a third of the way
+    through a reader of its file (mount: an entry of `mount`'s JSON),
+    while another process holds the file open: the reader fails
+    (ENOTCONN, or ECONNABORTED for a request in flight).  teardown()
+    then tears down (returning the helper's result), which must unmount
+    lazily and leave no mount.  Returns (the reader's error, that
+    result)."""
+    regions = [(o, o + n) for o, n in mount["dirty-regions"]]
+    reader = PausedReader(mount["file"], regions,
+                          sum(e - b for b, e in regions) // 3, 65536)
+    holder = os.open(mount["file"], os.O_RDONLY)
+    try:
+        with open(os.path.join(rd, vm.device + ".mount.pid")) as f:
+            os.kill(int(f.read()), signal.SIGKILL)
+        rc, _, err = reader.go()
+        check(rc == 3 and ("ECONNABORTED" in err or "ENOTCONN" in err),
+              "reader after the mount was killed: exit %d %r" % (rc, err))
+        r = teardown()
+        check("is busy (a process has the file open): unmounted lazily"
+              in r.stderr, r.stderr)
+    finally:
+        reader.kill()
+        try:
+            os.close(holder)
+        except OSError:
+            pass                        # the connection is gone
+    check(not [p for p in mounts() if p.startswith(rd)], "mount left")
+    return err, r

@@ -48,10 +48,13 @@ backupaccess-helper --version | grep -q "$version" || fail "backupaccess-helper 
 backupaccess-helper --help >/dev/null || fail "backupaccess-helper --help"
 command -v backupaccess-copy >/dev/null || fail "backupaccess-copy not in PATH"
 backupaccess-copy --version | grep -q "$version" || fail "backupaccess-copy --version"
+command -v backupaccess-mount >/dev/null || fail "backupaccess-mount not in PATH"
+backupaccess-mount --version | grep -q "$version" || fail "backupaccess-mount --version"
+backupaccess-mount --help >/dev/null || fail "backupaccess-mount --help"
 for page in $(ls "$top"/*.pod | xargs -n1 basename | sed 's/\.pod$//'); do
   man -w "$page" >/dev/null 2>&1 || fail "man cannot find $page"
 done
-echo "installed files work: filter and plugin by name, helper and copy from PATH, $(ls "$top"/*.pod | wc -l) man pages"
+echo "installed files work: filter and plugin by name, helper, copy and mount from PATH, $(ls "$top"/*.pod | wc -l) man pages"
 
 apt-get remove --purge -y -q "$pkg" >/dev/null
 installed=
