@@ -88,7 +88,8 @@ usage (FILE *fp, int status)
   fprintf (fp, "Usage: %s COMMAND [OPTIONS]\n\n"
            "Commands:\n" SETUP_USAGE SERVE_USAGE MOUNT_USAGE STATUS_USAGE
            TEARDOWN_USAGE RUN_USAGE
-           "\nEach command takes --help.  See backupaccess-helper(1).\n"
+           "\nEach command takes --help; --version prints the version.\n"
+           "See backupaccess-helper(1).\n"
            "On Proxmox VE, vzdump sets up the backup access itself (one per "
            "VM):\nback VMs up to the backupaccess storage (README, "
            "\"Proxmox VE\"); 'setup' is\nfor VMs that vzdump is not backing "
@@ -222,6 +223,10 @@ main (int argc, char **argv)
     usage (stderr, 2);
   if (strcmp (argv[1], "--help") == 0 || strcmp (argv[1], "-h") == 0)
     usage (stdout, 0);
+  if (strcmp (argv[1], "--version") == 0 || strcmp (argv[1], "-V") == 0) {
+    printf ("%s %s\n", progname, PACKAGE_VERSION);
+    return EXIT_SUCCESS;
+  }
   for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
     if (strcmp (argv[1], commands[i].name) == 0)
       c = &commands[i];

@@ -48,6 +48,13 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
     rd = os.path.join(tmp, "run")
     up = ["--backend", "upstream", "--fleecing-dir", tmp]
 
+    # --version prints the package's one version (debian/changelog).
+    with open(os.path.join(TOP, "debian", "changelog")) as f:
+        version = f.readline().split("(")[1].split(")")[0]
+    r = helper("--version")
+    check(r.returncode == 0 and r.stdout == "backupaccess-helper %s\n"
+          % version, "--version: %r %r" % (r.stdout, r.stderr))
+
     # No QMP socket; a socket that is not QMP.
     fails(helper("setup", "--qmp", tmp + "/none", "--run-dir", rd,
                  "--device", DEV), "cannot connect to QMP socket")
