@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # nbdkit-backupaccess.  GNU make.
 #
 #   make            build the filter, the library and the man page

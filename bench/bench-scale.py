@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """make bench, the scale part: a 16 TiB export (QEMU's null-co driver)
 with 1,000,000 scattered dirty extents in its bitmap.  Measures the time
 from starting nbdkit (backupaccess filter with backupaccess-bitmap over

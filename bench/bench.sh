@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # make bench: what the filter costs, as ratios within one run (the
 # machines are shared and noisy; absolute times mean little).
 #  1. nbdcopy throughput over nbdkit's memory plugin, with and without

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Memory of the filter's state (the coverage tracker) for a 1 TiB disk
  * at 64 KiB clusters, read in several orders.  Prints one row per
  * order: peak tracker memory, clusters discarded, time.

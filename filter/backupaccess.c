@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit-backupaccess-filter: a safe view of a QEMU snapshot-access export.
  *
  * The nbdkit glue over the readable view (lib/view.c), which holds the

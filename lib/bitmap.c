@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Fetching a dirty bitmap from QEMU: the regions of the meta context
  * qemu:dirty-bitmap:NAME of an NBD export, over libnbd.
  */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* libnbd helpers: connecting to an export, and reading its dirty bitmap.
  */
 #ifndef BACKUPACCESS_BITMAP_H

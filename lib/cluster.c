@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The copy-before-write cluster's rules (cluster.h). */
 #include "cluster.h"
 

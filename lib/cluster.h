@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The copy-before-write cluster: the unit of every discard sent to QEMU
  * (QEMU 7.0 to 9.0 abort on any other), and its limits, written once for
  * the filter, the plugin and the helper.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* ba_coverage: which bytes have been consumed, and which clusters are
  * complete and may be discarded.  This file is the discard rule.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The discard rule: which bytes have been consumed (read or trimmed by
  * the client), and which clusters are therefore complete and may be
  * discarded upstream.  Not thread-safe: callers hold their own lock.

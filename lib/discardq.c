@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* ba_discard_queue: completed clusters on their way to being trimmed.
  *
  * Two stages, both optional.  The lag keeps the newest clusters, in the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The discard queue: when completed clusters are trimmed (batched into
  * fewer trims, and an optional lag of recent ones).  Not thread-safe:
  * callers hold their own lock.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Map file parser: "nbdinfo --map=qemu:dirty-bitmap:NAME" output, or
  * plain "OFFSET LENGTH" lines.  See mapfile.h for the rules.
  */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The map file parser: dirty regions from nbdinfo --map output or
  * plain "OFFSET LENGTH" lines.
  */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* A small QMP client: one command at a time, replies bounded in size
  * and in time, events skipped.
  */

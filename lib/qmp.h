@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* A small QMP client over a unix socket, with json-c.  Shared by the
  * helper (and fuzzed through ba_qmp_parse_reply).
  */

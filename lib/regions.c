@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* ba_regions: a sorted set of disjoint byte ranges. */
 #include <errno.h>
 #include <inttypes.h>

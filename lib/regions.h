@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Sets of byte ranges (the dirty regions, the clusters to trim).
  * Not thread-safe: callers hold their own lock.
  */

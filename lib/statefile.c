@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The helper's state file: see statefile.h.  Parsed as json-c's
  * json_object_from_file did before this was taken out of the helper,
  * then checked for the shape the helper relies on.

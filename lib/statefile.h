@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The helper's state file, DIR/state.json: reading and checking it.
  * Apart from the helper so that it can be fuzzed (tests/fuzz).
  */

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """Writes the seed inputs of fuzz_coverage into corpus/coverage, in the
 input layout described at the top of fuzz_coverage.c.  Run from
 tests/fuzz; the seeds are committed, this documents them."""

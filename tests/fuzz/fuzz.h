@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Shared by the libFuzzer targets in tests/fuzz (see README there). */
 #ifndef BACKUPACCESS_FUZZ_H
 #define BACKUPACCESS_FUZZ_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Fuzzes the discard rule, ba_coverage (lib/coverage.c), against a
  * trivially correct model: a byte array (clean, readable or discarded;
  * consumed or not, per byte).  The input is decoded into a small disk,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Fuzzes the map file parser, ba_map_parse (lib/mapfile.c).
  *
  * Properties: an accepted map is a proper region set (sorted, disjoint,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Fuzzes the handling of QMP output, ba_qmp_parse_reply (lib/qmp.c).
  *
  * The input is what QEMU would send: lines, each handled as ba_qmp_cmd

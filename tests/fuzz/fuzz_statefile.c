@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Fuzzes the reader of the helper's state file, ba_state_parse
  * (lib/statefile.c).
  *

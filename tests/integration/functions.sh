@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # Helpers for the integration tests, sourced by tests/integration/test-*.sh.
 #
 #   . "$(dirname "$0")/functions.sh"

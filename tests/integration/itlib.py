@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 """Python helpers for the integration tests (tests/integration/test-*).
 
 Run with /usr/bin/python3 (the one with the nbd module); functions.sh

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Bad input stops nbdkit at start-up: it exits non-zero within 10 s,
 # prints a specific message, and serves nothing (see
 # expect_startup_failure in functions.sh).  Then a good configuration

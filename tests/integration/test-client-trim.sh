@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Client trims count as consumed, like reads, and only whole clusters
 # are ever trimmed upstream.  After every request the trims that reached
 # the plugin (log filter) must be exactly the clusters completed so far

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """backupaccess-discard-lag: a client whose connection dropped right after
 a read reconnects and reads the last SIZE bytes again, byte-identical;
 older data is refused (EPERM, already discarded) and was trimmed once,

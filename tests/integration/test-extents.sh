@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Extents (base:allocation) through the filter, checked with
 # nbdinfo --map against the map:
 #  1. file plugin: dirty regions are data (type 0), the rest a hole

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # qemu: upstream
 """Fault injection: copy-before-write fails during a backup (real
 qemu-storage-daemon), in both of QEMU 7.2's ways of failing:

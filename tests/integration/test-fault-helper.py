@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # qemu: upstream
 """Fault injection: backupaccess-helper itself killed (SIGKILL) at every
 step of setup, serve and mount, deterministically: strace injects the

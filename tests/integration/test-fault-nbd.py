@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # qemu: upstream
 """Fault injection on the NBD side of a backup made with backupaccess-helper
 (upstream back end, real qemu-storage-daemon, guest writing meanwhile):

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # qemu: upstream
 """Fault injection: qemu-storage-daemon goes away in the middle of a backup
 made with backupaccess-helper (upstream back end, persistent bitmap on a

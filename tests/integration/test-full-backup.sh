@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Full backup without a map: the whole disk is readable.
 #  - nbdcopy from the filtered export (one connection) gives a copy equal
 #    to the source; every cluster is trimmed exactly once, aligned, the

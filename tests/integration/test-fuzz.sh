@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Runs each libFuzzer target (tests/fuzz/fuzz_*, built by make fuzz) for
 # a bounded time from its seed corpus (tests/fuzz/corpus/NAME, read
 # only: new inputs go to a temporary directory).  A crash, a sanitizer

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """backupaccess-helper given bad input, or hitting errors half-way: a
 clear message, a non-zero exit, and nothing left behind (no run
 directory, QEMU export, node, job, frozen bitmap, nbdkit or mount), with

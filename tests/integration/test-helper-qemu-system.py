@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # qemu: upstream
 """backupaccess-helper, upstream back end, against qemu-system-x86_64 (q35,
 TCG, no guest OS, two virtio-blk disks with persistent dirty bitmaps); the

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # qemu: upstream
 """backupaccess-helper against upstream QEMU (a real qemu-storage-daemon,
 a QMP socket of its own, --backend

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # A disk over 4 GiB (sparse file, file plugin, no map): offsets past
 # 2^32 and a discard longer than one NBD trim can carry.
 #  - Clusters 0 and 65536 (at 4 GiB) are read all but one byte each; one

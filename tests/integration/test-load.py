@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # qemu: upstream
 """Load test: several client processes, each with its own NBD connection,
 send thousands of random requests to the filter over the backupaccess

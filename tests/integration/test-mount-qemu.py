@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # qemu: upstream
 """backupaccess-mount against a real qemu-storage-daemon (copy-before-write
 + fleecing + snapshot-access), the guest writing meanwhile:

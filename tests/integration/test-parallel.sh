@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Several connections at once, sharing one coverage state.
 #  1. nbdcopy --connections=4 of a whole disk (no map): copy equal to the
 #     source; every cluster trimmed exactly once over all connections.

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # qemu: upstream
 """A full and an incremental backup of a disk in real qemu-storage-daemon,
 read through the filter over nbdkit's nbd plugin while the guest keeps

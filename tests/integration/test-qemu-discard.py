@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # qemu: upstream
 """Random-order, randomly sized, unaligned reads through the filter over
 several connections, against real qemu-storage-daemon while the guest

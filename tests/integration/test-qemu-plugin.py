@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # qemu: upstream
 """The backupaccess plugin against real qemu-storage-daemon: reads are
 byte-identical under parallel load from several client connections (and

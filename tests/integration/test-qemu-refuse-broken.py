@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # qemu: upstream
 """Against real qemu-storage-daemon: reads of clean regions, and re-reads
 of discarded ones, are refused by the filter (EPERM) and never reach QEMU;

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Random-order, random-size, unaligned reads covering every dirty byte
 # of a disk with a map of several unaligned regions, for three cluster
 # sizes and disk sizes that are not a multiple of the cluster size.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Reads inside and outside the dirty regions of a map (file plugin).
 # Reads wholly inside the dirty regions return the disk's bytes; any
 # read that touches a clean byte fails with EPERM, the nbdkit log names

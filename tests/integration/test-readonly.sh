@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Discard needs a writable connection to a plugin that can trim.
 #  1. nbdkit -r with discard on: nbdkit starts, but every connection is
 #     refused with a clear message, and nothing reaches the plugin.

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # qemu: upstream
 """What backupaccess-helper leaves on disk is the caller's alone: under a
 permissive umask (022) the run directory, its state, logs, pidfiles,

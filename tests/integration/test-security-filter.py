@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """The filter on its own, as an operator runs it, facing a hostile local
 user and hostile NBD clients:
 - backupaccess-status=FILE in a shared (sticky, world-writable) directory,

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # No shell anywhere: the C sources start programs with an argv only
 # (fork + execvp), never through system(3), popen(3), an exec of a shell
 # or "sh -c"; the Proxmox VE backup provider starts its programs from

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """backupaccess-helper against a QMP peer it cannot trust (a scripted unix
 socket server, tests/lib/fake_qmp.py): a reply longer than 16 MiB, one
 that never ends, events without end, a reply dripping a byte at a time,

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # qemu: pve
 """TCP only when asked, and then with TLS: `backupaccess-helper serve
 --listen 127.0.0.1:PORT` refuses to start without --tls-psk (unless

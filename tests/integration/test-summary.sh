@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # The summary line printed at unload (SIGTERM): exactly one line, only
 # at exit, with the bytes and requests read, the bytes and trims
 # discarded, trim errors, refused requests and the readable bytes left.

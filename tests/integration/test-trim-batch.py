@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """backupaccess-trim-batch: completed clusters are trimmed in batches (by
 default, and with an explicit size), out of order completions merged;
 every trim aligned, no cluster trimmed twice, every cluster trimmed by the

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Writes and write-zeroes are refused with EPERM, inside and outside the
 # dirty regions, with a message naming the request; none reaches the
 # plugin; the disk is unchanged; refused writes consume nothing (the

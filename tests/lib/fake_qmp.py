@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 """A scripted QMP peer on a unix socket, for tests of how the helper
 copes with a QMP server it cannot trust: one that never answers, answers
 without end, sends huge or malformed replies, or wrong data.

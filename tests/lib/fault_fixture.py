@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 """Fault-injection fixture: a plain upstream qemu-storage-daemon playing a
 VM for backupaccess-helper's upstream back end, that can be killed and
 restarted on the same disk; and the checks every fault test makes

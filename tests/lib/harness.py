@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 """Shared helpers for the Python integration tests (run with /usr/bin/python3)."""
 import os
 import random

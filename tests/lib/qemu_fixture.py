@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 """Test fixture: the fleecing graph of a backup, on a real qemu-storage-daemon.
 
 It builds what Proxmox VE's backup access API (and vzdump) build inside a

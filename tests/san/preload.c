@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Preloaded into nbdkit, after the ASan runtime, by tests/san/run
  * (make check-asan).  nbdkit itself is not instrumented, so three things
  * go wrong with the runtime merely preloaded:

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Unit tests for the copy-before-write cluster's rules (lib/cluster.c). */
 #include <setjmp.h>
 #include <stdarg.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Unit tests for the coverage tracker (the discard rule), including a
  * randomized comparison with a trivially correct byte-level model.
  */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Unit tests for ba_discard_queue: batching and the discard lag. */
 #include <errno.h>
 #include <setjmp.h>

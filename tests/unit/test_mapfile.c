@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Unit tests for the map file parser (ba_map_parse, ba_map_parse_file)
  * and ba_regions_check_size.
  */

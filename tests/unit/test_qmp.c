@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Unit tests for the handling of QMP output, ba_qmp_parse_reply
  * (lib/qmp.c).  The lines are QEMU 7.2's own.
  */

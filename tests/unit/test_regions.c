@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Unit tests for ba_regions and ba_trim_piece. */
 #include <errno.h>
 #include <setjmp.h>

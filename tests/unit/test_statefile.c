@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Unit tests for the reader of the helper's state file (lib/statefile.c). */
 #include <errno.h>
 #include <setjmp.h>
