@@ -8,11 +8,11 @@
 set -euo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
 tmp=$(mktemp -d /tmp/backupaccess-package.XXXXXX)
-pkg=nbdkit-backupaccess
+pkgs="nbdkit-backupaccess pve-backupaccess-provider"
 installed=
 cleanup() {
   if [ -n "$installed" ]; then
-    apt-get remove --purge -y -q "$pkg" >/dev/null 2>&1 || true
+    apt-get remove --purge -y -q $pkgs >/dev/null 2>&1 || true
   fi
   rm -rf "$tmp"
 }
@@ -22,15 +22,17 @@ fail() { echo "check-package: FAIL: $*" >&2; exit 1; }
 git clone -q "$top" "$tmp/src"
 (cd "$tmp/src" && dpkg-buildpackage -b -us -uc >"$tmp/build.log" 2>&1) ||
   { tail -n 30 "$tmp/build.log"; fail "dpkg-buildpackage failed"; }
-deb=$(ls "$tmp"/${pkg}_*.deb)
-echo "built $(basename "$deb")"
+debs=$(for p in $pkgs; do ls "$tmp"/${p}_*.deb; done)
+echo "built" $(basename -a $debs)
+deb=$(ls "$tmp"/nbdkit-backupaccess_*.deb)
 dpkg -I "$deb" | grep -q "Depends: nbdkit (= $(dpkg-query -W -f='${Version}' nbdkit))" ||
   fail "the package does not depend on exactly the nbdkit it was built with"
 
 installed=1
-DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$deb" >"$tmp/install.log" 2>&1 ||
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q $debs >"$tmp/install.log" 2>&1 ||
   { cat "$tmp/install.log"; fail "apt-get install failed"; }
-dpkg -L "$pkg" | while read -r f; do [ -f "$f" ] && echo "$f"; done >"$tmp/files"
+for p in $pkgs; do dpkg -L "$p"; done |
+  while read -r f; do [ -f "$f" ] && echo "$f"; done >"$tmp/files"
 
 # From a directory with nothing of ours in it, with no build tree in
 # the environment.
@@ -51,14 +53,24 @@ backupaccess-copy --version | grep -q "$version" || fail "backupaccess-copy --ve
 command -v backupaccess-mount >/dev/null || fail "backupaccess-mount not in PATH"
 backupaccess-mount --version | grep -q "$version" || fail "backupaccess-mount --version"
 backupaccess-mount --help >/dev/null || fail "backupaccess-mount --help"
+# The provider's modules load (libpve-storage-perl, which they plug
+# into, exists only on Proxmox VE: compile-check the ones that stand
+# alone, and find the storage plugin's file).
+perl -e 'use PVE::BackupProvider::Plugin::BackupAccess::Archive; 1' ||
+  fail "the provider's Perl modules do not load from the installed package"
+[ -f /usr/share/perl5/PVE/Storage/Custom/BackupAccessPlugin.pm ] ||
+  fail "the storage plugin is not where pve-storage loads it from"
 for page in $(ls "$top"/*.pod | xargs -n1 basename | sed 's/\.pod$//'); do
   man -w "$page" >/dev/null 2>&1 || fail "man cannot find $page"
 done
 echo "installed files work: filter and plugin by name, helper, copy and mount from PATH, $(ls "$top"/*.pod | wc -l) man pages"
 
-apt-get remove --purge -y -q "$pkg" >/dev/null
+apt-get remove --purge -y -q $pkgs >/dev/null
 installed=
 left=$(while read -r f; do [ -e "$f" ] && echo "$f"; done <"$tmp/files")
 [ -z "$left" ] || fail "left after removal: $left"
-dpkg-query -W "$pkg" >/dev/null 2>&1 && fail "$pkg is still known to dpkg"
+for p in $pkgs; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q installed &&
+    fail "$p is still installed"
+done
 echo "check-package: OK ($(wc -l <"$tmp/files") files installed and removed)"
