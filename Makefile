@@ -60,7 +60,7 @@ LIB_HDRS   = $(wildcard lib/*.h)
 LIB_OBJS   = $(LIB_SRCS:.c=.o)
 LIB        = lib/libbackupaccess.a
 FILTER     = nbdkit-backupaccess-filter.so
-PLUGIN     = nbdkit-backupaccess-plugin.so
+PLUGIN     = nbdkit-snapshotaccess-plugin.so
 HELPER     = helper/backupaccess-helper
 HELPER_SRCS = $(wildcard helper/*.c)
 HELPER_HDRS = $(wildcard helper/*.h)
@@ -99,8 +99,8 @@ $(FILTER): filter/backupaccess.c $(LIB) $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -shared -o $@ filter/backupaccess.c \
 	  $(LIB) $(shell pkg-config --libs libnbd json-c) -lpthread
 
-$(PLUGIN): plugin/backupaccess-plugin.c $(LIB) $(LIB_HDRS)
-	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -shared -o $@ plugin/backupaccess-plugin.c \
+$(PLUGIN): plugin/snapshotaccess.c $(LIB) $(LIB_HDRS)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -shared -o $@ plugin/snapshotaccess.c \
 	  $(LIB) $(shell pkg-config --libs libnbd) -lpthread
 
 helper/%.o: helper/%.c $(HELPER_HDRS) $(LIB_HDRS)
@@ -185,7 +185,7 @@ bench: deps
 	$(MAKE) all bench/coverage-memory
 	bench/bench.sh
 
-C_SOURCES = $(LIB_SRCS) filter/backupaccess.c plugin/backupaccess-plugin.c \
+C_SOURCES = $(LIB_SRCS) filter/backupaccess.c plugin/snapshotaccess.c \
             $(COPY_SRCS) $(MOUNT_SRCS) \
             $(HELPER_SRCS) $(wildcard tests/fuzz/fuzz_*.c)
 
