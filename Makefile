@@ -73,7 +73,8 @@ MOUNT      = mount/backupaccess-mount
 MOUNT_SRCS = $(wildcard mount/*.c)
 MOUNT_HDRS = $(wildcard mount/*.h)
 MOUNT_OBJS = $(MOUNT_SRCS:.c=.o)
-MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1 backupaccess-copy.1 backupaccess-mount.1
+MANPAGE    = nbdkit-backupaccess-filter.1 nbdkit-snapshotaccess-plugin.1 \
+             backupaccess-helper.1 backupaccess-copy.1 backupaccess-mount.1
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
 
