@@ -15,7 +15,8 @@
 #                   Both build a copy in .san/ and run tests/san/run (how
 #                   reports are caught and sorted: see there).
 #   make check-provider  the Proxmox VE backup provider's tests (provider/t)
-#   make install-provider  the provider's Perl modules (provider/lib)
+#   make install-provider  the provider's Perl modules (provider/lib) and
+#                   its man page, pve-backupaccess-provider(5)
 #   make demo       full + incremental backup of a disk in qemu-storage-daemon
 #   make bench      throughput and memory figures (ratios within one run)
 #   make lint       cppcheck and clang-tidy (.clang-tidy), warnings are errors
@@ -75,6 +76,8 @@ MOUNT_HDRS = $(wildcard mount/*.h)
 MOUNT_OBJS = $(MOUNT_SRCS:.c=.o)
 MANPAGE    = nbdkit-backupaccess-filter.1 nbdkit-snapshotaccess-plugin.1 \
              backupaccess-helper.1 backupaccess-copy.1 backupaccess-mount.1
+# The provider's page, installed with it (make install-provider).
+PROVIDER_MANPAGE = provider/pve-backupaccess-provider.5
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
 
@@ -82,7 +85,8 @@ UNIT_TESTS = $(UNIT_SRCS:.c=)
 .PHONY: all deps print-build-deps install uninstall check-package check check-asan check-valgrind unit-tests demo bench \
         clean lint fuzz fuzz-long install-provider uninstall-provider check-provider
 
-all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MOUNT) $(MANPAGE)
+all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MOUNT) $(MANPAGE) \
+     $(PROVIDER_MANPAGE)
 
 deps:
 	@tests/deps/packages $(DEB_PACKAGES)
@@ -125,12 +129,15 @@ $(MOUNT): $(MOUNT_OBJS) $(LIB)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $(MOUNT_OBJS) \
 	  $(LIB) $(shell pkg-config --libs fuse3 libnbd json-c) -lpthread
 
-# @VERSION@ in a page becomes the version.
-%.1: %.pod debian/changelog
-	podchecker $<
-	sed 's/@VERSION@/$(VERSION)/g' $< | pod2man --section=1 \
+# @VERSION@ in a page becomes the version; the section is the suffix.
+POD2MAN = podchecker $< && \
+	sed 's/@VERSION@/$(VERSION)/g' $< | pod2man --section=$(subst .,,$(suffix $@)) \
 	  --center="nbdkit-backupaccess" \
-	  --release="nbdkit-backupaccess $(VERSION)" --name=$* > $@
+	  --release="nbdkit-backupaccess $(VERSION)" --name=$(notdir $*) > $@
+%.1: %.pod debian/changelog
+	$(POD2MAN)
+%.5: %.pod debian/changelog
+	$(POD2MAN)
 
 tests/unit/%: tests/unit/%.c $(LIB) $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB) $(shell pkg-config --libs cmocka libnbd json-c)
@@ -218,7 +225,7 @@ fuzz-long: fuzz
 	FUZZ_SECONDS=$(FUZZ_SECONDS) tests/integration/test-fuzz.sh
 
 clean:
-	rm -f lib/*.o helper/*.o copy/*.o mount/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MOUNT) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
+	rm -f lib/*.o helper/*.o copy/*.o mount/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MOUNT) $(MANPAGE) $(PROVIDER_MANPAGE) $(UNIT_TESTS) bench/coverage-memory
 	rm -f $(FUZZERS)
 	rm -rf .san
 
@@ -251,17 +258,21 @@ uninstall:
 
 # make install-provider [DESTDIR=...]: the Proxmox VE storage plugin and
 # backup provider into Perl's vendor directory, where pve-storage loads
-# PVE/Storage/Custom/*.pm from (on the Proxmox VE host, with make install).
+# PVE/Storage/Custom/*.pm from (on the Proxmox VE host, with make install),
+# and its man page into section 5.
 PERL5DIR    ?= /usr/share/perl5
 PROVIDER_PM  = $(shell cd provider/lib && find PVE -name '*.pm' | sort)
 
-install-provider:
+install-provider: $(PROVIDER_MANPAGE)
 	for f in $(PROVIDER_PM); do \
 	  install -D -m 0644 provider/lib/$$f $(DESTDIR)$(PERL5DIR)/$$f || exit 1; \
 	done
+	install -D -m 0644 $(PROVIDER_MANPAGE) \
+	  $(DESTDIR)$(MANDIR)/man5/$(notdir $(PROVIDER_MANPAGE))
 
 uninstall-provider:
 	rm -f $(addprefix $(DESTDIR)$(PERL5DIR)/,$(PROVIDER_PM))
+	rm -f $(DESTDIR)$(MANDIR)/man5/$(notdir $(PROVIDER_MANPAGE))
 	-rmdir $(DESTDIR)$(PERL5DIR)/PVE/BackupProvider/Plugin/BackupAccess
 
 check-provider: all
