@@ -20,7 +20,8 @@
 #                   Both build a copy in .san/ and run tests/san/run (how
 #                   reports are caught and sorted: see there).
 #   make check-provider  the Proxmox VE backup provider's tests (provider/t)
-#   make install-provider  the provider's Perl modules (provider/lib)
+#   make install-provider  the provider's Perl modules (provider/lib) and
+#                   its man page, pve-backupaccess-provider(5)
 #   make demo       full + incremental backup of a disk in qemu-storage-daemon
 #   make bench      throughput and memory figures (ratios within one run)
 #   make lint       cppcheck and clang-tidy (.clang-tidy), warnings are errors
@@ -65,7 +66,7 @@ LIB_HDRS   = $(wildcard lib/*.h)
 LIB_OBJS   = $(LIB_SRCS:.c=.o)
 LIB        = lib/libbackupaccess.a
 FILTER     = nbdkit-backupaccess-filter.so
-PLUGIN     = nbdkit-backupaccess-plugin.so
+PLUGIN     = nbdkit-snapshotaccess-plugin.so
 HELPER     = helper/backupaccess-helper
 HELPER_SRCS = $(wildcard helper/*.c)
 HELPER_HDRS = $(wildcard helper/*.h)
@@ -78,7 +79,10 @@ MOUNT      = mount/backupaccess-mount
 MOUNT_SRCS = $(wildcard mount/*.c)
 MOUNT_HDRS = $(wildcard mount/*.h)
 MOUNT_OBJS = $(MOUNT_SRCS:.c=.o)
-MANPAGE    = nbdkit-backupaccess.1 backupaccess-helper.1 backupaccess-copy.1 backupaccess-mount.1
+MANPAGE    = nbdkit-backupaccess-filter.1 nbdkit-snapshotaccess-plugin.1 \
+             backupaccess-helper.1 backupaccess-copy.1 backupaccess-mount.1
+# The provider's page, installed with it (make install-provider).
+PROVIDER_MANPAGE = provider/pve-backupaccess-provider.5
 UNIT_SRCS  = $(wildcard tests/unit/test_*.c)
 UNIT_TESTS = $(UNIT_SRCS:.c=)
 
@@ -86,7 +90,8 @@ UNIT_TESTS = $(UNIT_SRCS:.c=)
 .PHONY: all deps print-build-deps install uninstall check-package check check-full check-asan check-valgrind unit-tests demo bench \
         clean lint fuzz fuzz-long install-provider uninstall-provider check-provider
 
-all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MOUNT) $(MANPAGE)
+all: $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MOUNT) $(MANPAGE) \
+     $(PROVIDER_MANPAGE)
 
 deps:
 	@tests/deps/packages $(DEB_PACKAGES)
@@ -104,8 +109,8 @@ $(FILTER): filter/backupaccess.c $(LIB) $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -shared -o $@ filter/backupaccess.c \
 	  $(LIB) $(shell pkg-config --libs libnbd json-c) -lpthread
 
-$(PLUGIN): plugin/backupaccess-plugin.c $(LIB) $(LIB_HDRS)
-	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -shared -o $@ plugin/backupaccess-plugin.c \
+$(PLUGIN): plugin/snapshotaccess.c $(LIB) $(LIB_HDRS)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -shared -o $@ plugin/snapshotaccess.c \
 	  $(LIB) $(shell pkg-config --libs libnbd) -lpthread
 
 helper/%.o: helper/%.c $(HELPER_HDRS) $(LIB_HDRS)
@@ -129,12 +134,15 @@ $(MOUNT): $(MOUNT_OBJS) $(LIB)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $(MOUNT_OBJS) \
 	  $(LIB) $(shell pkg-config --libs fuse3 libnbd json-c) -lpthread
 
-# @VERSION@ in a page becomes the version.
-%.1: %.pod debian/changelog
-	podchecker $<
-	sed 's/@VERSION@/$(VERSION)/g' $< | pod2man --section=1 \
+# @VERSION@ in a page becomes the version; the section is the suffix.
+POD2MAN = podchecker $< && \
+	sed 's/@VERSION@/$(VERSION)/g' $< | pod2man --section=$(subst .,,$(suffix $@)) \
 	  --center="nbdkit-backupaccess" \
-	  --release="nbdkit-backupaccess $(VERSION)" --name=$* > $@
+	  --release="nbdkit-backupaccess $(VERSION)" --name=$(notdir $*) > $@
+%.1: %.pod debian/changelog
+	$(POD2MAN)
+%.5: %.pod debian/changelog
+	$(POD2MAN)
 
 tests/unit/%: tests/unit/%.c $(LIB) $(LIB_HDRS)
 	$(CC) $(ALL_CFLAGS) -o $@ $< $(LIB) $(shell pkg-config --libs cmocka libnbd json-c)
@@ -196,7 +204,7 @@ bench: deps
 	$(MAKE) all bench/coverage-memory
 	bench/bench.sh
 
-C_SOURCES = $(LIB_SRCS) filter/backupaccess.c plugin/backupaccess-plugin.c \
+C_SOURCES = $(LIB_SRCS) filter/backupaccess.c plugin/snapshotaccess.c \
             $(COPY_SRCS) $(MOUNT_SRCS) \
             $(HELPER_SRCS) $(wildcard tests/fuzz/fuzz_*.c)
 
@@ -228,7 +236,7 @@ fuzz-long: fuzz
 	FUZZ_SECONDS=$(FUZZ_SECONDS) tests/integration/test-fuzz.sh
 
 clean:
-	rm -f lib/*.o helper/*.o copy/*.o mount/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MOUNT) $(MANPAGE) $(UNIT_TESTS) bench/coverage-memory
+	rm -f lib/*.o helper/*.o copy/*.o mount/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MOUNT) $(MANPAGE) $(PROVIDER_MANPAGE) $(UNIT_TESTS) bench/coverage-memory
 	rm -f $(FUZZERS)
 	rm -rf .san
 
@@ -261,17 +269,21 @@ uninstall:
 
 # make install-provider [DESTDIR=...]: the Proxmox VE storage plugin and
 # backup provider into Perl's vendor directory, where pve-storage loads
-# PVE/Storage/Custom/*.pm from (on the Proxmox VE host, with make install).
+# PVE/Storage/Custom/*.pm from (on the Proxmox VE host, with make install),
+# and its man page into section 5.
 PERL5DIR    ?= /usr/share/perl5
 PROVIDER_PM  = $(shell cd provider/lib && find PVE -name '*.pm' | sort)
 
-install-provider:
+install-provider: $(PROVIDER_MANPAGE)
 	for f in $(PROVIDER_PM); do \
 	  install -D -m 0644 provider/lib/$$f $(DESTDIR)$(PERL5DIR)/$$f || exit 1; \
 	done
+	install -D -m 0644 $(PROVIDER_MANPAGE) \
+	  $(DESTDIR)$(MANDIR)/man5/$(notdir $(PROVIDER_MANPAGE))
 
 uninstall-provider:
 	rm -f $(addprefix $(DESTDIR)$(PERL5DIR)/,$(PROVIDER_PM))
+	rm -f $(DESTDIR)$(MANDIR)/man5/$(notdir $(PROVIDER_MANPAGE))
 	-rmdir $(DESTDIR)$(PERL5DIR)/PVE/BackupProvider/Plugin/BackupAccess
 
 check-provider: all

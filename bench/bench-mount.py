@@ -14,7 +14,7 @@ snapshot-access export:
 - the same reading QEMU in 1 MiB pieces (--request-size 1M), FUSE's
   request size, instead of 256K;
 - backupaccess-mount through nbdkit with the backupaccess filter and
-  plugin (what `backupaccess-helper mount` does after `serve`).
+  the snapshotaccess plugin (what `backupaccess-helper mount` does after `serve`).
 
 Fair by construction, as bench-qemu.py: a fresh qemu-storage-daemon for
 every measurement, on every QEMU of tests/lib/qemus.py that has one (7.2

@@ -3,7 +3,7 @@
 """make bench, the QEMU part: nbdcopy of a full backup of a raw disk (page
 cache warm) straight from qemu-storage-daemon's snapshot-access export
 and through nbdkit (nbd plugin, nbd plugin + backupaccess filter,
-backupaccess plugin, backupaccess plugin + filter), at nbdcopy's default
+snapshotaccess plugin, snapshotaccess plugin + filter), at nbdcopy's default
 request size (256K), 1M and 4M, with 1 and 4 connections, on every QEMU
 of tests/lib/qemus.py that has a qemu-storage-daemon (7.2 and 10.0.2).
 
@@ -51,8 +51,8 @@ PATHS = [
     ("direct from qemu-storage-daemon", None),
     ("nbdkit nbd plugin", ["nbd"]),
     ("nbd plugin + backupaccess filter", FILTERED + ["nbd"]),
-    ("backupaccess plugin", [PLUGIN]),
-    ("backupaccess plugin + filter", FILTERED + [PLUGIN]),
+    ("snapshotaccess plugin", [PLUGIN]),
+    ("snapshotaccess plugin + filter", FILTERED + [PLUGIN]),
 ]
 if os.environ.get("BENCH_PATHS"):
     PATHS = [PATHS[int(i)] for i in os.environ["BENCH_PATHS"].split(",")]
@@ -186,7 +186,7 @@ def goal(q, res):
     """The goals: plugin + filter at least as fast as direct with 1M and
     4M requests, and at least level with the nbd plugin (alone, and with
     the filter) at nbdcopy's default; the other cells for reference."""
-    pf = "backupaccess plugin + filter"
+    pf = "snapshotaccess plugin + filter"
     names = [n for n, _ in PATHS]
     goals = {DIRECT: ("1M", "4M"), "nbdkit nbd plugin": ("256K",),
              "nbd plugin + backupaccess filter": ("256K",)}
@@ -218,7 +218,7 @@ def incremental(tmp):
     rng = random.Random(11)
     size = 1 << 30
     rows = [("nbd plugin + backupaccess filter", FILTERED + ["nbd"]),
-            ("backupaccess plugin + filter", FILTERED + [PLUGIN])]
+            ("snapshotaccess plugin + filter", FILTERED + [PLUGIN])]
     res = {}
     with Fleecing(size) as f:
         # The bitmap starts empty: only these writes are dirty.

@@ -3,7 +3,7 @@
 """make bench, the scale part: a 16 TiB export (QEMU's null-co driver)
 with 1,000,000 scattered dirty extents in its bitmap.  Measures the time
 from starting nbdkit (backupaccess filter with backupaccess-bitmap over
-the backupaccess plugin) to the first byte served, and nbdkit's resident
+the snapshotaccess plugin) to the first byte served, and nbdkit's resident
 memory then."""
 import os
 import subprocess

@@ -6,8 +6,8 @@ backupaccess-helper against a real qemu-storage-daemon (upstream QEMU
 writing to the disk:
 
 1. a full and an incremental backup served by nbdkit with the
-   backupaccess filter and plugin, read by nbdcopy (the incremental into
-   a qcow2 overlay of the full, with --clean zero);
+   backupaccess filter and the snapshotaccess plugin, read by nbdcopy
+   (the incremental into a qcow2 overlay of the full, with --clean zero);
 2. the same two with the one-command built-in copy, run --copy-into.
 
 Each chain is checked with qemu-img compare against the disk as it was
@@ -174,8 +174,8 @@ def main():
         os.mkdir(b)
         dev = vm.device
         rows = chain(vm, guest, tmp, "nbdkit + nbdcopy", [
-            ("full backup, nbdkit with the backupaccess filter and plugin, "
-             "read by nbdcopy",
+            ("full backup, nbdkit with the backupaccess filter and the "
+             "snapshotaccess plugin, read by nbdcopy",
              ["--device", dev, "--bitmap", "nbdcopy-chain", "--", "sh",
               "-c", 'nbdcopy --flush "$BACKUPACCESS_URI_0" %s/full.raw' % b],
              os.path.join(b, "full.raw"), "raw"),

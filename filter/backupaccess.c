@@ -44,11 +44,11 @@ NBDKIT_DLL_PUBLIC int backupaccess_debug_verbose = 0;
 static char *map_path;
 static char *bitmap_name;
 static char *bitmap_uri;
-/* The plugin's own connection parameters (nbd plugin, backupaccess
+/* The plugin's own connection parameters (nbd plugin, snapshotaccess
  * plugin), seen on the way through: the default place of the bitmap.
  */
 static char *plugin_socket, *plugin_export, *plugin_uri;
-/* The backupaccess plugin's cluster=, seen on the way through: the
+/* The snapshotaccess plugin's cluster=, seen on the way through: the
  * same setting, which must agree with backupaccess-cluster.
  */
 static int64_t plugin_cluster = -1;
@@ -98,7 +98,8 @@ static bool disk_size_known;
   "backupaccess-uri=URI        Where to read the bitmap (default: the\n" \
   "                            plugin's socket=/export= or uri=).\n" \
   "backupaccess-cluster=SIZE   Copy-before-write cluster size (default:\n" \
-  "                            the backupaccess plugin's cluster=, or 64K).\n" \
+  "                            the snapshotaccess plugin's cluster=,\n" \
+  "                            or 64K).\n" \
   "backupaccess-discard=BOOL   Discard clusters once read (default true).\n" \
   "backupaccess-clean=hole|zero  How clean regions are reported in\n" \
   "                            extents (default hole; zero: for a copy\n" \

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* serve: an nbdkit with the backupaccess filter and plugin per device,
- * on a unix socket in the run directory or on TCP with TLS, and the
- * URIs clients read it at.
+/* serve: an nbdkit with the backupaccess filter and the snapshotaccess
+ * plugin per device, on a unix socket in the run directory or on TCP
+ * with TLS, and the URIs clients read it at.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -240,7 +240,7 @@ serve_devices (struct helper_state *st, const struct serve_opts *so)
   sv.filter = module_path ("BACKUPACCESS_FILTER",
                            "nbdkit-backupaccess-filter.so", "backupaccess");
   sv.plugin = module_path ("BACKUPACCESS_PLUGIN",
-                           "nbdkit-backupaccess-plugin.so", "backupaccess");
+                           "nbdkit-snapshotaccess-plugin.so", "snapshotaccess");
   for (size_t i = 0; i < st->ndevices; i++)
     serve_device (st, &st->devices[i], &sv, (int) i);
   free (sv.filter);

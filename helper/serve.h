@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* serve: nbdkit with the backupaccess filter and plugin per device. */
+/* serve: nbdkit with the backupaccess filter and the snapshotaccess
+ * plugin per device.
+ */
 #ifndef BACKUPACCESS_HELPER_SERVE_H
 #define BACKUPACCESS_HELPER_SERVE_H
 

@@ -109,11 +109,11 @@ bad_args 'backupaccess-map and backupaccess-bitmap both name the dirty regions' 
 bad_args 'backupaccess-uri is where backupaccess-bitmap is read from, but no backupaccess-bitmap was given' \
   backupaccess-uri=nbd+unix:///?socket=/nonexistent
 bad_args 'backupaccess-bitmap: no place to read it from' backupaccess-bitmap=b
-# The backupaccess plugin's cluster= and the filter's must agree (checked
+# The snapshotaccess plugin's cluster= and the filter's must agree (checked
 # before the plugin connects anywhere).
 note "backupaccess-cluster=64K with the plugin's cluster=128K"
 expect_startup_failure 'backupaccess-cluster=65536 and the plugin'"'"'s cluster=131072 differ: both are QEMU'"'"'s copy-before-write cluster size' \
-  --filter="$FILTER" "$TOP/nbdkit-backupaccess-plugin.so" socket="$tmp/no-such.sock" cluster=128K \
+  --filter="$FILTER" "$TOP/nbdkit-snapshotaccess-plugin.so" socket="$tmp/no-such.sock" cluster=128K \
   backupaccess-cluster=64K
 
 # The plugin's own parameters (checked before it connects anywhere).
@@ -121,7 +121,7 @@ bad_plugin_args () {
   local msg=$1
   shift
   note "plugin $*"
-  expect_startup_failure "$msg" "$TOP/nbdkit-backupaccess-plugin.so" \
+  expect_startup_failure "$msg" "$TOP/nbdkit-snapshotaccess-plugin.so" \
     socket="$tmp/no-qemu.sock" export=x "$@"
 }
 bad_plugin_args 'request-size=3000: must be a power of two between 4K and 32M' \

@@ -8,7 +8,7 @@ qemu-storage-daemon), in both of QEMU 7.2's ways of failing:
   over blkdebug failing every write: the guest overwrites a dirty region
   not yet read, its write succeeds, the snapshot breaks, and the backup
   fails loudly: the client's next read gets EIO and nbdkit's log says the
-  snapshot is broken (filter over the backupaccess plugin);
+  snapshot is broken (filter over the snapshotaccess plugin);
 - on-cbw-error=break-guest-write (what blockdev-backup gives the helper's
   upstream back end for a node without a guest device, such as this
   daemon's; QEMU's default), the fleecing image on a full

@@ -3,7 +3,7 @@
 """Full and incremental backups through the filter, against a real
 qemu-storage-daemon while the guest writes, for every combination of
 copy-before-write cluster {64K, 128K, 1M}, dirty bitmap granularity
-{64K, 4M (Proxmox VE's)}, connector {the backupaccess plugin, nbdkit's
+{64K, 4M (Proxmox VE's)}, connector {the snapshotaccess plugin, nbdkit's
 nbd plugin} and client {nbdcopy with the README's recipe, a plain libnbd
 reader that copies the data extents}: each backup, and the chain of the
 full and the incremental, is byte for byte the disk at its snapshot

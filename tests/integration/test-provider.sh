@@ -8,7 +8,7 @@
 set -eu
 top=${TOP:-$(cd "$(dirname "$0")/../.." && pwd)}
 cd "$top"
-for f in nbdkit-backupaccess-filter.so nbdkit-backupaccess-plugin.so copy/backupaccess-copy \
+for f in nbdkit-backupaccess-filter.so nbdkit-snapshotaccess-plugin.so copy/backupaccess-copy \
          helper/backupaccess-helper; do
   [ -e "$f" ] || { echo "$f is not built: run make"; exit 77; }
 done

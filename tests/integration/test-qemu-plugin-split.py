@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 # SPDX-License-Identifier: BSD-3-Clause
 # qemu: upstream
-"""The backupaccess plugin's reads in pieces, against real
+"""The snapshotaccess plugin's reads in pieces, against real
 qemu-storage-daemon:
 
 - a 4 MiB and a 40 MiB client read arrive at QEMU as pieces of the

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 # SPDX-License-Identifier: BSD-3-Clause
 # qemu: upstream
-"""The backupaccess plugin against real qemu-storage-daemon: reads are
+"""The snapshotaccess plugin against real qemu-storage-daemon: reads are
 byte-identical under parallel load from several client connections (and
 multi-conn is offered), also one larger than QEMU's 32 MiB limit;
 unaligned trims are refused before they reach QEMU while aligned ones,

@@ -10,7 +10,7 @@ import time
 TOP = os.environ.get("TOP") or os.path.dirname(os.path.dirname(
     os.path.dirname(os.path.abspath(__file__))))
 FILTER = os.path.join(TOP, "nbdkit-backupaccess-filter.so")
-PLUGIN = os.path.join(TOP, "nbdkit-backupaccess-plugin.so")
+PLUGIN = os.path.join(TOP, "nbdkit-snapshotaccess-plugin.so")
 
 
 class Nbdkit:

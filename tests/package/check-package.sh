@@ -41,10 +41,14 @@ unset BACKUPACCESS_FILTER BACKUPACCESS_PLUGIN
 version=$(sed -n '1s/.*(\(.*\)).*/\1/p' "$top/debian/changelog")
 nbdkit snapshotaccess --dump-plugin | grep -qx "version=$version" ||
   fail "nbdkit snapshotaccess --dump-plugin does not print version=$version"
-out=$(nbdkit -U - --filter=backupaccess memory size=1M \
-        backupaccess-discard=false --run 'nbdinfo --size "$uri"') ||
-  fail "nbdkit --filter=backupaccess memory failed"
-[ "$out" = 1048576 ] || fail "the filter by name served $out bytes, not 1048576"
+# The filter over the plugin, both by name, reading nbdkit's memory
+# plugin served on a unix socket in place of QEMU's export.
+out=$(nbdkit -U - memory size=1M --run '
+        nbdkit -U - --filter=backupaccess snapshotaccess socket="$unixsocket" \
+          --run "nbdinfo --size \"\$uri\""') ||
+  fail "nbdkit --filter=backupaccess snapshotaccess failed"
+[ "$out" = 1048576 ] ||
+  fail "the filter and the plugin by name served $out bytes, not 1048576"
 command -v backupaccess-helper >/dev/null || fail "backupaccess-helper not in PATH"
 backupaccess-helper --version | grep -q "$version" || fail "backupaccess-helper --version"
 backupaccess-helper --help >/dev/null || fail "backupaccess-helper --help"

@@ -36,7 +36,7 @@ sub scratch {
     $SCRATCH = tempdir('ba-prov.XXXXXX', TMPDIR => 1, CLEANUP => 1);
     chmod(0700, $SCRATCH);
     $ENV{BACKUPACCESS_FILTER} = "$TOP/nbdkit-backupaccess-filter.so";
-    $ENV{BACKUPACCESS_PLUGIN} = "$TOP/nbdkit-backupaccess-plugin.so";
+    $ENV{BACKUPACCESS_PLUGIN} = "$TOP/nbdkit-snapshotaccess-plugin.so";
     $ENV{BACKUPACCESS_HELPER} = "$TOP/helper/backupaccess-helper";
     $ENV{BACKUPACCESS_COPY} = "$TOP/copy/backupaccess-copy";
     $ENV{BACKUPACCESS_RUN_ROOT} = "$SCRATCH/run";

@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: BSD-3-Clause
 # The backup provider of the backupaccess storage (Proxmox VE's backup
 # provider API, pve-storage API version 11): vzdump sets up the backup
-# access and exports each disk over NBD (mechanism 'nbd'); backup_vm puts
-# the backupaccess filter and plugin in front of each export and copies
-# the disk into the storage directory, one disk after the other, a full
+# access and exports each disk over NBD (mechanism 'nbd'); backup_vm
+# copies each export with backupaccess-copy (the backupaccess filter's
+# rules) into the storage directory, one disk after the other, a full
 # backup as a sparse raw image and an incremental one as a qcow2 overlay
 # of the disk's previous backup (or hands each disk to a configured file
 # consumer).  Restore is through qemu-img (mechanism 'qemu-img').  Any
@@ -33,7 +33,7 @@ sub tools {
     return {
         nbdkit => $ENV{BACKUPACCESS_NBDKIT} // 'nbdkit',
         filter => $ENV{BACKUPACCESS_FILTER} // 'backupaccess',
-        plugin => $ENV{BACKUPACCESS_PLUGIN} // 'backupaccess',
+        plugin => $ENV{BACKUPACCESS_PLUGIN} // 'snapshotaccess',
         helper => $ENV{BACKUPACCESS_HELPER} // 'backupaccess-helper',
         copy => $ENV{BACKUPACCESS_COPY} // 'backupaccess-copy',
         nbdfuse => 'nbdfuse',

@@ -1,4 +1,5 @@
-/* nbdkit-backupaccess-plugin: reads a QEMU snapshot-access export.
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* nbdkit-snapshotaccess-plugin: reads a QEMU snapshot-access export.
  *
  * Made for one job, unlike the general nbd plugin: a pool of upstream
  * connections shared by every client connection (lib/upstream.c).  A
@@ -38,7 +39,7 @@ static bool can_trim_upstream, can_extents_upstream;
 /* QEMU's block size constraints (0: none given). */
 static int64_t qemu_minimum, qemu_preferred, qemu_maximum;
 
-#define backupaccess_config_help \
+#define snapshotaccess_config_help \
   "socket=SOCKET         Unix socket of QEMU's NBD server.\n" \
   "export=NAME           Export name (with socket=).\n" \
   "uri=URI               Or an NBD URI instead of socket= and export=.\n" \
@@ -49,7 +50,7 @@ static int64_t qemu_minimum, qemu_preferred, qemu_maximum;
   "                      aligned to it are forwarded (default 64K)."
 
 static void
-backupaccess_unload (void)
+snapshotaccess_unload (void)
 {
   ba_upstream_close (upstream);
   free (handles);
@@ -59,7 +60,7 @@ backupaccess_unload (void)
 }
 
 static int
-backupaccess_config (const char *key, const char *value)
+snapshotaccess_config (const char *key, const char *value)
 {
   if (strcmp (key, "socket") == 0) {
     free (socket_path);
@@ -112,7 +113,7 @@ backupaccess_config (const char *key, const char *value)
 }
 
 static int
-backupaccess_config_complete (void)
+snapshotaccess_config_complete (void)
 {
   if ((socket_path == NULL) == (uri == NULL)) {
     nbdkit_error ("give either socket= (with export=) or uri=");
@@ -130,7 +131,7 @@ backupaccess_config_complete (void)
  * with a parent that goes away.
  */
 static int
-backupaccess_after_fork (void)
+snapshotaccess_after_fork (void)
 {
   char err[1024];
   struct ba_upstream_params p = {
@@ -157,7 +158,7 @@ backupaccess_after_fork (void)
   qemu_minimum = nbd_get_block_size (handles[0], LIBNBD_SIZE_MINIMUM);
   qemu_preferred = nbd_get_block_size (handles[0], LIBNBD_SIZE_PREFERRED);
   qemu_maximum = nbd_get_block_size (handles[0], LIBNBD_SIZE_MAXIMUM);
-  nbdkit_debug ("backupaccess plugin: %u connections, size %" PRIi64
+  nbdkit_debug ("snapshotaccess: %u connections, size %" PRIi64
                 ", trim %d, extents %d, reads in pieces of %" PRIu32,
                 connections, size, can_trim_upstream, can_extents_upstream,
                 request_size);
@@ -177,13 +178,13 @@ give_back (unsigned i)
 }
 
 static void *
-backupaccess_open (int readonly)
+snapshotaccess_open (int readonly)
 {
   return NBDKIT_HANDLE_NOT_NEEDED;
 }
 
 static int64_t
-backupaccess_get_size (void *handle)
+snapshotaccess_get_size (void *handle)
 {
   return size;
 }
@@ -195,9 +196,9 @@ backupaccess_get_size (void *handle)
  * to it).
  */
 static int
-backupaccess_block_size (void *handle,
-                         uint32_t *minimum, uint32_t *preferred,
-                         uint32_t *maximum)
+snapshotaccess_block_size (void *handle,
+                           uint32_t *minimum, uint32_t *preferred,
+                           uint32_t *maximum)
 {
   *minimum = qemu_minimum > 0 ? qemu_minimum : 1;
   *preferred = qemu_preferred > 0 ? qemu_preferred : 4096;
@@ -208,43 +209,43 @@ backupaccess_block_size (void *handle,
 }
 
 static int
-backupaccess_thread_model (void)
+snapshotaccess_thread_model (void)
 {
   return NBDKIT_THREAD_MODEL_PARALLEL;
 }
 
 static int
-backupaccess_can_multi_conn (void *handle)
+snapshotaccess_can_multi_conn (void *handle)
 {
   return 1;                     /* an immutable snapshot */
 }
 
 static int
-backupaccess_can_write (void *handle)
+snapshotaccess_can_write (void *handle)
 {
   return can_trim_upstream;     /* only so that trims can be sent */
 }
 
 static int
-backupaccess_can_trim (void *handle)
+snapshotaccess_can_trim (void *handle)
 {
   return can_trim_upstream;
 }
 
 static int
-backupaccess_can_zero (void *handle)
+snapshotaccess_can_zero (void *handle)
 {
   return 0;
 }
 
 static int
-backupaccess_can_flush (void *handle)
+snapshotaccess_can_flush (void *handle)
 {
   return 0;
 }
 
 static int
-backupaccess_can_extents (void *handle)
+snapshotaccess_can_extents (void *handle)
 {
   return can_extents_upstream;
 }
@@ -263,8 +264,8 @@ upstream_error (struct nbd_handle *h, const char *what, uint64_t offset,
 }
 
 static int
-backupaccess_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
-                    uint32_t flags)
+snapshotaccess_pread (void *handle, void *buf, uint32_t count,
+                      uint64_t offset, uint32_t flags)
 {
   char err[256];
 
@@ -278,8 +279,8 @@ backupaccess_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
 }
 
 static int
-backupaccess_pwrite (void *handle, const void *buf, uint32_t count,
-                     uint64_t offset, uint32_t flags)
+snapshotaccess_pwrite (void *handle, const void *buf, uint32_t count,
+                       uint64_t offset, uint32_t flags)
 {
   nbdkit_error ("write [%" PRIu64 ", +%" PRIu32 ") refused: a snapshot is "
                 "read-only", offset, count);
@@ -289,8 +290,8 @@ backupaccess_pwrite (void *handle, const void *buf, uint32_t count,
 
 /* Defence in depth: an unaligned trim aborts QEMU 7.0 to 9.0. */
 static int
-backupaccess_trim (void *handle, uint32_t count, uint64_t offset,
-                   uint32_t flags)
+snapshotaccess_trim (void *handle, uint32_t count, uint64_t offset,
+                     uint32_t flags)
 {
   char err[256];
 
@@ -337,8 +338,8 @@ extent_cb (void *opaque, const char *metacontext, uint64_t offset,
 }
 
 static int
-backupaccess_extents (void *handle, uint32_t count, uint64_t offset,
-                      uint32_t flags, struct nbdkit_extents *extents)
+snapshotaccess_extents (void *handle, uint32_t count, uint64_t offset,
+                        uint32_t flags, struct nbdkit_extents *extents)
 {
   struct extents_ctx ctx = { .extents = extents };
   nbd_extent_callback cb = { .callback = extent_cb, .user_data = &ctx };
@@ -355,31 +356,31 @@ backupaccess_extents (void *handle, uint32_t count, uint64_t offset,
 }
 
 static struct nbdkit_plugin plugin = {
-  /* Not "backupaccess": -D backupaccess.verbose=1 belongs to the filter. */
-  .name               = "backupaccessplugin",
-  .longname           = "nbdkit backupaccess plugin",
+  /* Its own name: -D backupaccess.* flags belong to the filter. */
+  .name               = "snapshotaccess",
+  .longname           = "nbdkit snapshotaccess plugin",
   .version            = PACKAGE_VERSION,
   .description        = "Reads a QEMU snapshot-access export",
-  .unload             = backupaccess_unload,
-  .config             = backupaccess_config,
-  .config_complete    = backupaccess_config_complete,
-  .config_help        = backupaccess_config_help,
+  .unload             = snapshotaccess_unload,
+  .config             = snapshotaccess_config,
+  .config_complete    = snapshotaccess_config_complete,
+  .config_help        = snapshotaccess_config_help,
   .magic_config_key   = "uri",
-  .thread_model       = backupaccess_thread_model,
-  .after_fork         = backupaccess_after_fork,
-  .open               = backupaccess_open,
-  .get_size           = backupaccess_get_size,
-  .block_size         = backupaccess_block_size,
-  .can_multi_conn     = backupaccess_can_multi_conn,
-  .can_write          = backupaccess_can_write,
-  .can_trim           = backupaccess_can_trim,
-  .can_zero           = backupaccess_can_zero,
-  .can_flush          = backupaccess_can_flush,
-  .can_extents        = backupaccess_can_extents,
-  .pread              = backupaccess_pread,
-  .pwrite             = backupaccess_pwrite,
-  .trim               = backupaccess_trim,
-  .extents            = backupaccess_extents,
+  .thread_model       = snapshotaccess_thread_model,
+  .after_fork         = snapshotaccess_after_fork,
+  .open               = snapshotaccess_open,
+  .get_size           = snapshotaccess_get_size,
+  .block_size         = snapshotaccess_block_size,
+  .can_multi_conn     = snapshotaccess_can_multi_conn,
+  .can_write          = snapshotaccess_can_write,
+  .can_trim           = snapshotaccess_can_trim,
+  .can_zero           = snapshotaccess_can_zero,
+  .can_flush          = snapshotaccess_can_flush,
+  .can_extents        = snapshotaccess_can_extents,
+  .pread              = snapshotaccess_pread,
+  .pwrite             = snapshotaccess_pwrite,
+  .trim               = snapshotaccess_trim,
+  .extents            = snapshotaccess_extents,
 };
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
