@@ -67,6 +67,8 @@ perl -e 'use PVE::BackupProvider::Plugin::BackupAccess::Archive; 1' ||
 for page in $(ls "$top"/*.pod | xargs -n1 basename | sed 's/\.pod$//'); do
   man -w "$page" >/dev/null 2>&1 || fail "man cannot find $page"
 done
+man -w 5 pve-backupaccess-provider >/dev/null 2>&1 ||
+  fail "man cannot find pve-backupaccess-provider(5)"
 echo "installed files work: filter and plugin by name, helper, copy and mount from PATH, $(ls "$top"/*.pod | wc -l) man pages"
 
 apt-get remove --purge -y -q $pkgs >/dev/null
