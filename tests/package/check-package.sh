@@ -76,7 +76,8 @@ installed=
 left=$(while read -r f; do [ -e "$f" ] && echo "$f"; done <"$tmp/files")
 [ -z "$left" ] || fail "left after removal: $left"
 for p in $pkgs; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q installed &&
+  if dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q installed; then
     fail "$p is still installed"
+  fi
 done
 echo "check-package: OK ($(wc -l <"$tmp/files") files installed and removed)"
