@@ -60,7 +60,7 @@ DEB_PACKAGES += busybox-static cpio e2fsprogs
 
 LIB_SRCS   = lib/regions.c lib/mapfile.c lib/coverage.c lib/discardq.c lib/view.c \
              lib/status.c \
-             lib/bitmap.c lib/qmp.c lib/statefile.c lib/cluster.c \
+             lib/bitmap.c lib/qmp.c lib/statefile.c lib/cluster.c lib/size.c \
              lib/upstream.c lib/copy.c
 LIB_HDRS   = $(wildcard lib/*.h)
 LIB_OBJS   = $(LIB_SRCS:.c=.o)

@@ -8,7 +8,6 @@
  * the program fails and leaves none.
  */
 #define _GNU_SOURCE
-#include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -25,6 +24,7 @@
 #include "bitmap.h"
 #include "cluster.h"
 #include "program.h"
+#include "size.h"
 
 #define USAGE \
   "backupaccess-copy (--socket SOCKET --export NAME | --uri URI)\n" \
@@ -79,26 +79,16 @@ die (const char *fmt, ...)
   exit (1);
 }
 
-/* A size: a number, optionally with K, M or G. */
+/* A size (lib/size.h); the limits are each option's own. */
 static uint64_t
 parse_size (const char *what, const char *s)
 {
-  char *end;
-  unsigned long long v;
-  unsigned shift = 0;
+  uint64_t v;
+  const char *why;
 
-  errno = 0;
-  v = strtoull (s, &end, 10);
-  if (errno || end == s || s[0] == '-')
-    die ("%s %s: not a number", what, s);
-  switch (*end) {
-  case 'k': case 'K': shift = 10; end++; break;
-  case 'm': case 'M': shift = 20; end++; break;
-  case 'g': case 'G': shift = 30; end++; break;
-  }
-  if (*end || v > (UINT64_MAX >> shift))
-    die ("%s %s: not a size (a number, optionally with K, M or G)", what, s);
-  return (uint64_t) v << shift;
+  if (ba_parse_size (s, UINT64_MAX, &v, &why) == -1)
+    die ("%s '%s': %s", what, s, why);
+  return v;
 }
 
 static unsigned
@@ -184,6 +174,8 @@ static const struct option long_options[] = {
 static void
 set_option (struct options *o, int c, const char *arg)
 {
+  uint64_t v;
+
   switch (c) {
   case OPT_URI: o->uri = arg; break;
   case OPT_SOCKET: o->socket = arg; break;
@@ -214,9 +206,10 @@ set_option (struct options *o, int c, const char *arg)
     o->requests = parse_count ("--requests", arg, COPY_REQUESTS_MAX);
     break;
   case OPT_REQUEST_SIZE:
-    o->request_size = (uint32_t) parse_size ("--request-size", arg);
-    if (!ba_upstream_piece_valid (parse_size ("--request-size", arg)))
+    v = parse_size ("--request-size", arg);
+    if (!ba_upstream_piece_valid (v))
       die ("--request-size %s: %s", arg, BA_UPSTREAM_PIECE_RULE);
+    o->request_size = (uint32_t) v;
     break;
   case OPT_NO_EXTENTS: o->extents = false; break;
   case OPT_TRIM_BATCH: o->trim_batch = parse_size ("--trim-batch", arg); break;

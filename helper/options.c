@@ -4,7 +4,6 @@
  * and fleecing directories checked) once.
  */
 #define _GNU_SOURCE
-#include <errno.h>
 #include <getopt.h>
 #include <limits.h>
 #include <stdbool.h>
@@ -19,6 +18,7 @@
 #include "cluster.h"
 #include "options.h"
 #include "rundir.h"
+#include "size.h"
 #include "util.h"
 
 enum {
@@ -64,31 +64,15 @@ absolute (const char *path)
   return xasprintf ("%s/%s", cwd, path);
 }
 
+/* A size (lib/size.h) of at most max. */
 static int64_t
-parse_size (const char *what, const char *s)
+parse_size (const char *what, const char *s, int64_t max)
 {
-  char *end;
-  unsigned long long v;
+  uint64_t v;
+  const char *why;
 
-  errno = 0;
-  v = strtoull (s, &end, 10);
-  if (errno || end == s || s[0] == '-')
-    die ("%s '%s': not a number", what, s);
-  switch (*end) {
-  case 'k': case 'K':
-    if (v > (INT64_MAX >> 10))
-      die ("%s '%s': too large", what, s);
-    v <<= 10; end++;
-    break;
-  case 'm': case 'M':
-    if (v > (INT64_MAX >> 20))
-      die ("%s '%s': too large", what, s);
-    v <<= 20; end++;
-    break;
-  case '\0': break;
-  }
-  if (*end || v > INT64_MAX)
-    die ("%s '%s': not a size (a number, optionally with K or M)", what, s);
+  if (ba_parse_size (s, (uint64_t) max, &v, &why) == -1)
+    die ("%s '%s': %s", what, s, why);
   return (int64_t) v;
 }
 
@@ -167,7 +151,7 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
     case OPT_BITMAP_MODE: o->setup.bitmap_mode = optarg; break;
     case OPT_FLEECING_DIR: o->setup.fleecing_dir = optarg; break;
     case OPT_CLUSTER:
-      o->setup.cluster = parse_size ("--cluster-size", optarg);
+      o->setup.cluster = parse_size ("--cluster-size", optarg, INT64_MAX);
       if (!ba_cluster_size_valid (o->setup.cluster))
         die ("--cluster-size %s: " BA_CLUSTER_RULE, optarg);
       break;
@@ -175,7 +159,8 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
     case OPT_TARGET_ID: o->setup.target_id = optarg; break;
     case OPT_NBD_PATH: o->nbd_path = optarg; break;
     case OPT_BANDWIDTH:
-      o->serve.bandwidth = parse_size ("--bandwidth-limit", optarg);
+      o->serve.bandwidth = parse_size ("--bandwidth-limit", optarg,
+                                      INT64_MAX);
       break;
     case OPT_LISTEN: o->serve.listen = optarg; break;
     case OPT_TLS_PSK: o->serve.tls_psk = optarg; break;

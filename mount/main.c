@@ -9,7 +9,6 @@
  * I/O, fs.c is the FUSE glue.
  */
 #define _GNU_SOURCE
-#include <errno.h>
 #include <getopt.h>
 #include <stdarg.h>
 #include <inttypes.h>
@@ -25,6 +24,7 @@
 #include "disk.h"
 #include "fs.h"
 #include "log.h"
+#include "size.h"
 
 #define USAGE \
   "Usage: " PROGRAM_NAME " [OPTIONS] MOUNTPOINT[/FILENAME]\n" \
@@ -106,29 +106,15 @@ die (const char *fmt, ...)
   exit (EXIT_FAILURE);
 }
 
-/* A number with an optional K, M or G: bytes, at most max. */
+/* A size (lib/size.h) of at most max. */
 static uint64_t
 parse_size (const char *what, const char *s, uint64_t max)
 {
-  static const char suffixes[] = "KMG";
-  unsigned long long v;
-  const char *unit;
-  char *end;
+  uint64_t v;
+  const char *why;
 
-  errno = 0;
-  v = strtoull (s, &end, 10);
-  if (errno || end == s || *s == '-')
-    die ("%s %s: not a size", what, s);
-  if (*end && (unit = strchr (suffixes, *end)) != NULL && end[1] == '\0') {
-    unsigned shift = 10 * (unsigned) (unit - suffixes + 1);
-    if (v > (max >> shift))
-      die ("%s %s: too large (at most %" PRIu64 ")", what, s, max);
-    v <<= shift;
-  }
-  else if (*end)
-    die ("%s %s: not a size (a number, optionally with K, M or G)", what, s);
-  if (v > max)
-    die ("%s %s: too large (at most %" PRIu64 ")", what, s, max);
+  if (ba_parse_size (s, max, &v, &why) == -1)
+    die ("%s '%s': %s", what, s, why);
   return v;
 }
 
