@@ -32,7 +32,7 @@ installed=1
 DEBIAN_FRONTEND=noninteractive apt-get install -y -q $debs >"$tmp/install.log" 2>&1 ||
   { cat "$tmp/install.log"; fail "apt-get install failed"; }
 for p in $pkgs; do dpkg -L "$p"; done |
-  while read -r f; do [ -f "$f" ] && echo "$f"; done >"$tmp/files"
+  while read -r f; do if [ -f "$f" ]; then echo "$f"; fi; done >"$tmp/files"
 
 # From a directory with nothing of ours in it, with no build tree in
 # the environment.
@@ -73,7 +73,7 @@ echo "installed files work: filter and plugin by name, helper, copy and mount fr
 
 apt-get remove --purge -y -q $pkgs >/dev/null
 installed=
-left=$(while read -r f; do [ -e "$f" ] && echo "$f"; done <"$tmp/files")
+left=$(while read -r f; do if [ -e "$f" ]; then echo "$f"; fi; done <"$tmp/files")
 [ -z "$left" ] || fail "left after removal: $left"
 for p in $pkgs; do
   if dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q installed; then
