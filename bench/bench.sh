@@ -18,7 +18,7 @@
 #     export, on QEMU 7.2 and 10.0.2, a fresh QEMU for every copy.
 #  5. bench-scale.py: a 16 TiB export with 1,000,000 dirty extents:
 #     nbdkit start to first byte, and its resident memory.
-#  5. bench-copy.py: the built-in copy (backupaccess-copy) against
+#  6. bench-copy.py: the built-in copy (backupaccess-copy) against
 #     nbdcopy straight from QEMU, same request size and destination, on
 #     QEMU 7.2 and 10.0.2, a fresh QEMU for every copy.
 set -euo pipefail
@@ -93,6 +93,6 @@ echo
 echo
 "$top/bench/bench-mount.py"
 echo
-"$top/bench/bench-scale.py" 2>/dev/null
+"$top/bench/bench-scale.py"
 echo
 "$top/bench/bench-copy.py"
