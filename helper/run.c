@@ -152,13 +152,19 @@ do_run (struct opts *o, char **cmd)
    * for its status): QEMU's monitor and the run directory are free.
    */
   qmp_close ();
-  unlock_run_dir ();
+  release_run_dir ();
 
   rc = run_command (cmd);
   warn ("%s exited with %d: tearing down with %s", cmd[0], rc,
         rc == 0 ? "success" : "failure");
-  do_teardown (rc == 0);
-  return rc;
+  if (do_teardown (rc == 0))
+    return rc;
+  /* Not ours to say that this backup is good: another helper ended it
+   * (and its bitmap) while COMMAND ran.
+   */
+  warn ("error: the backup access was torn down by another helper while "
+        "%s ran: the backup failed", cmd[0]);
+  return rc == 0 ? 1 : rc;
 }
 
 /* ---- run --copy-into ---- */

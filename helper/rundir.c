@@ -89,6 +89,16 @@ checked_dir_path (const char *what, const char *path, bool check_self)
   return r;
 }
 
+/* A run directory of the caller's, private to it. */
+static bool
+is_private (const struct stat *st)
+{
+  return S_ISDIR (st->st_mode) && st->st_uid == geteuid () &&
+    (st->st_mode & 077) == 0;
+}
+
+#define NOT_PRIVATE "must be a directory owned by you with mode 0700"
+
 /* Creates the run directory, private to the caller, or checks that an
  * existing one is.
  */
@@ -101,13 +111,15 @@ make_run_dir (void)
     die ("mkdir %s: %m", run_dir);
   if (lstat (run_dir, &st) == -1)
     die ("%s: %m", run_dir);
-  if (!S_ISDIR (st.st_mode) || st.st_uid != geteuid () ||
-      (st.st_mode & 077) != 0)
-    die ("%s: must be a directory owned by you with mode 0700", run_dir);
+  if (!is_private (&st))
+    die ("%s: " NOT_PRIVATE, run_dir);
 }
 
-/* The open run directory whose lock we hold, or -1. */
+/* The open run directory whose lock we hold, or -1; and the one whose
+ * lock release_run_dir gave up, kept open to take it back, or -1.
+ */
 static int lock_fd = -1;
+static int released_fd = -1;
 
 /* Whether fd is still the directory at run_dir (not one removed by a
  * teardown while we waited for its lock).
@@ -121,6 +133,26 @@ still_there (int fd)
     a.st_dev == b.st_dev && a.st_ino == b.st_ino;
 }
 
+/* Takes the lock of the open directory fd, waiting (with a word) while
+ * another helper holds it; whether fd is the run directory then.
+ */
+static bool
+take_lock (int fd)
+{
+  if (flock (fd, LOCK_EX | LOCK_NB) == -1) {
+    warn ("%s is in use by another backupaccess-helper: waiting for it",
+          run_dir);
+    if (flock (fd, LOCK_EX) == -1)
+      die ("flock %s: %m", run_dir);
+  }
+  if (still_there (fd)) {
+    lock_fd = fd;
+    return true;
+  }
+  close (fd);
+  return false;
+}
+
 void
 lock_run_dir (void)
 {
@@ -130,17 +162,38 @@ lock_run_dir (void)
     fd = open (run_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd == -1)
       die ("%s: %m", run_dir);
-    if (flock (fd, LOCK_EX | LOCK_NB) == -1) {
-      warn ("%s is in use by another backupaccess-helper: waiting for it",
-            run_dir);
-      if (flock (fd, LOCK_EX) == -1)
-        die ("flock %s: %m", run_dir);
-    }
-    if (still_there (fd))
-      lock_fd = fd;
-    else
-      close (fd);
+    take_lock (fd);
   }
+}
+
+bool
+lock_existing_run_dir (void)
+{
+  int fd = released_fd;
+  struct stat st;
+
+  if (lock_fd != -1)
+    return true;
+  released_fd = -1;
+  if (fd == -1) {
+    fd = open (run_dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd == -1 && errno == ENOENT)
+      return false;
+    if (fd == -1)
+      die ("%s: %m", run_dir);
+    if (fstat (fd, &st) == -1 || !is_private (&st))
+      die ("%s: " NOT_PRIVATE, run_dir);
+  }
+  return take_lock (fd);
+}
+
+void
+release_run_dir (void)
+{
+  if (lock_fd != -1 && flock (lock_fd, LOCK_UN) == -1)
+    die ("flock %s: %m", run_dir);
+  released_fd = lock_fd;
+  lock_fd = -1;
 }
 
 void

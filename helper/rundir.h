@@ -29,6 +29,20 @@ void make_run_dir (void);
 void lock_run_dir (void);
 void unlock_run_dir (void);
 
+/* Takes the lock of the run directory without ever making it: the one
+ * release_run_dir let go of, else the one there is (which must be
+ * private to the caller).  True if it is held already; false if there
+ * is none, or if it was removed while another helper held its lock (a
+ * teardown ended that backup access, and a directory made since holds
+ * another one, or none).
+ */
+bool lock_existing_run_dir (void);
+
+/* Lets other helpers have the lock while this one waits (run's
+ * COMMAND), keeping the directory open for lock_existing_run_dir.
+ */
+void release_run_dir (void);
+
 /* Removes the sockets in the run directory. */
 void remove_stray_sockets (void);
 

@@ -111,18 +111,21 @@ unfinished (void)
            "what is left; run teardown again\n", progname, run_dir);
 }
 
-void
+bool
 do_teardown (bool success)
 {
   struct helper_state *st;
   char *p, *tmp;
   bool ok;
 
-  if (access (run_dir, F_OK) == -1 && errno == ENOENT) {
+  /* Never made here: a directory removed by another teardown while we
+   * waited is not replaced by an empty one (nor is one that holds a
+   * backup access set up since then torn down).
+   */
+  if (!lock_existing_run_dir ()) {
     warn ("%s: nothing to tear down", run_dir);
-    return;
+    return false;
   }
-  lock_run_dir ();
   /* Left by a helper killed while it saved the state. */
   p = state_path ();
   tmp = xasprintf ("%s.tmp", p);
@@ -134,7 +137,7 @@ do_teardown (bool success)
     /* The state is written before any change: there is none. */
     warn ("%s: nothing to tear down", run_dir);
     rmdir (run_dir);
-    return;
+    return false;
   }
   on_die (unfinished);
   stop_local (st);
@@ -145,6 +148,7 @@ do_teardown (bool success)
   unlock_run_dir ();
   if (!ok)
     exit (1);
+  return true;
 }
 
 void

@@ -12,8 +12,9 @@ export of the backup's node that someone else added, on the helper's NBD
 server or on another one (and of the disk with the backup's bitmap on
 another one: the helper refuses to end the backup access until it is
 gone); teardown from
-another process while run's command runs, and while run is still setting
-up; the helper killed (SIGKILL) in the middle of run, and at any moment
+another process while run's command runs (run then fails, and leaves
+alone the next backup set up in its run directory meanwhile), and while
+run is still setting up; the helper killed (SIGKILL) in the middle of run, and at any moment
 of setup; nbdkit killed during run; SIGTERM to run.  And a QEMU that
 answers late (the stand-in tests/lib/pve_fixture.py, a proxy in front of
 the real QEMU that holds an answer back, modelling a command that takes
@@ -197,8 +198,32 @@ def teardown_elsewhere(e):
     start = time.monotonic()
     e.teardown("teardown while run's command runs", env=env)
     check(time.monotonic() - start < 20, "teardown waited for run")
-    check(p.wait(60) == 3, "run: %s" % p.stderr.read())
+    err = p.communicate(timeout=60)[1]
+    check(p.returncode == 3 and "torn down by another helper" in err,
+          "run: %s" % err)
+    e.clean("teardown while run's command runs, once run is done")
     e.next_backup_complete("teardown elsewhere")
+
+    # A command that goes on and succeeds, and meanwhile the next backup
+    # set up in the same run directory: run fails (the backup it served
+    # was ended by another) and leaves the next one alone.
+    flag = os.path.join(e.tmp, "go-on")
+    e.write()
+    p = e.run_bg(["sh", "-c", 'while [ ! -e "$0" ]; do sleep 0.1; done',
+                  flag])
+    e.served()
+    e.teardown("teardown while run's command goes on", env=env)
+    run_helper("setup", *e.qmp, *e.devs, "--bitmap", TARGET)
+    exports = [d["export"] for d in e.state()["devices"]]
+    open(flag, "w").close()
+    err = p.communicate(timeout=60)[1]
+    check(p.returncode == 1 and "torn down by another helper" in err,
+          "run exited %d: %s" % (p.returncode, err))
+    check(os.path.exists(os.path.join(e.rd, "state.json")) and
+          set(exports) <= {x["id"] for x in e.vm.exports()},
+          "run tore down the next backup: %s" % err)
+    e.teardown("the next backup, after run")
+    e.next_backup_complete("teardown elsewhere, command goes on")
 
     # ... and while run is still setting up (the first export answered
     # late): it waits for run, then undoes all of it.
@@ -210,7 +235,9 @@ def teardown_elsewhere(e):
         proxy.wait_held()
         r = run_helper("teardown", "--run-dir", e.rd, "--failure", env=env)
         check("in use by another backupaccess-helper" in r.stderr, r.stderr)
-        check(p.wait(60) == 3, "run: %s" % p.stderr.read())
+        err = p.communicate(timeout=60)[1]
+        check(p.returncode == 3 and "torn down by another helper" in err,
+              "run: %s" % err)
     e.clean("teardown during run's setup")
     e.next_backup_complete("teardown during setup")
 
