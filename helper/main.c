@@ -107,14 +107,16 @@ print_devices (const struct helper_state *st)
   json_object_put (out);
 }
 
-/* The state in the run directory, which there must be. */
+/* The state in the run directory, which there must be (a missing one
+ * is not made).
+ */
 static struct helper_state *
 existing_state (void)
 {
-  struct helper_state *st;
+  struct helper_state *st = NULL;
 
-  make_run_dir ();
-  st = state_load ();
+  if (run_dir_exists ())
+    st = state_load ();
   if (st == NULL)
     die ("%s has no backup access", run_dir);
   return st;
@@ -150,7 +152,8 @@ cmd_mount (struct opts *o, int argc, char **argv)
   struct helper_state *st;
   json_object *out;
 
-  lock_run_dir ();
+  if (!lock_existing_run_dir ())
+    die ("%s has no backup access", run_dir);
   st = existing_state ();
   out = json_object_new_object ();
 

@@ -115,6 +115,21 @@ make_run_dir (void)
     die ("%s: " NOT_PRIVATE, run_dir);
 }
 
+bool
+run_dir_exists (void)
+{
+  struct stat st;
+
+  if (lstat (run_dir, &st) == -1) {
+    if (errno == ENOENT)
+      return false;
+    die ("%s: %m", run_dir);
+  }
+  if (!is_private (&st))
+    die ("%s: " NOT_PRIVATE, run_dir);
+  return true;
+}
+
 /* The open run directory whose lock we hold, or -1; and the one whose
  * lock release_run_dir gave up, kept open to take it back, or -1.
  */

@@ -21,6 +21,11 @@ char *checked_dir_path (const char *what, const char *path, bool check_self);
  */
 void make_run_dir (void);
 
+/* Whether the run directory exists (never creating it); dies if it is
+ * not private to the caller.
+ */
+bool run_dir_exists (void);
+
 /* Makes the run directory if need be and takes its lock, waiting
  * (with a word) while another helper holds it: one helper at a time
  * changes a backup access and its state.  Held until unlock_run_dir, or

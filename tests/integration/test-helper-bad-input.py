@@ -91,6 +91,10 @@ with tempfile.TemporaryDirectory(prefix="backupaccess-test.") as tmp:
             check(r.returncode == 1, "exit %d: %s" % (r.returncode, r.stderr))
     os.unlink(os.path.join(rd, "state.json"))
     os.rmdir(rd)
+    # A run directory that is not there is not made.
+    for cmd in (["status"], ["mount"]):
+        fails(helper(*cmd, "--run-dir", rd), "has no backup access")
+        check(not os.path.exists(rd), "%s made the run directory" % cmd[0])
 
     with QsdVm(size=8 << 20, devices=(DEV,)) as vm:
         vm.qmp.cmd("block-dirty-bitmap-add", node=DEV, name="backup")
