@@ -16,6 +16,8 @@
   read; every trim QEMU gets is whole 64K clusters of dirty data, and
   together they are exactly the dirty regions; what was read or punched
   is refused afterwards; the fleecing image shrinks;
+- a punch over a whole cluster and part of the next trims only the
+  whole one: the rest of the next still reads;
 - the file is not cached: a buffered re-read of what was read is
   refused too;
 - writes, truncation and other fallocate modes are refused;
@@ -216,8 +218,17 @@ def incremental_mounted(f, m, snap, st):
                    timeout=10)
     finally:
         os.close(fd)
+    # 5: a punch over one cluster and a part of the next (96K of the
+    # last 128K): only the whole cluster goes; the rest of the second
+    # still reads.
     s, e = REGIONS[4]
-    check(read_direct(path, s, e - s) == snap[s:e], "the last region")
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    try:
+        check(punch(fd, s, 96 * 1024) == 0, "punch the last region's start")
+    finally:
+        os.close(fd)
+    check(read_direct(path, s + 96 * 1024, e - s - 96 * 1024) ==
+          snap[s + 96 * 1024:e], "the rest of a partly punched cluster")
     # What was read or punched is gone.
     for off in (REGIONS[0][0], REGIONS[1][0] + 4096, REGIONS[2][1] - 4096):
         check(read_error(path, off, 4096) == "EPERM",
