@@ -225,19 +225,7 @@ def main():
         return
     header()
     with tempfile.TemporaryDirectory(prefix="backupaccess-bench.") as tmp:
-        image = os.path.join(tmp, "disk.raw")
-        with open(image, "wb") as f:
-            for _ in range(SIZE // (64 * MiB)):
-                f.write(os.urandom(64 * MiB))
-        for q in qemus.available(pve=False):
-            if q.label not in QEMUS or q.storage_daemon is None:
-                continue
-            sys.stdout.flush()
-            subprocess.run([sys.executable, os.path.abspath(__file__),
-                            "--measure", image], check=True,
-                           env=dict(os.environ, BACKUPACCESS_QEMU=q.label))
-        for label, why in qemus.missing(pve=False):
-            print("QEMU %s not measured: %s" % (label, why))
+        bq.measure_per_qemu(__file__, bq.random_image(tmp, SIZE))
 
 
 if __name__ == "__main__":

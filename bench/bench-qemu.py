@@ -315,26 +315,39 @@ def measure_one_qemu(image):
     goal(q, res)
 
 
+def random_image(tmp, size):
+    """A raw disk of size bytes of random data in tmp (the page cache
+    holds it: every path reads the same warm image)."""
+    image = os.path.join(tmp, "disk.raw")
+    with open(image, "wb") as f:
+        for _ in range(size // (64 * MiB)):
+            f.write(os.urandom(64 * MiB))
+    return image
+
+
+def measure_per_qemu(script, image):
+    """Runs script --measure image once per QEMU build of QEMUS, each in a
+    process of its own (qemus.current() is chosen once per process), and
+    says which builds are missing."""
+    for q in qemus.available(pve=False):
+        if q.label not in QEMUS or q.storage_daemon is None:
+            continue
+        sys.stdout.flush()
+        subprocess.run([sys.executable, os.path.abspath(script),
+                        "--measure", image], check=True,
+                       env=dict(os.environ, BACKUPACCESS_QEMU=q.label))
+    for label, why in qemus.missing(pve=False):
+        print("QEMU %s not measured: %s" % (label, why))
+
+
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--measure":
         measure_one_qemu(sys.argv[2])
         return
     header()
     with tempfile.TemporaryDirectory(prefix="backupaccess-bench.") as tmp:
-        image = os.path.join(tmp, "disk.raw")
-        with open(image, "wb") as f:
-            for _ in range(SIZE // (64 * MiB)):
-                f.write(os.urandom(64 * MiB))
-        # One process per QEMU build: qemus.current() is chosen once.
-        for q in qemus.available(pve=False):
-            if q.label not in QEMUS or q.storage_daemon is None:
-                continue
-            sys.stdout.flush()
-            subprocess.run([sys.executable, os.path.abspath(__file__),
-                            "--measure", image], check=True,
-                           env=dict(os.environ, BACKUPACCESS_QEMU=q.label))
-        for label, why in qemus.missing(pve=False):
-            print("QEMU %s not measured: %s" % (label, why))
+        image = random_image(tmp, SIZE)
+        measure_per_qemu(__file__, image)
         if os.environ.get("BENCH_EXTRA", "1") == "0":
             return
         incremental(tmp)
