@@ -297,6 +297,8 @@ start_session (const struct options *o, struct fs *fs)
   struct fuse_session *se;
 
   se = fuse_session_new (&args, &fs_operations, sizeof fs_operations, fs);
+  /* The session keeps nothing of args, which option parsing copied. */
+  fuse_opt_free_args (&args);
   if (se == NULL)
     return NULL;
   if (fuse_set_signal_handlers (se) == -1) {
