@@ -50,7 +50,7 @@ struct device_state {
   int64_t nbdkit_pid;           /* "nbdkit-pid": 0 if none */
   char *uri;                    /* "uri": where clients read it */
 
-  /* mount: nbdfuse. */
+  /* mount: backupaccess-mount. */
   char *mount;                  /* "mount": the mount point */
   char *mount_pidfile;          /* "mount-pidfile" */
   char *file;                   /* "file": the file in it */
