@@ -66,6 +66,9 @@ LIB_HDRS   = $(wildcard lib/*.h)
 LIB_OBJS   = $(LIB_SRCS:.c=.o)
 LIB        = lib/libbackupaccess.a
 FILTER     = nbdkit-backupaccess-filter.so
+FILTER_SRCS = $(wildcard filter/*.c)
+FILTER_HDRS = $(wildcard filter/*.h)
+FILTER_OBJS = $(FILTER_SRCS:.c=.o)
 PLUGIN     = nbdkit-snapshotaccess-plugin.so
 HELPER     = helper/backupaccess-helper
 HELPER_SRCS = $(wildcard helper/*.c)
@@ -105,8 +108,13 @@ $(LIB): $(LIB_OBJS)
 	rm -f $@
 	ar rcs $@ $^
 
-$(FILTER): filter/backupaccess.c $(LIB) $(LIB_HDRS)
-	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -shared -o $@ filter/backupaccess.c \
+# Hidden: the filter's units see each other's functions, nbdkit sees
+# only what is NBDKIT_DLL_PUBLIC (filter_init, the debug flag).
+filter/%.o: filter/%.c $(FILTER_HDRS) $(LIB_HDRS)
+	$(CC) $(ALL_CFLAGS) -fvisibility=hidden -c $< -o $@
+
+$(FILTER): $(FILTER_OBJS) $(LIB)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -shared -o $@ $(FILTER_OBJS) \
 	  $(LIB) $(shell pkg-config --libs libnbd json-c) -lpthread
 
 $(PLUGIN): plugin/snapshotaccess.c $(LIB) $(LIB_HDRS)
@@ -204,7 +212,7 @@ bench: deps
 	$(MAKE) all bench/coverage-memory
 	bench/bench.sh
 
-C_SOURCES = $(LIB_SRCS) filter/backupaccess.c plugin/snapshotaccess.c \
+C_SOURCES = $(LIB_SRCS) $(FILTER_SRCS) plugin/snapshotaccess.c \
             $(COPY_SRCS) $(MOUNT_SRCS) \
             $(HELPER_SRCS) $(wildcard tests/fuzz/fuzz_*.c)
 
@@ -236,7 +244,7 @@ fuzz-long: fuzz
 	FUZZ_SECONDS=$(FUZZ_SECONDS) tests/integration/test-fuzz.sh
 
 clean:
-	rm -f lib/*.o helper/*.o copy/*.o mount/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MOUNT) $(MANPAGE) $(PROVIDER_MANPAGE) $(UNIT_TESTS) bench/coverage-memory
+	rm -f lib/*.o filter/*.o helper/*.o copy/*.o mount/*.o $(LIB) $(FILTER) $(PLUGIN) $(HELPER) $(COPY) $(MOUNT) $(MANPAGE) $(PROVIDER_MANPAGE) $(UNIT_TESTS) bench/coverage-memory
 	rm -f $(FUZZERS)
 	rm -rf .san
 
