@@ -77,8 +77,12 @@ remove_files (const struct helper_state *st, bool qemu_gone)
       unlink (d->fleece_file);
     if (d->status_file)
       unlink (d->status_file);
+    /* The pidfiles too: a stray that stop_local ended may have written
+     * its own after the helper that started it was killed.
+     */
     for (const char *const *ext = (const char *const[]) {
-           "nbdkit.log", "mount.log", NULL }; *ext; ext++) {
+           "nbdkit.log", "mount.log", "nbdkit.pid", "mount.pid", NULL };
+         *ext; ext++) {
       char *f = xasprintf ("%s/%s.%s", run_dir, d->device, *ext);
       unlink (f);
       free (f);
