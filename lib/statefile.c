@@ -60,6 +60,10 @@ ba_state_parse (const char *text, size_t len, char *errbuf, size_t errlen)
     snprintf (errbuf, errlen, "not a valid state file: out of memory");
     return NULL;
   }
+  /* Strict: a lenient number such as 0945e would be read as one value
+   * and written back as another.
+   */
+  json_tokener_set_flags (tok, JSON_TOKENER_STRICT);
   obj = json_tokener_parse_ex (tok, text, (int) len);
   if (obj == NULL) {
     enum json_tokener_error e = json_tokener_get_error (tok);
