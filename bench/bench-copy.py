@@ -111,10 +111,7 @@ def run_rounds(tmp, image):
 
 def tables(q, res, loads):
     gib = SIZE / (1 << 30)
-    print("QEMU %s (%s), %d rounds, load average at round start: %s"
-          % (q.label, q.version(), ROUNDS,
-             ", ".join("%.2f" % x for x in loads)))
-    print()
+    bq.print_run_header(q, ROUNDS, loads)
     print("| destination | path | time | share of nbdcopy | per-round "
           "shares | CPU s/GiB: QEMU | copier | total | goal (95%) |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -166,10 +166,7 @@ def run_rounds(tmp, image):
 
 def tables(q, res, loads):
     gib = SIZE / (1 << 30)
-    print("QEMU %s (%s), %d rounds, load average at round start: %s"
-          % (q.label, q.version(), ROUNDS,
-             ", ".join("%.2f" % x for x in loads)))
-    print()
+    bq.print_run_header(q, ROUNDS, loads)
     print("| path | time | MiB/s | share of nbdfuse | per-round shares | "
           "CPU s/GiB: QEMU | nbdkit | FUSE server | dd | total |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -151,13 +151,19 @@ def pct(x):
     return "%.0f%%" % (100 * x)
 
 
+def print_run_header(q, rounds, loads):
+    """The line above a QEMU build's tables: its version, the rounds and
+    the load average when each round started."""
+    print("QEMU %s (%s), %d rounds, load average at round start: %s"
+          % (q.label, q.version(), rounds,
+             ", ".join("%.2f" % x for x in loads)))
+    print()
+
+
 def tables(q, res, loads):
     """Markdown: one table per request size, and the per-round ratios."""
     gib = SIZE / (1 << 30)
-    print("QEMU %s (%s), %d rounds, load average at round start: %s"
-          % (q.label, q.version(), ROUNDS,
-             ", ".join("%.2f" % x for x in loads)))
-    print()
+    print_run_header(q, ROUNDS, loads)
     for size in REQUEST_SIZES:
         print("nbdcopy --request-size=%s, QEMU %s:" % (size, q.label))
         print()
