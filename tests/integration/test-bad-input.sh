@@ -102,6 +102,18 @@ bad_args 'backupaccess-clean given more than once' \
   backupaccess-clean=hole backupaccess-clean=zero
 bad_args 'backupaccess-clean=maybe: expected "hole" or "zero"' backupaccess-clean=maybe
 bad_args 'could not decipher boolean (perhaps)' backupaccess-discard=perhaps
+bad_args 'could not decipher boolean (often)' backupaccess-discard-clean=often
+bad_args 'backupaccess-discard-clean given more than once' \
+  backupaccess-discard-clean=true backupaccess-discard-clean=true
+bad_args 'backupaccess-trim-batch=2G: at most 1G' backupaccess-trim-batch=2G
+bad_args 'backupaccess-discard-lag=1025M: at most 1G' backupaccess-discard-lag=1025M
+bad_args 'could not parse size string (much)' backupaccess-trim-batch=much
+bad_args 'backupaccess-trim-batch given more than once' \
+  backupaccess-trim-batch=1M backupaccess-trim-batch=2M
+bad_args 'backupaccess-discard-lag given more than once' \
+  backupaccess-discard-lag=1M backupaccess-discard-lag=1M
+bad_args 'backupaccess-status given more than once' \
+  backupaccess-status="$tmp/s.json" backupaccess-status="$tmp/s.json"
 bad_args 'unknown parameter backupaccess-frobnicate' backupaccess-frobnicate=1
 bad_args 'cannot convert null or empty path to an absolute path' backupaccess-map=
 bad_args 'backupaccess-map and backupaccess-bitmap both name the dirty regions' \
