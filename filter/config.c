@@ -41,6 +41,20 @@ config_free (void)
   free (config.status_path);
 }
 
+/* The backupaccess-* parameters, a bit each in config.params_seen. */
+enum {
+  SEEN_MAP = 1 << 0,
+  SEEN_CLUSTER = 1 << 1,
+  SEEN_DISCARD = 1 << 2,
+  SEEN_CLEAN = 1 << 3,
+  SEEN_BITMAP = 1 << 4,
+  SEEN_URI = 1 << 5,
+  SEEN_STATUS = 1 << 6,
+  SEEN_DISCARD_CLEAN = 1 << 7,
+  SEEN_TRIM_BATCH = 1 << 8,
+  SEEN_DISCARD_LAG = 1 << 9,
+};
+
 /* Refuses a parameter given twice: a conflicting command line. */
 static int
 seen_once (unsigned bit, const char *key)
@@ -53,18 +67,46 @@ seen_once (unsigned bit, const char *key)
   return 0;
 }
 
+/* A boolean parameter, into *out. */
+static int
+parse_bool_param (const char *value, bool *out)
+{
+  int r = nbdkit_parse_bool (value);
+
+  if (r == -1)
+    return -1;
+  *out = r;
+  return 0;
+}
+
+/* A size parameter of at most 1G, into *out. */
+static int
+parse_size_to_1g (const char *key, const char *value, int64_t *out)
+{
+  int64_t r = nbdkit_parse_size (value);
+
+  if (r == -1)
+    return -1;
+  if (r > INT64_C (1) << 30) {
+    nbdkit_error ("%s=%s: at most 1G", key, value);
+    return -1;
+  }
+  *out = r;
+  return 0;
+}
+
 int
 backupaccess_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
                      const char *key, const char *value)
 {
   if (strcmp (key, "backupaccess-map") == 0) {
-    if (seen_once (1, key) == -1)
+    if (seen_once (SEEN_MAP, key) == -1)
       return -1;
     config.map_path = nbdkit_absolute_path (value);
     return config.map_path ? 0 : -1;
   }
   if (strcmp (key, "backupaccess-cluster") == 0) {
-    if (seen_once (2, key) == -1)
+    if (seen_once (SEEN_CLUSTER, key) == -1)
       return -1;
     config.cluster_size = nbdkit_parse_size (value);
     if (config.cluster_size == -1)
@@ -77,17 +119,12 @@ backupaccess_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     return 0;
   }
   if (strcmp (key, "backupaccess-discard") == 0) {
-    int r;
-    if (seen_once (4, key) == -1)
+    if (seen_once (SEEN_DISCARD, key) == -1)
       return -1;
-    r = nbdkit_parse_bool (value);
-    if (r == -1)
-      return -1;
-    config.discard = r;
-    return 0;
+    return parse_bool_param (value, &config.discard);
   }
   if (strcmp (key, "backupaccess-clean") == 0) {
-    if (seen_once (8, key) == -1)
+    if (seen_once (SEEN_CLEAN, key) == -1)
       return -1;
     if (strcmp (value, "hole") == 0)
       config.clean_is_zero = false;
@@ -101,47 +138,28 @@ backupaccess_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     return 0;
   }
   if (strcmp (key, "backupaccess-discard-clean") == 0) {
-    int r;
-    if (seen_once (128, key) == -1)
+    if (seen_once (SEEN_DISCARD_CLEAN, key) == -1)
       return -1;
-    r = nbdkit_parse_bool (value);
-    if (r == -1)
-      return -1;
-    config.discard_clean = r;
-    return 0;
+    return parse_bool_param (value, &config.discard_clean);
   }
   if (strcmp (key, "backupaccess-trim-batch") == 0) {
-    if (seen_once (256, key) == -1)
+    if (seen_once (SEEN_TRIM_BATCH, key) == -1)
       return -1;
-    config.trim_batch = nbdkit_parse_size (value);
-    if (config.trim_batch == -1)
-      return -1;
-    if (config.trim_batch > INT64_C (1) << 30) {
-      nbdkit_error ("backupaccess-trim-batch=%s: at most 1G", value);
-      return -1;
-    }
-    return 0;
+    return parse_size_to_1g (key, value, &config.trim_batch);
   }
   if (strcmp (key, "backupaccess-discard-lag") == 0) {
-    if (seen_once (512, key) == -1)
+    if (seen_once (SEEN_DISCARD_LAG, key) == -1)
       return -1;
-    config.discard_lag = nbdkit_parse_size (value);
-    if (config.discard_lag == -1)
-      return -1;
-    if (config.discard_lag > INT64_C (1) << 30) {
-      nbdkit_error ("backupaccess-discard-lag=%s: at most 1G", value);
-      return -1;
-    }
-    return 0;
+    return parse_size_to_1g (key, value, &config.discard_lag);
   }
   if (strcmp (key, "backupaccess-status") == 0) {
-    if (seen_once (64, key) == -1)
+    if (seen_once (SEEN_STATUS, key) == -1)
       return -1;
     config.status_path = nbdkit_absolute_path (value);
     return config.status_path ? 0 : -1;
   }
   if (strcmp (key, "backupaccess-bitmap") == 0) {
-    if (seen_once (16, key) == -1)
+    if (seen_once (SEEN_BITMAP, key) == -1)
       return -1;
     if (*value == '\0') {
       nbdkit_error ("backupaccess-bitmap: the bitmap name is empty");
@@ -151,7 +169,7 @@ backupaccess_config (nbdkit_next_config *next, nbdkit_backend *nxdata,
     return config.bitmap_name ? 0 : -1;
   }
   if (strcmp (key, "backupaccess-uri") == 0) {
-    if (seen_once (32, key) == -1)
+    if (seen_once (SEEN_URI, key) == -1)
       return -1;
     config.bitmap_uri = strdup (value);
     return config.bitmap_uri ? 0 : -1;
@@ -208,7 +226,7 @@ backupaccess_config_complete (nbdkit_next_config_complete *next,
    * every discard or, on QEMU 7.x, the VM.
    */
   if (config.plugin_cluster != -1) {
-    if (!(config.params_seen & 2))
+    if (!(config.params_seen & SEEN_CLUSTER))
       config.cluster_size = config.plugin_cluster;
     else if (config.plugin_cluster != config.cluster_size) {
       nbdkit_error ("backupaccess-cluster=%" PRIi64 " and the plugin's "
