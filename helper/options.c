@@ -64,14 +64,14 @@ absolute (const char *path)
   return xasprintf ("%s/%s", cwd, path);
 }
 
-/* A size (lib/size.h) of at most max. */
+/* A size (lib/size.h); the options hold it as an int64_t. */
 static int64_t
-parse_size (const char *what, const char *s, int64_t max)
+parse_size (const char *what, const char *s)
 {
   uint64_t v;
   const char *why;
 
-  if (ba_parse_size (s, (uint64_t) max, &v, &why) == -1)
+  if (ba_parse_size (s, INT64_MAX, &v, &why) == -1)
     die ("%s '%s': %s", what, s, why);
   return (int64_t) v;
 }
@@ -151,7 +151,7 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
     case OPT_BITMAP_MODE: o->setup.bitmap_mode = optarg; break;
     case OPT_FLEECING_DIR: o->setup.fleecing_dir = optarg; break;
     case OPT_CLUSTER:
-      o->setup.cluster = parse_size ("--cluster-size", optarg, INT64_MAX);
+      o->setup.cluster = parse_size ("--cluster-size", optarg);
       if (!ba_cluster_size_valid (o->setup.cluster))
         die ("--cluster-size %s: " BA_CLUSTER_RULE, optarg);
       break;
@@ -159,8 +159,7 @@ parse_options (int argc, char **argv, struct opts *o, const char *help)
     case OPT_TARGET_ID: o->setup.target_id = optarg; break;
     case OPT_NBD_PATH: o->nbd_path = optarg; break;
     case OPT_BANDWIDTH:
-      o->serve.bandwidth = parse_size ("--bandwidth-limit", optarg,
-                                      INT64_MAX);
+      o->serve.bandwidth = parse_size ("--bandwidth-limit", optarg);
       break;
     case OPT_LISTEN: o->serve.listen = optarg; break;
     case OPT_TLS_PSK: o->serve.tls_psk = optarg; break;
